@@ -1,0 +1,30 @@
+"""zotune: fine-tune language models with forward passes only (zeroth-order optimisation)."""
+
+from .optim import (
+    METHODS,
+    NonFiniteLossError,
+    ZOOptimizer,
+    mezo,
+    mezo_adam,
+    mezo_momentum,
+    param_groups,
+)
+
+__version__ = "0.1.0"
+
+
+def load_model(*args, **kwargs):
+    """Load (model, tokenizer) for a hub id, a local folder or a built-in alias.
+
+    See :func:`zotune.models.loading.load_model`; imported lazily so that ``import zotune``
+    does not import ``transformers``.
+    """
+    from .models.loading import load_model as _load_model
+
+    return _load_model(*args, **kwargs)
+
+
+__all__ = [
+    "METHODS", "NonFiniteLossError", "ZOOptimizer", "load_model", "mezo", "mezo_adam",
+    "mezo_momentum", "param_groups", "__version__",
+]

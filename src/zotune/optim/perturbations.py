@@ -1,0 +1,106 @@
+"""Perturbation directions Z and how to apply them.
+
+A perturbation regenerates its direction ``Z`` for one parameter from a :class:`DrawKey`
+and the parameter's index; it never stores Z. The optimizer only talks to it through the
+:class:`Perturbation` contract below, which is what lets the low-rank and tensor
+perturbations plug into the same step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from .seeding import DeviceGenerators
+
+
+@dataclass(frozen=True)
+class DrawKey:
+    """Address of one query's direction: ``Z`` for parameter ``p`` is a function of (key, p)."""
+
+    run_seed: int
+    step: int
+    query: int
+
+
+# One term of a linear combination  sum_k alpha_k * Z(key_k).
+Term = tuple[float, DrawKey]
+
+
+class Perturbation(Protocol):
+    """What the optimizer needs from a family of directions."""
+
+    def add_(self, param: Tensor, index: int, terms: Sequence[Term]) -> None:
+        """``param += sum_k alpha_k Z(key_k)`` in place, in one pass over ``param``."""
+
+    def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
+        """``sum_k alpha_k Z(key_k)`` in the perturbation's own coordinates (float32 or wider).
+
+        Update rules with state (momentum, Adam) keep their moments in these coordinates.
+        """
+
+    def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float) -> None:
+        """``param += alpha * expand(coords)`` in place."""
+
+
+class Gaussian:
+    """Dense i.i.d. N(0, 1) directions, as in MeZO (Malladi et al., 2023, Alg. 1).
+
+    Z is drawn in the parameter's dtype and device, in flat chunks of at most
+    ``chunk_numel`` elements, each chunk from its own counter-based seed. The transient
+    memory of a perturbation pass is therefore one chunk (16 MiB in float32 by default),
+    not one copy of the largest parameter as in the reference implementation.
+
+    Coordinates are the full-size tensor (so moments are full-size, as in MeZO-Adam).
+    """
+
+    def __init__(self, chunk_numel: int = 1 << 22) -> None:
+        if chunk_numel < 1:
+            raise ValueError(f"chunk_numel must be positive, got {chunk_numel}")
+        self.chunk_numel = chunk_numel
+        self._generators = DeviceGenerators()
+        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def _chunks(self, flat: Tensor):
+        for chunk_index, start in enumerate(range(0, flat.numel(), self.chunk_numel)):
+            yield chunk_index, flat[start : start + self.chunk_numel]
+
+    def _draw(self, like: Tensor, index: int, key: DrawKey, chunk_index: int) -> Tensor:
+        """The chunk ``chunk_index`` of Z(key) for parameter ``index``, shaped like ``like``
+        (a flat view), in a scratch buffer that the next draw overwrites."""
+        slot = (like.device, like.dtype)
+        buf = self._scratch.get(slot)
+        if buf is None or buf.numel() < like.numel():  # like.numel() <= chunk_numel
+            buf = torch.empty(like.numel(), device=like.device, dtype=like.dtype)
+            self._scratch[slot] = buf
+        gen = self._generators.seeded(like.device, key.run_seed, key.step, key.query, index, chunk_index)
+        return buf[: like.numel()].normal_(generator=gen)
+
+    @staticmethod
+    def _flat(param: Tensor) -> Tensor:
+        if not param.is_contiguous():
+            raise ValueError("Gaussian perturbation needs contiguous parameters")
+        return param.view(-1)
+
+    def add_(self, param: Tensor, index: int, terms: Sequence[Term]) -> None:
+        for chunk_index, chunk in self._chunks(self._flat(param)):
+            for alpha, key in terms:
+                if alpha != 0.0:
+                    chunk.add_(self._draw(chunk, index, key, chunk_index), alpha=alpha)
+
+    def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
+        # float32 at least (half-precision moments underflow), float64 kept as is.
+        out = torch.zeros(param.shape, device=param.device, dtype=torch.promote_types(param.dtype, torch.float32))
+        out_flat = out.view(-1)
+        for chunk_index, chunk in self._chunks(self._flat(param)):
+            start = chunk_index * self.chunk_numel
+            target = out_flat[start : start + chunk.numel()]
+            for alpha, key in terms:
+                target.add_(self._draw(chunk, index, key, chunk_index), alpha=alpha)
+        return out
+
+    def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float) -> None:
+        param.add_(coords.to(param.dtype), alpha=alpha)

@@ -1,0 +1,87 @@
+"""Properties every registered ZO method must have (one parametrised test per property)."""
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import zotune
+from conftest import lm_closure, tiny_llama
+
+METHODS = sorted(zotune.METHODS)
+
+
+def make(method, model, **kw):
+    lr = 1e-4 if method == "mezo_adam" else 1e-2
+    return zotune.METHODS[method](zotune.param_groups(model, weight_decay=0.01), lr=lr, eps=1e-3, seed=17, **kw)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("num_queries", [1, 3])
+def test_resume_is_bit_identical(method, num_queries, batch):
+    closure_of = lambda m: lm_closure(m, batch)
+    # Uninterrupted run: 6 steps.
+    straight = tiny_llama()
+    opt = make(method, straight, num_queries=num_queries)
+    for _ in range(6):
+        opt.step(closure_of(straight))
+
+    # Interrupted run: 3 steps, save through bytes (weights_only load), fresh objects, 3 steps.
+    first = tiny_llama()
+    opt = make(method, first, num_queries=num_queries)
+    for _ in range(3):
+        opt.step(closure_of(first))
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optim": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed = tiny_llama(seed=99)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(saved["model"])
+    opt = make(method, resumed, num_queries=num_queries)
+    opt.load_state_dict(saved["optim"])
+    assert opt.num_steps == 3
+    for _ in range(3):
+        opt.step(closure_of(resumed))
+
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_global_rng_untouched(method, batch):
+    model = tiny_llama()
+    opt = make(method, model, num_queries=2)
+    torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    for _ in range(2):
+        opt.step(lm_closure(model, batch))
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1]) and after[2:] == np_state[2:]
+    assert random.getstate() == py_state
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_step_changes_weights_and_returns_loss(method, batch):
+    model = tiny_llama()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = make(method, model)
+    loss = opt.step(lm_closure(model, batch))
+    assert isinstance(loss, float) and loss > 0
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_directions_regenerate_identically(method):
+    p = torch.nn.Parameter(torch.zeros(3, 5))
+    a = zotune.METHODS[method]([p], lr=0.1, seed=4)
+    b = zotune.METHODS[method]([p], lr=0.1, seed=4)
+    c = zotune.METHODS[method]([p], lr=0.1, seed=5)
+    (ka,), (kb,), (kc,) = a.draw_keys(2), b.draw_keys(2), c.draw_keys(2)
+    za = a.perturbation.coordinates(p, 0, [(1.0, ka)])
+    assert torch.equal(za, a.perturbation.coordinates(p, 0, [(1.0, ka)]))
+    assert torch.equal(za, b.perturbation.coordinates(p, 0, [(1.0, kb)]))
+    assert not torch.equal(za, c.perturbation.coordinates(p, 0, [(1.0, kc)]))
+    assert not torch.equal(za, a.perturbation.coordinates(p, 0, [(1.0, a.draw_keys(3)[0])]))

@@ -1,0 +1,102 @@
+"""Bad input fails loudly and early; a non-finite loss is never applied."""
+
+import math
+
+import pytest
+import torch
+
+import zotune
+from zotune.optim import Gaussian
+
+
+def param():
+    return torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(3, 4))
+
+
+@pytest.mark.parametrize("bad", [lambda p: p * 2, lambda p: "1.0", lambda p: None, lambda p: torch.ones(2)])
+def test_closure_must_return_a_scalar(bad):
+    p = param()
+    opt = zotune.mezo([p], lr=0.1)
+    with pytest.raises(TypeError, match="scalar"):
+        opt.step(lambda: bad(p))
+
+
+def test_step_needs_a_closure():
+    opt = zotune.mezo([param()], lr=0.1)
+    with pytest.raises(TypeError, match="closure"):
+        opt.step([])
+
+
+def test_no_trainable_parameters():
+    p = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        zotune.mezo([p], lr=0.1)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-3, float("nan")])
+def test_eps_must_be_positive(eps):
+    with pytest.raises(ValueError, match="eps"):
+        zotune.mezo([param()], lr=0.1, eps=eps)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lr": -1.0}, "lr"), ({"lr": 0.1, "weight_decay": -0.1}, "weight_decay"),
+    ({"lr": 0.1, "num_queries": 0}, "num_queries"), ({"lr": 0.1, "nan_policy": "ignore"}, "nan_policy"),
+    ({"lr": 0.1, "drift_safe": True}, "model="), ({"lr": 0.1, "seed": -3}, "seed"),
+])
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        zotune.mezo([param()], **kwargs)
+
+
+def test_bad_rule_hyperparameters():
+    with pytest.raises(ValueError, match="beta"):
+        zotune.mezo_momentum([param()], lr=0.1, beta=1.0)
+    with pytest.raises(ValueError, match="form"):
+        zotune.mezo_momentum([param()], lr=0.1, form="nesterov")
+    with pytest.raises(ValueError, match="beta1"):
+        zotune.mezo_adam([param()], lr=0.1, betas=(1.5, 0.9))
+    with pytest.raises(ValueError, match="chunk"):
+        Gaussian(chunk_numel=0)
+
+
+def nan_after_perturbation(p, clean):
+    # Finite at θ, NaN once the weights move: the perturbed measurement is what fails.
+    return lambda: torch.tensor(float("nan")) if not torch.equal(p.detach(), clean) else p.sum()
+
+
+def test_nan_loss_raises_and_restores():
+    p = param()
+    clean = p.detach().clone()
+    opt = zotune.mezo([p], lr=0.1, eps=0.5)
+    with pytest.raises(zotune.NonFiniteLossError, match="restored"):
+        opt.step(nan_after_perturbation(p, clean))
+    assert torch.allclose(p.detach(), clean, atol=1e-6)
+    assert opt.num_skipped == 1
+
+
+@pytest.mark.parametrize("method", sorted(zotune.METHODS))
+def test_nan_loss_skip_leaves_weights_and_state(method):
+    p = param()
+    clean = p.detach().clone()
+    opt = zotune.METHODS[method]([p], lr=0.1, eps=0.5, nan_policy="skip", drift_safe=True,
+                                 model=torch.nn.ParameterList([p]))
+    loss = opt.step(lambda: torch.tensor(float("inf")))
+    assert math.isinf(loss)
+    assert torch.equal(p.detach(), clean)
+    assert opt.num_skipped == 1 and opt.num_steps == 1 and opt.last_record.skipped
+    assert not opt.state[p]  # no moment was touched
+
+
+def test_drift_safe_needs_owned_parameters():
+    p = param()
+    with pytest.raises(ValueError, match="belong to a module"):
+        zotune.mezo([p], lr=0.1, drift_safe=True, model=torch.nn.Linear(2, 2))
+
+
+def test_load_state_dict_rejects_foreign_state():
+    p = param()
+    opt = zotune.mezo([p], lr=0.1)
+    sgd = torch.optim.SGD([p], lr=0.1)
+    with pytest.raises(ValueError, match="not a ZOOptimizer state"):
+        opt.load_state_dict(sgd.state_dict())
