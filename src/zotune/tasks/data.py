@@ -1,0 +1,191 @@
+"""Reading task records (local files or the hub) and sampling the protocol's splits.
+
+Local files use the field names of the hub datasets, so one parser serves both. The local
+data directory is, in order: the ``data_dir`` argument, ``$ZOTUNE_DATA``, then
+``../shared/data`` and ``./data`` relative to the working directory when they hold the
+task's folder. Without one, records come from ``datasets.load_dataset``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .registry import Task
+from .templates import Example
+
+_DEFAULT_DIRS = ("../shared/data", "data")
+
+
+class DataError(ValueError):
+    """A data file is malformed; the message names the file, line and field."""
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+    source: str  # where the records came from
+    notes: list[str] = field(default_factory=list)  # protocol deviations to report with results
+
+
+def find_data_dir(task: Task, data_dir: str | None = None) -> Path | None:
+    if data_dir:
+        path = Path(data_dir)
+        if not (path / task.local_dir).is_dir():
+            raise FileNotFoundError(f"no folder {task.local_dir!r} for task {task.name!r} in data dir {path}")
+        return path
+    candidates = [os.environ["ZOTUNE_DATA"]] if os.environ.get("ZOTUNE_DATA") else list(_DEFAULT_DIRS)
+    for candidate in candidates:
+        if (Path(candidate) / task.local_dir).is_dir():
+            return Path(candidate)
+    return None
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records of a ``.jsonl`` or ``.tsv`` file (TSV: header row, tab separated, no quoting)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    lines = text.splitlines()
+    if not any(line.strip() for line in lines):
+        raise DataError(f"{path}: the file is empty")
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            record["_line"] = number
+            records.append(record)
+        return records
+    if path.suffix == ".tsv":
+        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader)
+        records = []
+        for number, row in enumerate(reader, 2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}:{number}: {len(row)} columns, the header has {len(header)}")
+            record = dict(zip(header, row))
+            record["_line"] = number
+            records.append(record)
+        return records
+    raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .tsv)")
+
+
+def label_index(task: Task, value, where: str) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)  # TSV cells are strings
+    for index, name in enumerate(task.label_names):
+        if value == name and type(value) is type(name):
+            return index
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(task.label_names):
+        return value
+    raise DataError(f"{where}: field 'label' has value {value!r}; valid: {list(task.label_names)}")
+
+
+def to_examples(task: Task, records: list[dict], origin: str) -> list[Example]:
+    examples = []
+    for position, record in enumerate(records):
+        where = f"{origin}:{record.get('_line', position + 1)}"
+        for name in (*task.fields, "label"):
+            if name not in record or record[name] is None:
+                raise DataError(f"{where}: missing field {name!r} (task {task.name} needs {list(task.fields)})")
+        try:
+            examples.append(task.template(record, label_index(task, record["label"], where)))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise DataError(f"{where}: malformed record for task {task.name} ({type(err).__name__}: {err})") from None
+    return examples
+
+
+def _local_split(task: Task, root: Path, split: str) -> tuple[list[dict], str] | None:
+    for name in task.local_files.get(split, ()):
+        path = root / task.local_dir / name
+        if path.exists():
+            return read_records(path), str(path)
+    return None
+
+
+def _hub_split(task: Task, split: str) -> tuple[list[dict], str]:
+    import datasets
+
+    path, name = task.hub
+    dataset = datasets.load_dataset(path, name, split=split)
+    return [dict(r) for r in dataset], f"hub:{path}/{name}[{split}]"
+
+
+def load_splits(
+    task: Task,
+    data_dir: str | None = None,
+    n_train: int | None = None,
+    n_dev: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+) -> Splits:
+    """Sample train / dev (disjoint, both from the training split) and test (from the test split).
+
+    Sizes default to the task's protocol values and are capped by what exists. A task with no
+    local training file is split deterministically from its validation file (half to test),
+    and the returned notes say so.
+    """
+    n_train = task.n_train if n_train is None else n_train
+    n_dev = task.n_dev if n_dev is None else n_dev
+    n_test = task.n_test if n_test is None else n_test
+    rng = np.random.default_rng(seed)  # a local generator: the global numpy RNG is not touched
+    notes: list[str] = []
+    root = find_data_dir(task, data_dir)
+    if root is not None:
+        test_records = _local_split(task, root, task.test_split)
+        if test_records is None:
+            raise FileNotFoundError(f"no {task.test_split} file for task {task.name!r} in {root / task.local_dir}")
+        train_records = _local_split(task, root, task.train_split)
+        source = str(root / task.local_dir)
+    else:
+        test_records = _hub_split(task, task.test_split)
+        train_records = _hub_split(task, task.train_split)
+        source = f"hub:{task.hub[0]}/{task.hub[1]}"
+
+    test_rows, test_origin = test_records
+    if train_records is None:
+        order = rng.permutation(len(test_rows))
+        half = len(order) // 2
+        test_idx, train_idx = order[: min(half, n_test)], order[half:]
+        train_rows = [test_rows[i] for i in train_idx]
+        test_rows = [test_rows[i] for i in test_idx]
+        train_origin = test_origin
+        notes.append(
+            f"{task.name}: no training file; train/dev and test were split deterministically "
+            f"(seed {seed}) from {test_origin}: {len(train_rows)} / {len(test_rows)} records"
+        )
+    else:
+        train_rows, train_origin = train_records
+        if len(test_rows) > n_test:
+            test_rows = [test_rows[i] for i in sorted(rng.choice(len(test_rows), n_test, replace=False))]
+    order = rng.permutation(len(train_rows))
+    train_rows_sampled = [train_rows[i] for i in order[:n_train]]
+    dev_rows = [train_rows[i] for i in order[n_train : n_train + n_dev]]
+    if len(train_rows_sampled) < n_train or len(dev_rows) < n_dev:
+        notes.append(
+            f"{task.name}: asked for {n_train} train / {n_dev} dev, only {len(train_rows)} training records exist"
+        )
+    return Splits(
+        train=to_examples(task, train_rows_sampled, train_origin),
+        dev=to_examples(task, dev_rows, train_origin),
+        test=to_examples(task, test_rows, test_origin),
+        source=source,
+        notes=notes,
+    )

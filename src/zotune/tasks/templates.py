@@ -1,0 +1,69 @@
+"""Prompt templates of the MeZO protocol (MeZO, arXiv 2305.17333, Table 14).
+
+A template turns one record (the fields of the Hugging Face ``glue`` / ``super_glue``
+datasets) into an :class:`Example`: the prompt, the candidate continuations, and the index
+of the gold candidate. Candidates carry their leading space: the model scores exactly the
+text that follows the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    candidates: tuple[str, ...]
+    label: int  # index into candidates
+
+
+def sst2(r: dict, label: int) -> Example:
+    return Example(f"{r['sentence'].strip()} It was", (" terrible", " great"), label)
+
+
+def rte(r: dict, label: int) -> Example:
+    prompt = f"{r['premise']}\nDoes this mean that \"{r['hypothesis']}\" is true? Yes or No?\n"
+    return Example(prompt, ("Yes", "No"), label)
+
+
+def cb(r: dict, label: int) -> Example:
+    prompt = f"Suppose {r['premise']} Can we infer that \"{r['hypothesis']}\"? Yes, No, or Maybe?\n"
+    return Example(prompt, ("Yes", "No", "Maybe"), label)
+
+
+def boolq(r: dict, label: int) -> Example:
+    question = r["question"].strip()
+    question = question[:1].upper() + question[1:]
+    if not question.endswith("?"):
+        question += "?"
+    # The reference template appends the two characters backslash-n twice, literally.
+    return Example(f"{r['passage']} {question}" + "\\n\\n", ("No", "Yes"), label)
+
+
+def wsc(r: dict, label: int) -> Example:
+    target = r["target"] if "target" in r else r  # super_glue on the hub flattens the spans
+    span1, span2 = target["span1_text"], target["span2_text"]
+    prompt = f"{r['text']}\nIn the previous sentence, does the pronoun \"{span2.lower()}\" refer to {span1}? Yes or No?\n"
+    return Example(prompt, ("No", "Yes"), label)
+
+
+def wic(r: dict, label: int) -> Example:
+    prompt = (
+        f"Does the word \"{r['word']}\" have the same meaning in these two sentences? Yes, No?\n"
+        f"{r['sentence1']}\n{r['sentence2']}\n"
+    )
+    return Example(prompt, ("No", "Yes"), label)
+
+
+def _copa_choice(text: str) -> str:
+    first, _, rest = text.partition(" ")
+    first = first if first == "I" else first[:1].lower() + first[1:]
+    return " " + (f"{first} {rest}" if rest else first)
+
+
+def copa(r: dict, label: int) -> Example:
+    connective = {"cause": "because", "effect": "so"}[r["question"]]
+    premise = r["premise"].strip()
+    premise = premise[:-1] if premise.endswith(".") else premise
+    return Example(f"{premise} {connective}", (_copa_choice(r["choice1"]), _copa_choice(r["choice2"])), label)

@@ -1,0 +1,64 @@
+"""From a configuration to the objects a run needs: trainable parameters and the optimizer."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, OptimConfig
+from ..optim import METHODS, ZOOptimizer, param_groups
+from ..optim.groups import is_norm_module
+
+
+def select_trainable(model: nn.Module, spec: str) -> int:
+    """Freeze everything except ``spec`` (``all``, ``norms``, ``regex:<pattern>``); return the count."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if spec == "all":
+        chosen = list(model.parameters())
+    elif spec == "norms":
+        chosen = [p for m in model.modules() if is_norm_module(m) for p in m.parameters(recurse=False)]
+    elif spec.startswith("regex:"):
+        pattern = re.compile(spec[len("regex:"):])
+        chosen = [p for name, p in model.named_parameters() if pattern.search(name)]
+    else:
+        raise ConfigError(f"optim.trainable: unknown selection {spec!r}; valid: all, norms, regex:<pattern>")
+    if not chosen:
+        raise ConfigError(f"optim.trainable={spec!r} selects no parameter of this model")
+    for p in chosen:
+        p.requires_grad_(True)
+    return sum(p.numel() for p in {id(p): p for p in chosen}.values())
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int) -> ZOOptimizer:
+    """The configured ZO method over the model's trainable parameters."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}; valid: {', '.join(sorted(METHODS))}")
+    factory = METHODS[cfg.method]
+    accepted = set(inspect.signature(factory).parameters)
+    options = {}
+    for name in ("beta", "form", "betas"):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if name not in accepted:
+            raise ConfigError(f"method {cfg.method!r} takes no option optim.{name}")
+        options[name] = tuple(value) if name == "betas" else value
+    drift_safe = cfg.drift_safe
+    if drift_safe is None:
+        drift_safe = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters() if p.requires_grad)
+    return factory(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        eps=cfg.eps,
+        num_queries=cfg.num_queries,
+        two_sided=cfg.two_sided,
+        seed=seed,
+        nan_policy=cfg.nan_policy,
+        drift_safe=drift_safe,
+        model=model,
+        **options,
+    )
