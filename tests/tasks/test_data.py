@@ -1,0 +1,66 @@
+"""Sampling protocol and clear errors on malformed data files."""
+
+import pytest
+
+from conftest import SHARED_DATA, needs_shared_data
+from zotune.tasks import DataError, get_task, load_splits
+
+
+@needs_shared_data
+def test_protocol_sizes_are_deterministic_and_disjoint():
+    task = get_task("sst2")
+    a = load_splits(task, str(SHARED_DATA), seed=0)
+    b = load_splits(task, str(SHARED_DATA), seed=0)
+    c = load_splits(task, str(SHARED_DATA), seed=1)
+    assert (len(a.train), len(a.dev), len(a.test)) == (1000, 500, 872)
+    assert a.train == b.train and a.dev == b.dev and a.test == b.test
+    assert a.train != c.train
+    assert not {ex.prompt for ex in a.train} & {ex.prompt for ex in a.dev}
+    assert a.notes == []
+
+
+@needs_shared_data
+def test_task_without_train_file_is_split_from_validation_and_says_so():
+    splits = load_splits(get_task("boolq"), str(SHARED_DATA), seed=0)
+    assert splits.notes and "split deterministically" in splits.notes[0]
+    assert len(splits.test) == 1000 and len(splits.train) == 1000 and len(splits.dev) == 500
+    assert not {ex.prompt for ex in splits.train} & {ex.prompt for ex in splits.test}
+
+
+def write_task(root, name, files):
+    folder = root / name
+    folder.mkdir(parents=True)
+    for filename, content in files.items():
+        (folder / filename).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(root)
+
+
+GOOD_RTE = '{"premise": "p", "hypothesis": "h", "label": "entailment"}\n'
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"premise": "p", "label": "entailment"}\n', r"validation.jsonl:1: missing field 'hypothesis'"),
+    (GOOD_RTE + '{"premise": "p", "hypothesis": "h", "label": "maybe"}\n', r"validation.jsonl:2: field 'label' has value 'maybe'"),
+    ("", "the file is empty"),
+    (b'{"premise": "\xff\xfe"}\n', "not UTF-8"),
+    (GOOD_RTE + "{not json\n", r"validation.jsonl:2: invalid JSON"),
+    ("[1, 2]\n", "expected a JSON object"),
+])
+def test_malformed_jsonl(tmp_path, content, message):
+    root = write_task(tmp_path, "rte", {"train.jsonl": GOOD_RTE * 4, "validation.jsonl": content})
+    with pytest.raises(DataError, match=message):
+        load_splits(get_task("rte"), root, n_train=2, n_dev=1)
+
+
+def test_malformed_tsv(tmp_path):
+    root = write_task(tmp_path, "sst2", {"train.tsv": "sentence\tlabel\ngood\t1\nbad\t0\n",
+                                         "validation.tsv": "sentence\tlabel\nfine\t1\nbroken line\n"})
+    with pytest.raises(DataError, match=r"validation.tsv:3: 1 columns, the header has 2"):
+        load_splits(get_task("sst2"), root)
+
+
+def test_unknown_task_and_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'sst3'; valid: .*sst2"):
+        get_task("sst3")
+    with pytest.raises(FileNotFoundError, match="no folder 'rte'"):
+        load_splits(get_task("rte"), str(tmp_path))
