@@ -44,7 +44,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     method: str = _f("mezo", "ZO method (see `zotune methods`)")
-    lr: float = _f(1e-6, "learning rate η")
+    lr: float = _f(1e-2, "learning rate η (the default suits the default trainable set; full fine-tuning needs ~1e-6)")
     eps: float = _f(1e-3, "perturbation scale ε")
     num_queries: int = _f(1, "directions per step q")
     two_sided: bool = _f(True, "central (2 forwards per query) or forward difference")
@@ -52,14 +52,14 @@ class OptimConfig:
     beta: typing.Optional[float] = _f(None, "momentum β (momentum methods; default: the method's)")
     form: typing.Optional[str] = _f(None, "momentum form: ema or heavy_ball (mezo_momentum)")
     betas: typing.Optional[list] = _f(None, "Adam (β1, β2) (adam methods)")
-    trainable: str = _f("all", "parameters to tune: all, norms, or regex:<pattern> over parameter names")
+    trainable: str = _f(r"regex:^model\.norm\.weight$", "parameters to tune: all, norms, or regex:<pattern> over parameter names (default: the final norm of a LLaMA-family model)")
     drift_safe: typing.Optional[bool] = _f(None, "perturb at use instead of in place (default: on for float16/bfloat16)")
     nan_policy: str = _f("raise", "on a NaN/inf loss: raise, or skip the update")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(1000, "ZO steps")
+    steps: int = _f(150, "ZO steps")
     batch_size: int = _f(16, "examples per step")
     eval_every: int = _f(0, "evaluate on dev every this many steps (0: never during training)")
     eval_batch_size: int = _f(32, "examples per evaluation forward")
