@@ -4,10 +4,15 @@ from .optim import (
     METHODS,
     NonFiniteLossError,
     ZOOptimizer,
+    lozo,
+    lozo_m,
     mezo,
     mezo_adam,
     mezo_momentum,
     param_groups,
+    tezo,
+    tezo_adam,
+    tezo_m,
 )
 
 __version__ = "0.1.0"
@@ -25,6 +30,6 @@ def load_model(*args, **kwargs):
 
 
 __all__ = [
-    "METHODS", "NonFiniteLossError", "ZOOptimizer", "load_model", "mezo", "mezo_adam",
-    "mezo_momentum", "param_groups", "__version__",
+    "METHODS", "NonFiniteLossError", "ZOOptimizer", "load_model", "lozo", "lozo_m", "mezo", "mezo_adam",
+    "mezo_momentum", "param_groups", "tezo", "tezo_adam", "tezo_m", "__version__",
 ]

@@ -1,13 +1,16 @@
 """Zeroth-order optimisation: perturbations, estimators, update rules and the optimizer."""
 
-from .aliases import METHODS, mezo, mezo_adam, mezo_momentum
+from .aliases import METHODS, lozo, lozo_m, mezo, mezo_adam, mezo_momentum, tezo, tezo_adam, tezo_m
 from .estimators import SPSA
 from .groups import param_groups
 from .optimizer import NonFiniteLossError, StepRecord, ZOOptimizer
 from .perturbations import DrawKey, Gaussian
-from .rules import SGD, Adam, Momentum
+from .factored import LowRank
+from .rules import SGD, Adam, Momentum, SeparableAdam
+from .temporal_cp import TemporalCP
 
 __all__ = [
-    "METHODS", "SPSA", "SGD", "Adam", "DrawKey", "Gaussian", "Momentum", "NonFiniteLossError",
-    "StepRecord", "ZOOptimizer", "mezo", "mezo_adam", "mezo_momentum", "param_groups",
+    "METHODS", "SPSA", "SGD", "Adam", "DrawKey", "Gaussian", "LowRank", "Momentum", "NonFiniteLossError",
+    "SeparableAdam", "StepRecord", "TemporalCP", "ZOOptimizer", "lozo", "lozo_m", "mezo", "mezo_adam",
+    "mezo_momentum", "param_groups", "tezo", "tezo_adam", "tezo_m",
 ]

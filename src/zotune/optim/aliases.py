@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from .estimators import SPSA
+from .factored import LowRank
 from .optimizer import ZOOptimizer
 from .perturbations import Gaussian
-from .rules import SGD, Adam, Momentum
+from .rules import SGD, Adam, Momentum, SeparableAdam
+from .temporal_cp import TemporalCP
 
 
 def mezo(
@@ -88,9 +90,132 @@ def mezo_adam(
     )
 
 
+def lozo(
+    params: Iterable[Any],
+    lr: float,
+    eps: float = 1e-3,
+    *,
+    rank: int = 2,
+    nu: int = 50,
+    scale: float = 1.0,
+    num_queries: int = 1,
+    two_sided: bool = True,
+    **kwargs: Any,
+) -> ZOOptimizer:
+    """LOZO: ZO-SGD with low-rank directions U Vᵀ, V kept for ν steps (Chen et al., ICLR 2025).
+
+    Defaults from the official code (``run_lozo.py``): r = 2, ν = 50, κ = 1 (the published
+    learning rates, lr 1e-6 / 1e-7 on OPT-13B, assume κ = 1; κ = 1/r is the unbiased scaling).
+    One-dimensional parameters get dense Gaussian directions. See :class:`~zotune.optim.factored.LowRank`.
+    """
+    return ZOOptimizer(
+        params, lr, perturbation=LowRank(rank, nu, scale), estimator=SPSA(eps, num_queries, two_sided),
+        rule=SGD(), **kwargs,
+    )
+
+
+def lozo_m(
+    params: Iterable[Any],
+    lr: float,
+    eps: float = 1e-3,
+    *,
+    rank: int = 2,
+    nu: int = 50,
+    beta: float = 0.9,
+    scale: float = 1.0,
+    num_queries: int = 1,
+    two_sided: bool = True,
+    **kwargs: Any,
+) -> ZOOptimizer:
+    """LOZO-M: LOZO with EMA momentum kept in U-space (an m×r matrix N per matrix).
+
+    When V is resampled the momentum is carried over as N ← β N (V_oldᵀ V_new)/n + (1 − β) g U
+    (official ``LOZOtrainer.py``, ``lowrank_zo_update_momentum``); V_old is regenerated from its
+    seed, not stored. β = 0.9 as the official ``lozo.sh`` passes it.
+    """
+    return ZOOptimizer(
+        params, lr, perturbation=LowRank(rank, nu, scale), estimator=SPSA(eps, num_queries, two_sided),
+        rule=Momentum(beta, "ema"), **kwargs,
+    )
+
+
+def tezo(
+    params: Iterable[Any],
+    lr: float,
+    eps: float = 1e-3,
+    *,
+    rank: int | str = 32,
+    r_th: float = 0.5,
+    r_max: int = 64,
+    scale: float = 1.0,
+    num_queries: int = 1,
+    two_sided: bool = True,
+    **kwargs: Any,
+) -> ZOOptimizer:
+    """TeZO: ZO-SGD with Z_t = U diag(τ_t) Vᵀ, U and V fixed for the run (Sun et al., arXiv 2501.19057).
+
+    No official code exists; r = 32 approximates the average rank ≈ 31.5 the paper reports on
+    OPT-13B, and ``rank="auto"`` chooses a rank per matrix from its spectrum
+    (see :class:`~zotune.optim.temporal_cp.TemporalCP`). ε = 1e-3 follows the MeZO protocol.
+    """
+    return ZOOptimizer(
+        params, lr, perturbation=TemporalCP(rank, r_th, r_max, scale), estimator=SPSA(eps, num_queries, two_sided),
+        rule=SGD(), **kwargs,
+    )
+
+
+def tezo_m(
+    params: Iterable[Any],
+    lr: float,
+    eps: float = 1e-3,
+    *,
+    rank: int | str = 32,
+    beta: float = 0.9,
+    r_th: float = 0.5,
+    r_max: int = 64,
+    scale: float = 1.0,
+    num_queries: int = 1,
+    two_sided: bool = True,
+    **kwargs: Any,
+) -> ZOOptimizer:
+    """TeZO-m: TeZO with EMA momentum kept as one r-vector per matrix (exact, U and V being fixed)."""
+    return ZOOptimizer(
+        params, lr, perturbation=TemporalCP(rank, r_th, r_max, scale), estimator=SPSA(eps, num_queries, two_sided),
+        rule=Momentum(beta, "ema"), **kwargs,
+    )
+
+
+def tezo_adam(
+    params: Iterable[Any],
+    lr: float,
+    eps: float = 1e-3,
+    *,
+    rank: int | str = 32,
+    betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
+    r_th: float = 0.5,
+    r_max: int = 64,
+    scale: float = 1.0,
+    num_queries: int = 1,
+    two_sided: bool = True,
+    **kwargs: Any,
+) -> ZOOptimizer:
+    """TeZO-Adam: two r-vector moments per matrix, second moment by the separable approximation
+    (U∘U) diag(w) (V∘V)ᵀ (see :class:`~zotune.optim.rules.SeparableAdam`)."""
+    return ZOOptimizer(
+        params, lr, perturbation=TemporalCP(rank, r_th, r_max, scale), estimator=SPSA(eps, num_queries, two_sided),
+        rule=SeparableAdam(betas[0], betas[1], adam_eps), **kwargs,
+    )
+
+
 # Registry of named methods (a plain dict, filled at import with no side effects).
 METHODS = {
     "mezo": mezo,
     "mezo_momentum": mezo_momentum,
     "mezo_adam": mezo_adam,
+    "lozo": lozo,
+    "lozo_m": lozo_m,
+    "tezo": tezo,
+    "tezo_m": tezo_m,
+    "tezo_adam": tezo_adam,
 }

@@ -22,22 +22,48 @@ from torch import Tensor, nn
 
 from .perturbations import DrawKey, Perturbation, Term
 
-# A measuring point θ + offset · Z(key).
+# A measuring point θ + offset · Z(key); offset 0 is θ itself.
 Point = tuple[float, DrawKey]
 IndexedParams = Sequence[tuple[int, Tensor]]
+Closure = Callable[..., "Tensor | float"]
+
+
+def _scalar(value: object) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise TypeError(
+                f"the closure must return the batch loss as a scalar; got a tensor of shape {tuple(value.shape)}"
+            )
+        return float(value.detach().item())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(
+        f"the closure must return the batch loss as a scalar (a Python number or a one-element tensor); "
+        f"got {type(value).__name__}"
+    )
+
+
+def mean_loss(closures: Sequence[Closure]) -> float:
+    """Average of the micro-batch losses (gradient accumulation averages projected gradients)."""
+    return sum(_scalar(c()) for c in closures) / len(closures)
 
 
 class ExecutionPath(Protocol):
-    def measure(
-        self, params: IndexedParams, perturbation: Perturbation, point: Point, evaluate: Callable[[], float]
-    ) -> float:
-        """Loss at ``point``, measured by calling ``evaluate()``."""
+    def measure_points(
+        self, params: IndexedParams, perturbation: Perturbation, points: Sequence[Point], closures: Sequence[Closure]
+    ) -> list[float]:
+        """The loss at every point, in order."""
 
     def take_restore_terms(self) -> list[Term]:
         """Terms that return the weights to θ; the optimizer folds them into its update pass."""
 
 
-class InPlace:
+class _OnePointAtATime:
+    def measure_points(self, params, perturbation, points, closures):
+        return [self.measure(params, perturbation, point, lambda: mean_loss(closures)) for point in points]
+
+
+class InPlace(_OnePointAtATime):
     """Perturb the weights in place (MeZO's seed trick, with the restore fused into the update)."""
 
     def __init__(self) -> None:
@@ -61,7 +87,7 @@ class InPlace:
         return terms
 
 
-class AtUse:
+class AtUse(_OnePointAtATime):
     """Perturb each weight only while its module runs (drift-safe in any precision)."""
 
     def __init__(self, model: nn.Module, params: IndexedParams) -> None:
@@ -87,6 +113,8 @@ class AtUse:
 
     def measure(self, params, perturbation, point, evaluate):
         offset, key = point
+        if offset == 0.0:
+            return evaluate()
         handles = []
 
         def swap_in(module: nn.Module, owned, _args) -> None:

@@ -22,7 +22,7 @@ from .execution import AtUse, ExecutionPath, InPlace
 from .perturbations import DrawKey, Gaussian, Perturbation
 from .rules import SGD, UpdateRule
 
-Closure = Callable[[], "Tensor | float"]
+Closure = Callable[..., "Tensor | float"]
 _STATE_KEY = "zotune"  # global (non-parameter) entry of ``self.state``
 
 
@@ -38,21 +38,6 @@ class StepRecord:
     projected_grads: tuple[float, ...]  # g_1..g_q
     losses: tuple[float, ...]  # every loss measured, in order
     skipped: bool
-
-
-def _scalar(value: object) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise TypeError(
-                f"the closure must return the batch loss as a scalar; got a tensor of shape {tuple(value.shape)}"
-            )
-        return float(value.detach().item())
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raise TypeError(
-        f"the closure must return the batch loss as a scalar (a Python number or a one-element tensor); "
-        f"got {type(value).__name__}"
-    )
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -73,7 +58,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         drift_safe: measure with the perturbation applied at use (module hooks) instead of
             written into the weights, so that a step with lr=0 leaves the weights
             bit-identical in any dtype. Needs ``model``. Recommended for float16/bfloat16.
-        model: the module owning the parameters (only needed for ``drift_safe``).
+        virtual: measure all queries' ±ε points in one batched forward without writing the
+            perturbation into the weights (low-rank and CP perturbations; see
+            :mod:`zotune.models.virtual`). The closure is then called as ``closure(copies=S)``
+            and must return the S losses of the batch repeated S times (copy-major). Needs ``model``.
+        model: the module owning the parameters (needed for ``drift_safe`` and ``virtual``).
     """
 
     def __init__(
@@ -88,6 +77,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         nan_policy: str = "raise",
         drift_safe: bool = False,
+        virtual: bool = False,
         model: nn.Module | None = None,
     ) -> None:
         if not (lr >= 0.0):
@@ -116,12 +106,26 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "no trainable parameters: every tensor given has requires_grad=False "
                 "(unfreeze the parameters to tune, or pass the ones that require grad)"
             )
-        if drift_safe:
-            if model is None:
-                raise ValueError("drift_safe=True needs model= (the module that owns the parameters)")
-            self.execution: ExecutionPath = AtUse(model, self._indexed)
+        if (drift_safe or virtual) and model is None:
+            raise ValueError("drift_safe=True and virtual=True need model= (the module that owns the parameters)")
+        if drift_safe and virtual:
+            raise ValueError("choose one of drift_safe and virtual (the virtual path never writes the weights either)")
+        if virtual:
+            from ..models.virtual import Virtual
+
+            self.execution: ExecutionPath = Virtual(model, self._indexed, self.perturbation)
+        elif drift_safe:
+            self.execution = AtUse(model, self._indexed)
         else:
             self.execution = InPlace()
+        changes_basis = getattr(self.perturbation, "changes_basis", False)
+        state_names = set(self.rule.init_state(torch.zeros(1)))
+        if changes_basis and not state_names <= set(self.rule.linear_state):
+            raise ValueError(
+                f"{type(self.rule).__name__} keeps state {sorted(state_names - set(self.rule.linear_state))} that cannot "
+                f"follow {type(self.perturbation).__name__}'s changes of subspace; use SGD or Momentum with it"
+            )
+        self.perturbation.prepare(self._indexed)
         self.state[_STATE_KEY] = {"step": 0, "seed": int(seed), "skipped": 0}
 
     def add_param_group(self, param_group: dict) -> None:
@@ -171,31 +175,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not closures or not all(callable(c) for c in closures):
             raise TypeError("step() needs a closure (or a non-empty list of closures) returning the batch loss")
 
-        def evaluate() -> float:
-            return sum(_scalar(c()) for c in closures) / len(closures)
-
         global_state = self.state[_STATE_KEY]
         step = global_state["step"]
         keys = self.draw_keys(step)
-        losses: list[float] = []
-        grads: list[float] = []
-        base = evaluate() if self.estimator.needs_base_loss else None
-        if base is not None:
-            losses.append(base)
-        finite = base is None or math.isfinite(base)
-        for key in keys:
-            if not finite:
-                break
-            query_losses = [
-                self.execution.measure(self._indexed, self.perturbation, (offset, key), evaluate)
-                for offset in self.estimator.offsets
-            ]
-            losses.extend(query_losses)
-            grads.append(self.estimator.projected_gradient(query_losses, base))
-            finite = all(math.isfinite(v) for v in query_losses) and math.isfinite(grads[-1])
+        base = [(0.0, keys[0])] if self.estimator.needs_base_loss else []
+        points = base + [(offset, key) for key in keys for offset in self.estimator.offsets]
+        losses = self.execution.measure_points(self._indexed, self.perturbation, points, closures)
+        base_loss = losses[0] if base else None
+        per_query = len(self.estimator.offsets)
+        grads = [
+            self.estimator.projected_gradient(losses[len(base) + i * per_query : len(base) + (i + 1) * per_query], base_loss)
+            for i in range(len(keys))
+        ]
 
-        skipped = not finite
-        if skipped:
+        if not all(math.isfinite(v) for v in losses + grads):
             self._restore()
             self.state[_STATE_KEY] = {**global_state, "step": step + 1, "skipped": global_state["skipped"] + 1}
             self.last_record = StepRecord(step, tuple(grads), tuple(losses), skipped=True)
@@ -205,7 +198,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                     "the weights were restored and not updated. Lower lr/eps, check the data, or use "
                     "nan_policy='skip'."
                 )
-            return losses[0] if losses else float("nan")
+            return losses[0]
 
         self._update(step, keys, grads)
         self.state[_STATE_KEY] = {**global_state, "step": step + 1}
@@ -222,13 +215,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Restore the weights (in-place path) and apply θ ← θ − η(direction(ĝ) + λθ), one pass per tensor."""
         restore = self.execution.take_restore_terms()
         q = len(keys)
-        estimate_terms = [(g / q, key) for g, key in zip(grads, keys)]  # ĝ = Σ_i (g_i/q) Z_i
+        basis = keys[0]
         for lr, weight_decay, members in self._groups():
             decay = 1.0 - lr * weight_decay
             # Scaling the perturbed weights by `decay` also scales the offset still in them,
             # so the restore terms are scaled to match: (θ + εZ)·d − εd·Z = θ·d.
             restore_terms = [(alpha * decay, key) for alpha, key in restore]
             for index, p in members:
+                kappa = self.perturbation.scale(p)
+                estimate_terms = [(kappa * g / q, key) for g, key in zip(grads, keys)]  # ĝ = κ Σ_i (g_i/q) Z_i
                 if decay != 1.0:
                     p.mul_(decay)
                 if self.rule.linear:
@@ -240,9 +235,21 @@ class ZOOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self.rule.init_state(coords))
-                direction = self.rule.direction(coords, state, step + 1)
-                if lr != 0.0:
-                    self.perturbation.add_coordinates_(p, index, direction, -lr)
+                    state["basis_step"] = step
+                elif state["basis_step"] != step:
+                    old = DrawKey(basis.run_seed, state["basis_step"], 0)
+                    for name in self.rule.linear_state:
+                        state[name] = self.perturbation.transport(state[name], p, index, old, basis)
+                    state["basis_step"] = step
+                self.rule.update_(p, index, self.perturbation, coords, state, step + 1, lr, basis)
+
+    def state_numel(self) -> dict[str, int]:
+        """Numbers held beyond the weights: the rule's moments and the perturbation's factors."""
+        moments = sum(
+            t.numel() for key, st in self.state.items() if key != _STATE_KEY for t in st.values() if isinstance(t, Tensor)
+        )
+        factors = getattr(self.perturbation, "persistent_numel", lambda: 0)()
+        return {"moments": moments, "factors": factors}
 
     # ----------------------------------------------------------------- state
     def load_state_dict(self, state_dict: dict) -> None:
@@ -261,6 +268,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         for key, value in saved.items():
             if key == _STATE_KEY:
                 self.state[_STATE_KEY] = dict(value)
+                self.perturbation.load_state_dict(value.get("perturbation", {}))
             else:
                 p = params[key]
-                self.state[p] = {name: t.detach().clone().to(p.device) for name, t in value.items()}
+                self.state[p] = {
+                    name: t.detach().clone().to(p.device) if isinstance(t, Tensor) else t for name, t in value.items()
+                }
+
+    def state_dict(self) -> dict:
+        self.state[_STATE_KEY] = {**self.state[_STATE_KEY], "perturbation": self.perturbation.state_dict()}
+        return super().state_dict()

@@ -40,10 +40,25 @@ class Perturbation(Protocol):
         """``sum_k alpha_k Z(key_k)`` in the perturbation's own coordinates (float32 or wider).
 
         Update rules with state (momentum, Adam) keep their moments in these coordinates.
+        All keys of one call belong to the same step.
         """
 
-    def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float) -> None:
-        """``param += alpha * expand(coords)`` in place."""
+    def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float, key: DrawKey) -> None:
+        """``param += alpha * expand(coords)`` in place, in the basis of ``key``'s step."""
+
+    def scale(self, param: Tensor) -> float:
+        """κ in ĝ = κ · g · Z for this parameter (1 unless the method normalises)."""
+
+    def transport(self, coords: Tensor, param: Tensor, index: int, old: DrawKey, new: DrawKey) -> Tensor:
+        """Coordinates in the basis of step ``old.step`` re-expressed in the basis of ``new.step``."""
+
+    def prepare(self, params: Sequence[tuple[int, Tensor]]) -> None:
+        """Called once with the initial trainable parameters (e.g. to choose per-layer ranks)."""
+
+    def state_dict(self) -> dict:
+        """What must be saved to regenerate the same directions after a resume."""
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class Gaussian:
@@ -102,5 +117,20 @@ class Gaussian:
                 target.add_(self._draw(chunk, index, key, chunk_index), alpha=alpha)
         return out
 
-    def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float) -> None:
+    def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float, key: DrawKey) -> None:
         param.add_(coords.to(param.dtype), alpha=alpha)
+
+    def scale(self, param: Tensor) -> float:
+        return 1.0
+
+    def transport(self, coords: Tensor, param: Tensor, index: int, old: DrawKey, new: DrawKey) -> Tensor:
+        return coords  # one fixed basis: the coordinates are the tensor itself
+
+    def prepare(self, params) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -24,19 +24,33 @@ class UpdateRule(Protocol):
     #: True when ``direction(g) == g``: the optimizer then replays the directions into the
     #: weights (buffer-free) instead of materialising ĝ.
     linear: bool
+    #: State entries that are linear in the estimate (first moments): these can be carried to
+    #: a new basis when the perturbation changes its subspace (LOZO's V windows).
+    linear_state: tuple[str, ...]
 
     def init_state(self, coords: Tensor) -> dict[str, Tensor]:
         """Zero state for a parameter whose estimate looks like ``coords``."""
 
-    def direction(self, grad: Tensor, state: dict[str, Tensor], step: int) -> Tensor:
-        """The step direction (before −η) for estimate ``grad`` at 1-based ``step``; updates ``state``."""
+    def update_(self, param: Tensor, index: int, perturbation, coords: Tensor, state: dict, step: int,
+                lr: float, key) -> None:
+        """Update ``state`` with estimate ``coords`` at 1-based ``step`` and apply θ −= η · direction."""
+
+
+class _CoordinateRule:
+    """Rules whose direction lives in the perturbation's coordinates, like the estimate."""
+
+    def update_(self, param, index, perturbation, coords, state, step, lr, key) -> None:
+        direction = self.direction(coords, state, step)
+        if lr != 0.0:
+            perturbation.add_coordinates_(param, index, direction, -lr, key)
 
 
 @dataclass(frozen=True)
-class SGD:
+class SGD(_CoordinateRule):
     """Plain ZO-SGD: direction = ĝ (MeZO)."""
 
     linear: bool = True
+    linear_state: tuple[str, ...] = ()
 
     def init_state(self, coords: Tensor) -> dict[str, Tensor]:
         return {}
@@ -46,7 +60,7 @@ class SGD:
 
 
 @dataclass(frozen=True)
-class Momentum:
+class Momentum(_CoordinateRule):
     """ZO-SGD with momentum, in one of two documented forms.
 
     * ``"ema"``: m ← β m + (1 − β) ĝ, direction = m; the first step sets m = ĝ.
@@ -59,6 +73,7 @@ class Momentum:
     beta: float = 0.9
     form: str = "ema"
     linear: bool = False
+    linear_state: tuple[str, ...] = ("momentum",)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta < 1.0:
@@ -81,13 +96,14 @@ class Momentum:
 
 
 @dataclass(frozen=True)
-class Adam:
+class Adam(_CoordinateRule):
     """ZO-Adam (Kingma & Ba, 2015, Alg. 1, with bias correction) on the ZO estimate."""
 
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
     linear: bool = False
+    linear_state: tuple[str, ...] = ("exp_avg",)
 
     def __post_init__(self) -> None:
         for name in ("beta1", "beta2"):
@@ -111,3 +127,31 @@ class Adam:
         denom = (v / bias2).sqrt_().add_(self.eps)
         return (m / bias1).div_(denom)
 
+
+
+@dataclass(frozen=True)
+class SeparableAdam(Adam):
+    """TeZO-Adam: Adam with r-vector moments for matrices under a TemporalCP perturbation.
+
+    With coordinates c = κ Σ_i (g_i/q) τ_i (an r-vector per matrix):
+      m ← β1 m + (1 − β1) c                 (exact: the EMA of U diag(c) Vᵀ is U diag(m) Vᵀ)
+      w ← β2 w + (1 − β2) c ∘ c             (separable approximation of the second moment:
+                                             (U diag(c) Vᵀ)^∘2 ≈ (U∘U) diag(c∘c) (V∘V)ᵀ)
+      W ← W − η · [U diag(m̂) Vᵀ] ⊘ (sqrt((U∘U) diag(ŵ) (V∘V)ᵀ) + δ)
+    The update forms two m×n temporaries, one matrix at a time. The exact cross terms of the
+    square are dropped, as in the paper's Eq. 8 as reconstructed in the project's spec (§3.6).
+    One-dimensional parameters use plain Adam.
+    """
+
+    def update_(self, param, index, perturbation, coords, state, step, lr, key) -> None:
+        if param.dim() < 2:
+            return super().update_(param, index, perturbation, coords, state, step, lr, key)
+        m, w = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(self.beta1).add_(coords, alpha=1.0 - self.beta1)
+        w.mul_(self.beta2).addcmul_(coords, coords, value=1.0 - self.beta2)
+        if lr == 0.0:
+            return
+        numerator = perturbation.expand_dense(param, index, m / (1.0 - self.beta1**step), key)
+        second = perturbation.expand_dense(param, index, w / (1.0 - self.beta2**step), key, squared=True)
+        denominator = second.clamp_(min=0.0).sqrt_().add_(self.eps)
+        param.addcdiv_(numerator.to(param.dtype), denominator.to(param.dtype), value=-lr)

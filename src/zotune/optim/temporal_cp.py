@@ -1,0 +1,105 @@
+"""TeZO's perturbation: a CP decomposition of the perturbations across time.
+
+Sun, Huang, Ding, Shen, Tao, *TeZO: Empowering the Low-Rankness on the Temporal Dimension in
+the Zeroth-Order Optimization for Fine-tuning LLMs* (arXiv 2501.19057).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .factored import _TAG_CP_U, _TAG_CP_V, _TAG_TAU, _Factored, as_matrix
+from .perturbations import DrawKey
+
+
+class TemporalCP(_Factored):
+    """Z_t = U diag(τ_t) Vᵀ per matrix: U ∈ R^{m×r}, V ∈ R^{n×r} drawn once for the whole run,
+    τ_t ~ N(0, I_r) drawn every step and query.
+
+    Every update of a matrix stays in span(U) x span(V), and the moments of TeZO-m / TeZO-Adam
+    are r-vectors: Σ_k c_k U diag(τ_k) Vᵀ = U diag(Σ_k c_k τ_k) Vᵀ, so the coordinates of a
+    matrix are the r-vector Σ_k α_k τ_k. U and V are generated from (run seed, parameter) and
+    cached (Σ (m + n) r numbers, as in the paper's memory count).
+
+    Args:
+        rank: r for every matrix, or ``"auto"`` for a rank per matrix chosen once from the
+            initial weights: r_l = clip(#{i : σ_i ≥ r_th σ_1}, 1, r_max), σ the singular values
+            of W_l. The paper's own rule (its Eq. 5-6) was not published in reproducible form;
+            this stand-in keeps more directions for matrices whose spectrum decays slowly.
+        r_th, r_max: threshold and cap of the ``"auto"`` rule.
+        scale: κ in ĝ = κ g Z (1 by default; 1/r makes the estimator unbiased over the initial
+            draw of U and V).
+    """
+
+    def __init__(self, rank: int | str = 32, r_th: float = 0.5, r_max: int = 64, scale: float = 1.0,
+                 chunk_numel: int = 1 << 22) -> None:
+        if rank != "auto" and (int(rank) != rank or rank < 1):
+            raise ValueError(f"rank must be a positive integer or 'auto', got {rank!r}")
+        if not 0.0 < r_th <= 1.0 or r_max < 1:
+            raise ValueError(f"need 0 < r_th <= 1 and r_max >= 1, got r_th={r_th}, r_max={r_max}")
+        super().__init__(scale, chunk_numel)
+        self.rank, self.r_th, self.r_max = rank, float(r_th), int(r_max)
+        self.ranks: dict[int, int] = {}  # parameter index -> r_l (part of the state: chosen once)
+        self._factors: dict[int, tuple[int, Tensor, Tensor]] = {}  # index -> (seed, U, V)
+
+    def prepare(self, params) -> None:
+        for index, p in params:
+            if p.dim() < 2 or index in self.ranks:
+                continue
+            matrix = as_matrix(p)
+            if self.rank == "auto":
+                sigma = torch.linalg.svdvals(matrix.detach().float())
+                chosen = int((sigma >= self.r_th * sigma[0]).sum())
+                self.ranks[index] = max(1, min(chosen, self.r_max, *matrix.shape))
+            else:
+                self.ranks[index] = min(int(self.rank), *matrix.shape)
+
+    def persistent_numel(self) -> int:
+        return sum(u.numel() + v.numel() for _, u, v in self._factors.values())
+
+    def state_dict(self) -> dict:
+        return {"ranks": dict(self.ranks)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ranks = {int(k): int(v) for k, v in state.get("ranks", {}).items()}
+        self._factors.clear()
+
+    def factors(self, param: Tensor, index: int, run_seed: int) -> tuple[Tensor, Tensor]:
+        cached = self._factors.get(index)
+        if cached is not None and cached[0] == run_seed and cached[1].dtype == param.dtype:
+            return cached[1], cached[2]
+        if index not in self.ranks:
+            self.prepare([(index, param)])
+        r = self.ranks[index]
+        matrix = as_matrix(param)
+        u = self._randn((matrix.shape[0], r), param, run_seed, _TAG_CP_U, index)
+        v = self._randn((matrix.shape[1], r), param, run_seed, _TAG_CP_V, index)
+        self._factors[index] = (run_seed, u, v)
+        return u, v
+
+    def tau(self, param: Tensor, index: int, key: DrawKey) -> Tensor:
+        u, _ = self.factors(param, index, key.run_seed)
+        return self._randn((u.shape[1],), param, key.run_seed, _TAG_TAU, key.step, key.query, index)
+
+    def _coords(self, param, index, terms):
+        return sum(self.tau(param, index, key) * alpha for alpha, key in terms)
+
+    def _left_right(self, param, index, terms):
+        u, v = self.factors(param, index, terms[0][1].run_seed)
+        return u * self._coords(param, index, terms), v  # (m, r) ⊙ (r,) broadcasts over rows
+
+    def _expand(self, param, index, coords, key):
+        u, v = self.factors(param, index, key.run_seed)
+        return u * coords, v
+
+    def transport(self, coords: Tensor, param: Tensor, index: int, old: DrawKey, new: DrawKey) -> Tensor:
+        return coords  # U and V never change: no re-projection, ever
+
+    def expand_dense(self, param: Tensor, index: int, coords: Tensor, key: DrawKey, squared: bool = False) -> Tensor:
+        """The m×n matrix U diag(c) Vᵀ, or (U∘U) diag(c) (V∘V)ᵀ with ``squared`` (TeZO-Adam)."""
+        u, v = self.factors(param, index, key.run_seed)
+        u, v = u.to(coords.dtype), v.to(coords.dtype)
+        if squared:
+            u, v = u * u, v * v
+        return ((u * coords) @ v.T).view(param.shape)
