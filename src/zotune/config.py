@@ -52,8 +52,14 @@ class OptimConfig:
     beta: typing.Optional[float] = _f(None, "momentum β (momentum methods; default: the method's)")
     form: typing.Optional[str] = _f(None, "momentum form: ema or heavy_ball (mezo_momentum)")
     betas: typing.Optional[list] = _f(None, "Adam (β1, β2) (adam methods)")
+    rank: typing.Optional[str] = _f(None, "rank r of the directions (lozo*, tezo*: an integer; tezo* also 'auto')")
+    nu: typing.Optional[int] = _f(None, "steps per V window ν (lozo*)")
+    scale: typing.Optional[float] = _f(None, "κ in ĝ = κ g Z (lozo*, tezo*; 1 matches the published learning rates)")
+    r_th: typing.Optional[float] = _f(None, "singular-value threshold of rank='auto' (tezo*)")
+    r_max: typing.Optional[int] = _f(None, "rank cap of rank='auto' (tezo*)")
     trainable: str = _f(r"regex:^model\.norm\.weight$", "parameters to tune: all, norms, or regex:<pattern> over parameter names (default: the final norm of a LLaMA-family model)")
     drift_safe: typing.Optional[bool] = _f(None, "perturb at use instead of in place (default: on for float16/bfloat16)")
+    virtual: bool = _f(False, "measure all ±ε points in one batched forward, never writing the weights (lozo*, tezo*)")
     nan_policy: str = _f("raise", "on a NaN/inf loss: raise, or skip the update")
 
 

@@ -110,15 +110,21 @@ def candidate_scores(model: nn.Module, batch: list[Encoded], pad_id: int) -> Ten
     return scores
 
 
-def gold_lm_loss(model: nn.Module, batch: list[Encoded], pad_id: int) -> Tensor:
-    """LM loss on the gold candidate's tokens only (prompt tokens are not in the loss)."""
+def gold_lm_loss(model: nn.Module, batch: list[Encoded], pad_id: int, copies: int = 1) -> Tensor:
+    """LM loss on the gold candidate's tokens only (prompt tokens are not in the loss).
+
+    A token mean over the batch; with ``copies > 1`` the batch is taken as that many equal
+    copies (copy-major) and the per-copy token means are returned, shape ``(copies,)``.
+    """
     rows = [(ex.prompt + ex.candidates[ex.label], len(ex.candidates[ex.label])) for ex in batch]
     logp = tail_logprobs(model, rows, pad_id)
-    total, count = logp.new_zeros(()), 0
+    sums = logp.new_zeros(len(batch))
+    counts = torch.zeros(len(batch), device=logp.device)
     for r, ex in enumerate(batch):
         tokens = torch.tensor(ex.candidates[ex.label], device=logp.device)
         k = len(tokens)
         positions = torch.arange(logp.shape[1] - 1 - k, logp.shape[1] - 1, device=logp.device)
-        total = total - logp[r, positions, tokens].sum()
-        count += k
-    return total / count
+        sums[r] = -logp[r, positions, tokens].sum()
+        counts[r] = k
+    per_copy = sums.view(copies, -1).sum(1) / counts.view(copies, -1).sum(1)
+    return per_copy[0] if copies == 1 else per_copy

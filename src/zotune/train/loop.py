@@ -86,7 +86,7 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
         for step in range(cfg.train.steps):
             batch = [train_set[i] for i in sampler.batch(step)]
             t0 = time.perf_counter()
-            loss = optimizer.step(lambda: loss_fn(model, batch, pad_id))
+            loss = optimizer.step(lambda copies=None: loss_fn(model, batch, pad_id, copies))
             record = optimizer.last_record
             smoothed = loss if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * loss
             run.log(step=step + 1, loss=loss, lr=optimizer.param_groups[0]["lr"], queries=len(record.projected_grads),

@@ -40,16 +40,24 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int) -> ZOOptimize
     factory = METHODS[cfg.method]
     accepted = set(inspect.signature(factory).parameters)
     options = {}
-    for name in ("beta", "form", "betas"):
+    for name in ("beta", "form", "betas", "rank", "nu", "scale", "r_th", "r_max"):
         value = getattr(cfg, name)
         if value is None:
             continue
         if name not in accepted:
             raise ConfigError(f"method {cfg.method!r} takes no option optim.{name}")
-        options[name] = tuple(value) if name == "betas" else value
+        if name == "betas":
+            value = tuple(value)
+        elif name == "rank" and value != "auto":
+            if not str(value).isdigit():
+                raise ConfigError(f"optim.rank must be a positive integer or 'auto', got {value!r}")
+            value = int(value)
+        options[name] = value
     drift_safe = cfg.drift_safe
-    if drift_safe is None:
-        drift_safe = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters() if p.requires_grad)
+    if drift_safe is None:  # the virtual path never writes the weights while measuring either
+        drift_safe = not cfg.virtual and any(
+            p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters() if p.requires_grad
+        )
     return factory(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
@@ -59,6 +67,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int) -> ZOOptimize
         seed=seed,
         nan_policy=cfg.nan_policy,
         drift_safe=drift_safe,
+        virtual=cfg.virtual,
         model=model,
         **options,
     )
