@@ -67,19 +67,22 @@ class Virtual:
             )
         index_of = {id(p): i for i, p in params}
         self._owned: list[tuple[nn.Module, list[tuple[str, int]]]] = []
-        found, unsupported = set(), []
+        found, unsupported = set(), {}
         for module_name, module in model.named_modules():
             mine = []
             for name, p in module._parameters.items():
                 if p is None or id(p) not in index_of:
                     continue
                 if not _supported(module, name, p):
-                    unsupported.append(f"{module_name}.{name} ({type(module).__name__})")
+                    unsupported.setdefault(id(p), f"{module_name}.{name} ({type(module).__name__})")
                     continue
                 mine.append((name, index_of[id(p)]))
                 found.add(id(p))
             if mine:
                 self._owned.append((module, mine))
+        # A tied parameter is fine when one of its owners is supported (BERT's decoder bias is
+        # registered on both the prediction head and its decoder Linear, which is what uses it).
+        unsupported = [where for pid, where in unsupported.items() if pid not in found]
         if unsupported:
             raise ValueError(
                 "the virtual path cannot perturb these trainable parameters without writing them: "
@@ -126,6 +129,12 @@ def _make_hook(module: nn.Module, owned: list[tuple[str, tuple[Tensor, ...]]], c
 
     def hook(mod, args, output):
         x = args[0]
+        if output.shape[0] % copies:
+            raise ValueError(
+                f"{type(mod).__name__} received inputs without the repeated batch dimension (shape "
+                f"{tuple(x.shape)} for {copies} copies), e.g. position ids shared across the batch; pass them "
+                "per row (position_ids of shape (batch, length)) or freeze this module's parameters"
+            )
         out = output.reshape(copies, -1, output.shape[-1])  # (S, N, out_features), N = B·T
         delta = torch.zeros_like(out)
         if "weight" in by_name and isinstance(mod, nn.Embedding):

@@ -1,0 +1,102 @@
+"""The virtual batched path measures the same projected gradients as the in-place path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zotune
+from conftest import tiny_llama, tiny_opt
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    return BertForMaskedLM(config).eval()
+
+
+def per_copy_lm_closure(model, ids):
+    """Loss of the batch, or with copies=S the S losses of the batch repeated S times."""
+
+    def closure(copies=None):
+        batch = ids.repeat(copies or 1, 1)
+        logits = model(input_ids=batch).logits
+        if "MaskedLM" in type(model).__name__:
+            targets = batch  # masked-LM head: reconstruct every token
+        else:
+            logits, targets = logits[:, :-1], batch[:, 1:]
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(dim=1)
+        return losses.mean() if copies is None else losses.view(copies, -1).mean(dim=1)
+
+    return closure
+
+
+def trainable(model, skip=()):
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(s in name for s in skip))
+
+
+@pytest.mark.parametrize("make,skip", [
+    (tiny_llama, ("norm",)),  # LLaMA's RMSNorm is not a torch LayerNorm: frozen
+    (tiny_opt, ("embed_positions",)),  # OPT's learned positions take a mask, not ids: frozen
+    (tiny_gpt2, ("wpe",)),  # position ids of shape (1, T) are shared by the batch: frozen
+    (tiny_bert, ("position_embeddings",)),  # shared (1, T) position ids: frozen
+])
+@pytest.mark.parametrize("method", ["lozo", "tezo"])
+@pytest.mark.parametrize("two_sided", [True, False])
+def test_same_projected_gradients_as_in_place(make, skip, method, two_sided, batch):
+    records = []
+    for virtual in (False, True):
+        model = make()
+        trainable(model, skip)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = zotune.METHODS[method](params, lr=1e-3, eps=1e-2, num_queries=2, two_sided=two_sided, seed=4,
+                                     rank=2, virtual=virtual, model=model)
+        for _ in range(2):
+            opt.step(per_copy_lm_closure(model, batch))
+            records.append(opt.last_record.projected_grads)
+    in_place, virtual = records[:2], records[2:]
+    for a, b in zip(in_place, virtual):
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=2e-3, atol=2e-3)
+
+
+def test_virtual_half_precision_lr0_is_bit_identical(batch):
+    model = tiny_gpt2().to(torch.bfloat16)
+    trainable(model, skip=("wpe",))
+    before = [p.detach().clone() for p in model.parameters()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = zotune.lozo(params, lr=0.0, eps=1e-2, virtual=True, model=model)
+    for _ in range(2):
+        opt.step(per_copy_lm_closure(model, batch))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def test_unsupported_parameters_are_named():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"input_layernorm.weight \(LlamaRMSNorm\)"):
+        zotune.lozo(model.parameters(), lr=1e-3, virtual=True, model=model)
+    with pytest.raises(ValueError, match="factored perturbation"):
+        zotune.mezo([p for n, p in model.named_parameters() if "norm" not in n], lr=1e-3, virtual=True, model=model)
+
+
+def test_closure_must_return_per_copy_losses(batch):
+    model = tiny_gpt2()
+    opt = zotune.lozo(model.parameters(), lr=1e-3, virtual=True, model=model)
+    with pytest.raises(TypeError, match=r"closure\(copies=2\)"):
+        opt.step(lambda copies=None: torch.tensor(1.0))
+
+
+def test_shared_position_ids_are_reported(batch):
+    model = tiny_gpt2()
+    opt = zotune.lozo(model.parameters(), lr=1e-3, virtual=True, model=model)
+    with pytest.raises(ValueError, match="without the repeated batch dimension"):
+        opt.step(per_copy_lm_closure(model, batch))
