@@ -26,6 +26,7 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
     arch = spec.pop("arch")
     config = (LlamaConfig if arch == "llama" else OPTConfig)(**spec)
     model_class = LlamaForCausalLM if arch == "llama" else OPTForCausalLM
+    torch.manual_seed(0)  # same weights on every build (set-up only; the library never seeds globally)
     with torch.device(device):
         model = model_class(config).to(dtype)
     return model.eval()
