@@ -85,3 +85,20 @@ def test_directions_regenerate_identically(method):
     assert torch.equal(za, b.perturbation.coordinates(p, 0, [(1.0, kb)]))
     assert not torch.equal(za, c.perturbation.coordinates(p, 0, [(1.0, kc)]))
     assert not torch.equal(za, a.perturbation.coordinates(p, 0, [(1.0, a.draw_keys(3)[0])]))
+
+
+def test_gaussian_chunks_are_consistent():
+    # A parameter spanning several chunks (and a last, shorter one): add_ must apply exactly
+    # the coordinates' tensor, and different chunks must get different numbers.
+    from zotune.optim import DrawKey, Gaussian
+
+    pert = Gaussian(chunk_numel=5)
+    p = torch.zeros(3, 4, dtype=torch.float64)
+    key = DrawKey(1, 2, 0)
+    z = pert.coordinates(p, 0, [(1.0, key)])
+    pert.add_(p, 0, [(0.5, key)])
+    torch.testing.assert_close(p, 0.5 * z, rtol=0, atol=0)
+    flat = z.view(-1)
+    assert not torch.equal(flat[:5], flat[5:10])
+    with pytest.raises(ValueError, match="chunk_numel"):
+        Gaussian(chunk_numel=0)

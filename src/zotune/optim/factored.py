@@ -30,7 +30,7 @@ def as_matrix(param: Tensor) -> Tensor:
 class _Factored:
     """Shared machinery; subclasses say how the factors of one term are drawn."""
 
-    def __init__(self, scale: float, chunk_numel: int) -> None:
+    def __init__(self, scale: float, chunk_numel: int | None) -> None:
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")
         self.kappa = float(scale)
@@ -105,7 +105,7 @@ class LowRank(_Factored):
     Coordinates of a matrix are U-space: ĝ = (κ Σ_i g_i/q U_i) Vᵀ, an m×r matrix.
     """
 
-    def __init__(self, rank: int = 2, nu: int = 50, scale: float = 1.0, chunk_numel: int = 1 << 22) -> None:
+    def __init__(self, rank: int = 2, nu: int = 50, scale: float = 1.0, chunk_numel: int | None = None) -> None:
         if int(rank) != rank or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank}")
         if int(nu) != nu or nu < 1:

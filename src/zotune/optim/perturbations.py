@@ -64,24 +64,32 @@ class Perturbation(Protocol):
 class Gaussian:
     """Dense i.i.d. N(0, 1) directions, as in MeZO (Malladi et al., 2023, Alg. 1).
 
-    Z is drawn in the parameter's dtype and device, in flat chunks of at most
-    ``chunk_numel`` elements, each chunk from its own counter-based seed. The transient
-    memory of a perturbation pass is therefore one chunk (16 MiB in float32 by default),
-    not one copy of the largest parameter as in the reference implementation.
+    Z is drawn in the parameter's dtype and device, in flat chunks, each chunk from its own
+    counter-based seed. The transient memory of a perturbation pass is therefore one chunk,
+    not one copy of the largest parameter as in the reference implementation. Chunks hold
+    ``chunk_numel`` elements: by default 2²² on the CPU (16 MiB in float32) and 2²⁶ on a GPU
+    (128 MiB in float16; fewer, larger draws keep the launch overhead off the critical path).
+    Z depends on the chunk size, so a run must be resumed with the same one.
 
     Coordinates are the full-size tensor (so moments are full-size, as in MeZO-Adam).
     """
 
-    def __init__(self, chunk_numel: int = 1 << 22) -> None:
-        if chunk_numel < 1:
+    def __init__(self, chunk_numel: int | None = None) -> None:
+        if chunk_numel is not None and chunk_numel < 1:
             raise ValueError(f"chunk_numel must be positive, got {chunk_numel}")
         self.chunk_numel = chunk_numel
         self._generators = DeviceGenerators()
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
+    def _chunk_numel(self, device: torch.device) -> int:
+        if self.chunk_numel is not None:
+            return self.chunk_numel
+        return 1 << 22 if device.type == "cpu" else 1 << 26
+
     def _chunks(self, flat: Tensor):
-        for chunk_index, start in enumerate(range(0, flat.numel(), self.chunk_numel)):
-            yield chunk_index, flat[start : start + self.chunk_numel]
+        size = self._chunk_numel(flat.device)
+        for chunk_index, start in enumerate(range(0, flat.numel(), size)):
+            yield chunk_index, flat[start : start + size]
 
     def _draw(self, like: Tensor, index: int, key: DrawKey, chunk_index: int) -> Tensor:
         """The chunk ``chunk_index`` of Z(key) for parameter ``index``, shaped like ``like``
@@ -110,8 +118,9 @@ class Gaussian:
         # float32 at least (half-precision moments underflow), float64 kept as is.
         out = torch.zeros(param.shape, device=param.device, dtype=torch.promote_types(param.dtype, torch.float32))
         out_flat = out.view(-1)
+        size = self._chunk_numel(param.device)
         for chunk_index, chunk in self._chunks(self._flat(param)):
-            start = chunk_index * self.chunk_numel
+            start = chunk_index * size
             target = out_flat[start : start + chunk.numel()]
             for alpha, key in terms:
                 target.add_(self._draw(chunk, index, key, chunk_index), alpha=alpha)

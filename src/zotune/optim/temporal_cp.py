@@ -33,7 +33,7 @@ class TemporalCP(_Factored):
     """
 
     def __init__(self, rank: int | str = 32, r_th: float = 0.5, r_max: int = 64, scale: float = 1.0,
-                 chunk_numel: int = 1 << 22) -> None:
+                 chunk_numel: int | None = None) -> None:
         if rank != "auto" and (int(rank) != rank or rank < 1):
             raise ValueError(f"rank must be a positive integer or 'auto', got {rank!r}")
         if not 0.0 < r_th <= 1.0 or r_max < 1:
