@@ -136,28 +136,30 @@ def _make_hook(module: nn.Module, owned: list[tuple[str, tuple[Tensor, ...]]], c
                 "per row (position_ids of shape (batch, length)) or freeze this module's parameters"
             )
         out = output.reshape(copies, -1, output.shape[-1])  # (S, N, out_features), N = B·T
-        delta = torch.zeros_like(out)
+        deltas = []
         if "weight" in by_name and isinstance(mod, nn.Embedding):
             left, right = by_name["weight"]  # (S, vocab, r), (d, r)
             ids = x.reshape(copies, -1)  # (S, N)
             rows = torch.gather(left, 1, ids.unsqueeze(-1).expand(-1, -1, left.shape[-1]))  # (S, N, r)
-            delta += rows @ right.T
+            deltas.append(rows @ right.T)
         elif "weight" in by_name and isinstance(mod, nn.Linear):
             left, right = by_name["weight"]  # (S, m, r), (n, r)
             xr = x.reshape(copies, -1, x.shape[-1]) @ right  # (S, N, r)
-            delta += torch.bmm(xr, left.transpose(1, 2))
+            deltas.append(torch.bmm(xr, left.transpose(1, 2)))
         elif "weight" in by_name and _is_conv1d(mod):
             left, right = by_name["weight"]  # W is (n_in, n_out): L (S, n_in, r), R (n_out, r)
             xl = torch.bmm(x.reshape(copies, -1, x.shape[-1]), left)  # (S, N, r)
-            delta += xl @ right.T
+            deltas.append(xl @ right.T)
         if isinstance(mod, nn.LayerNorm):
-            normalized = F.layer_norm(x, mod.normalized_shape, None, None, mod.eps).view_as(out)
+            normalized = F.layer_norm(x, mod.normalized_shape, None, None, mod.eps).reshape(out.shape)
             if "weight" in by_name:
-                delta += normalized * by_name["weight"][0].unsqueeze(1)
+                deltas.append(normalized * by_name["weight"][0].unsqueeze(1))
             if "bias" in by_name:
-                delta += by_name["bias"][0].unsqueeze(1)
+                deltas.append(by_name["bias"][0].unsqueeze(1))
         elif "bias" in by_name:
-            delta += by_name["bias"][0].unsqueeze(1)  # (S, 1, m)
-        return (out + delta).view(output.shape)
+            deltas.append(by_name["bias"][0].unsqueeze(1))  # (S, 1, m)
+        for delta in deltas:
+            out = out + delta
+        return out.view(output.shape)
 
     return hook

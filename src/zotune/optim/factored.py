@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .perturbations import DrawKey, Gaussian, Term
+from .perturbations import DrawKey, Gaussian, Term, merge_terms
 from .seeding import DeviceGenerators
 
 # Domain tags keep the factor streams apart from each other and from Gaussian chunks.
@@ -45,7 +45,7 @@ class _Factored:
     # _coords(param, index, terms); _expand(param, index, coords, key) -> (L, R).
 
     def add_(self, param: Tensor, index: int, terms: Sequence[Term]) -> None:
-        terms = [(a, k) for a, k in terms if a != 0.0]
+        terms = merge_terms(terms)
         if not terms:
             return
         if param.dim() < 2:

@@ -30,6 +30,17 @@ class DrawKey:
 Term = tuple[float, DrawKey]
 
 
+def merge_terms(terms: Sequence[Term]) -> list[Term]:
+    """Sum the coefficients of equal keys and drop zeros: each direction is drawn once.
+
+    (The update pass of a one-query step is restore + update of the same key: one draw, not two.)
+    """
+    merged: dict[DrawKey, float] = {}
+    for alpha, key in terms:
+        merged[key] = merged.get(key, 0.0) + alpha
+    return [(alpha, key) for key, alpha in merged.items() if alpha != 0.0]
+
+
 class Perturbation(Protocol):
     """What the optimizer needs from a family of directions."""
 
@@ -109,10 +120,12 @@ class Gaussian:
         return param.view(-1)
 
     def add_(self, param: Tensor, index: int, terms: Sequence[Term]) -> None:
+        terms = merge_terms(terms)
+        if not terms:
+            return
         for chunk_index, chunk in self._chunks(self._flat(param)):
             for alpha, key in terms:
-                if alpha != 0.0:
-                    chunk.add_(self._draw(chunk, index, key, chunk_index), alpha=alpha)
+                chunk.add_(self._draw(chunk, index, key, chunk_index), alpha=alpha)
 
     def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
         # float32 at least (half-precision moments underflow), float64 kept as is.
