@@ -16,6 +16,11 @@ from .rules import SGD, Adam, Momentum, SeparableAdam
 from .temporal_cp import TemporalCP
 
 
+def _compose(params, lr, perturbation, rule, eps, num_queries, two_sided, kwargs) -> ZOOptimizer:
+    estimator = SPSA(eps, num_queries, two_sided)
+    return ZOOptimizer(params, lr, perturbation=perturbation, estimator=estimator, rule=rule, **kwargs)
+
+
 def mezo(
     params: Iterable[Any],
     lr: float,
@@ -32,9 +37,7 @@ def mezo(
     Other keyword arguments go to :class:`ZOOptimizer` (``weight_decay``, ``seed``,
     ``nan_policy``, ``drift_safe``, ``model``).
     """
-    return ZOOptimizer(
-        params, lr, perturbation=Gaussian(), estimator=SPSA(eps, num_queries, two_sided), rule=SGD(), **kwargs
-    )
+    return _compose(params, lr, Gaussian(), SGD(), eps, num_queries, two_sided, kwargs)
 
 
 def mezo_momentum(
@@ -54,14 +57,7 @@ def mezo_momentum(
     ≈ 10x larger at steady state); ``form="ema"`` is the (1 − β)-damped form used by LOZO-M
     and TeZO-m. See :class:`~zotune.optim.rules.Momentum`. One float32 buffer per parameter.
     """
-    return ZOOptimizer(
-        params,
-        lr,
-        perturbation=Gaussian(),
-        estimator=SPSA(eps, num_queries, two_sided),
-        rule=Momentum(beta, form),
-        **kwargs,
-    )
+    return _compose(params, lr, Gaussian(), Momentum(beta, form), eps, num_queries, two_sided, kwargs)
 
 
 def mezo_adam(
@@ -80,14 +76,8 @@ def mezo_adam(
     Defaults as ``torch.optim.Adam`` (β = (0.9, 0.999), 1e-8), which ZO-Bench uses.
     Two float32 moments per parameter (+2d memory).
     """
-    return ZOOptimizer(
-        params,
-        lr,
-        perturbation=Gaussian(),
-        estimator=SPSA(eps, num_queries, two_sided),
-        rule=Adam(betas[0], betas[1], adam_eps),
-        **kwargs,
-    )
+    rule = Adam(betas[0], betas[1], adam_eps)
+    return _compose(params, lr, Gaussian(), rule, eps, num_queries, two_sided, kwargs)
 
 
 def lozo(
@@ -108,10 +98,7 @@ def lozo(
     learning rates, lr 1e-6 / 1e-7 on OPT-13B, assume κ = 1; κ = 1/r is the unbiased scaling).
     One-dimensional parameters get dense Gaussian directions. See :class:`~zotune.optim.factored.LowRank`.
     """
-    return ZOOptimizer(
-        params, lr, perturbation=LowRank(rank, nu, scale), estimator=SPSA(eps, num_queries, two_sided),
-        rule=SGD(), **kwargs,
-    )
+    return _compose(params, lr, LowRank(rank, nu, scale), SGD(), eps, num_queries, two_sided, kwargs)
 
 
 def lozo_m(
@@ -133,10 +120,8 @@ def lozo_m(
     (official ``LOZOtrainer.py``, ``lowrank_zo_update_momentum``); V_old is regenerated from its
     seed, not stored. β = 0.9 as the official ``lozo.sh`` passes it.
     """
-    return ZOOptimizer(
-        params, lr, perturbation=LowRank(rank, nu, scale), estimator=SPSA(eps, num_queries, two_sided),
-        rule=Momentum(beta, "ema"), **kwargs,
-    )
+    rule = Momentum(beta, "ema")
+    return _compose(params, lr, LowRank(rank, nu, scale), rule, eps, num_queries, two_sided, kwargs)
 
 
 def tezo(
@@ -158,10 +143,7 @@ def tezo(
     OPT-13B, and ``rank="auto"`` chooses a rank per matrix from its spectrum
     (see :class:`~zotune.optim.temporal_cp.TemporalCP`). ε = 1e-3 follows the MeZO protocol.
     """
-    return ZOOptimizer(
-        params, lr, perturbation=TemporalCP(rank, r_th, r_max, scale), estimator=SPSA(eps, num_queries, two_sided),
-        rule=SGD(), **kwargs,
-    )
+    return _compose(params, lr, TemporalCP(rank, r_th, r_max, scale), SGD(), eps, num_queries, two_sided, kwargs)
 
 
 def tezo_m(
@@ -179,10 +161,8 @@ def tezo_m(
     **kwargs: Any,
 ) -> ZOOptimizer:
     """TeZO-m: TeZO with EMA momentum kept as one r-vector per matrix (exact, U and V being fixed)."""
-    return ZOOptimizer(
-        params, lr, perturbation=TemporalCP(rank, r_th, r_max, scale), estimator=SPSA(eps, num_queries, two_sided),
-        rule=Momentum(beta, "ema"), **kwargs,
-    )
+    perturbation = TemporalCP(rank, r_th, r_max, scale)
+    return _compose(params, lr, perturbation, Momentum(beta, "ema"), eps, num_queries, two_sided, kwargs)
 
 
 def tezo_adam(
@@ -202,10 +182,8 @@ def tezo_adam(
 ) -> ZOOptimizer:
     """TeZO-Adam: two r-vector moments per matrix, second moment by the separable approximation
     (U∘U) diag(w) (V∘V)ᵀ (see :class:`~zotune.optim.rules.SeparableAdam`)."""
-    return ZOOptimizer(
-        params, lr, perturbation=TemporalCP(rank, r_th, r_max, scale), estimator=SPSA(eps, num_queries, two_sided),
-        rule=SeparableAdam(betas[0], betas[1], adam_eps), **kwargs,
-    )
+    rule = SeparableAdam(betas[0], betas[1], adam_eps)
+    return _compose(params, lr, TemporalCP(rank, r_th, r_max, scale), rule, eps, num_queries, two_sided, kwargs)
 
 
 # Registry of named methods (a plain dict, filled at import with no side effects).

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .perturbations import DrawKey, Gaussian, Term, merge_terms
+from .perturbations import DrawKey, Gaussian, Perturbation, Term, merge_terms
 from .seeding import DeviceGenerators
 
 # Domain tags keep the factor streams apart from each other and from Gaussian chunks.
@@ -27,7 +27,7 @@ def as_matrix(param: Tensor) -> Tensor:
     return param.view(param.shape[0], -1)
 
 
-class _Factored:
+class _Factored(Perturbation):
     """Shared machinery; subclasses say how the factors of one term are drawn."""
 
     def __init__(self, scale: float, chunk_numel: int | None) -> None:
@@ -66,15 +66,6 @@ class _Factored:
 
     def scale(self, param: Tensor) -> float:
         return self.kappa if param.dim() >= 2 else 1.0
-
-    def prepare(self, params) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def slice_factors(self, param: Tensor, index: int, points: Sequence[Term]) -> tuple[Tensor, Tensor]:
         """Per-point factors for the virtual path: ``(L (S, m, r), R (n, r))`` with offset_s Z_s = L_s Rᵀ.

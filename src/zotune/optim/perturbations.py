@@ -9,7 +9,8 @@ perturbations plug into the same step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from abc import ABC, abstractmethod
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -41,12 +42,15 @@ def merge_terms(terms: Sequence[Term]) -> list[Term]:
     return [(alpha, key) for key, alpha in merged.items() if alpha != 0.0]
 
 
-class Perturbation(Protocol):
-    """What the optimizer needs from a family of directions."""
+class Perturbation(ABC):
+    """What the optimizer needs from a family of directions: three methods to write, the rest
+    have defaults that fit a perturbation with one fixed basis and nothing to save."""
 
+    @abstractmethod
     def add_(self, param: Tensor, index: int, terms: Sequence[Term]) -> None:
         """``param += sum_k alpha_k Z(key_k)`` in place, in one pass over ``param``."""
 
+    @abstractmethod
     def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
         """``sum_k alpha_k Z(key_k)`` in the perturbation's own coordinates (float32 or wider).
 
@@ -54,25 +58,30 @@ class Perturbation(Protocol):
         All keys of one call belong to the same step.
         """
 
+    @abstractmethod
     def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float, key: DrawKey) -> None:
         """``param += alpha * expand(coords)`` in place, in the basis of ``key``'s step."""
 
     def scale(self, param: Tensor) -> float:
         """κ in ĝ = κ · g · Z for this parameter (1 unless the method normalises)."""
+        return 1.0
 
     def transport(self, coords: Tensor, param: Tensor, index: int, old: DrawKey, new: DrawKey) -> Tensor:
         """Coordinates in the basis of step ``old.step`` re-expressed in the basis of ``new.step``."""
+        return coords
 
     def prepare(self, params: Sequence[tuple[int, Tensor]]) -> None:
         """Called once with the initial trainable parameters (e.g. to choose per-layer ranks)."""
 
     def state_dict(self) -> dict:
         """What must be saved to regenerate the same directions after a resume."""
+        return {}
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
-class Gaussian:
+class Gaussian(Perturbation):
     """Dense i.i.d. N(0, 1) directions, as in MeZO (Malladi et al., 2023, Alg. 1).
 
     Z is drawn in the parameter's dtype and device, in flat chunks, each chunk from its own
@@ -141,18 +150,3 @@ class Gaussian:
 
     def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float, key: DrawKey) -> None:
         param.add_(coords.to(param.dtype), alpha=alpha)
-
-    def scale(self, param: Tensor) -> float:
-        return 1.0
-
-    def transport(self, coords: Tensor, param: Tensor, index: int, old: DrawKey, new: DrawKey) -> Tensor:
-        return coords  # one fixed basis: the coordinates are the tensor itself
-
-    def prepare(self, params) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
