@@ -10,11 +10,13 @@ import sys
 
 from .config import ConfigError, RunConfig, apply_overrides, fields_of, load_yaml
 
+
 USAGE = """usage: zotune COMMAND [--config FILE.yaml] [--section.field VALUE ...]
 
 commands:
   train     fine-tune a model with a ZO method (default: smollm2-135m on SST-2)
   eval      accuracy of a model on a task's test split, without training
+  replay    zotune replay BASE_MODEL RUN_DIR [OUTPUT]: rebuild a run's weights from its trajectory log
   methods   list the registered ZO methods
   tasks     list the tasks
 
@@ -71,19 +73,30 @@ def main(argv: list[str] | None = None) -> int:
             for name, task in sorted(TASKS.items()):
                 print(f"{name:<10} hub {task.hub[0]}/{task.hub[1]}, trained as {task.train_as}")
             return 0
+        if command == "replay":
+            from .train.replay import replay
+
+            if len(rest) not in (2, 3):
+                raise ConfigError("usage: zotune replay BASE_MODEL RUN_DIR [OUTPUT.safetensors]")
+            replay(*rest)
+            return 0
         if command not in ("train", "eval"):
-            raise ConfigError(f"unknown command {command!r}; valid: train, eval, methods, tasks")
+            raise ConfigError(f"unknown command {command!r}; valid: train, eval, replay, methods, tasks")
         config = parse_config(rest)
         if command == "train":
-            from .train.loop import fit
+            from .train import loop
 
-            fit(config)
+            try:
+                loop.fit(config)
+            except loop.Interrupted as stop:
+                print(f"zotune: {stop}; continue with the same command and --train.resume true", file=sys.stderr)
+                return 130
         else:
             from .train.evaluate_only import evaluate_only
 
             evaluate_only(config)
         return 0
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"zotune: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

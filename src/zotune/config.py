@@ -73,6 +73,9 @@ class TrainConfig:
     seed: int = _f(0, "run seed: data order and every ZO direction derive from it")
     output_dir: str = _f("runs", "where run folders are written")
     run_name: typing.Optional[str] = _f(None, "run folder name (default: task-method-timestamp)")
+    checkpoint_every: int = _f(100, "save a checkpoint every this many steps (0: only when interrupted); also on SIGTERM/SIGINT")
+    keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
+    resume: bool = _f(False, "continue the run in output_dir/run_name from its last complete checkpoint")
     progress: bool = _f(True, "show progress bars")
     threads: typing.Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
 

@@ -1,9 +1,11 @@
-"""``fit``: the one training loop (set up, step, log, evaluate, save)."""
+"""``fit``: the one training loop (set up, step, log, evaluate, checkpoint, save)."""
 
 from __future__ import annotations
 
 import math
+import signal
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -11,19 +13,21 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..config import RunConfig
+from ..config import RunConfig, to_dict
 from ..eval.evaluate import accuracy
 from ..eval.scoring import encode
 from ..models.loading import load_model
 from ..optim import METHODS
 from ..tasks import get_task, load_splits
+from . import trajectory
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .losses import LOSSES
 from .run_folder import RunFolder
 from .setup import build_optimizer, select_trainable
 
 
 class EpochSampler:
-    """Batches of indices, reshuffled every epoch from (seed, epoch): resumable by position."""
+    """Batches of indices, reshuffled every epoch from (seed, epoch): a pure function of the step."""
 
     def __init__(self, size: int, batch_size: int, seed: int) -> None:
         if size < 1:
@@ -37,18 +41,49 @@ class EpochSampler:
         return order[position * self.batch_size : (position + 1) * self.batch_size].tolist()
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint was written at ``step``."""
+
+    def __init__(self, step: int, path) -> None:
+        super().__init__(f"interrupted after step {step}; checkpoint saved in {path}")
+        self.step, self.path = step, path
+
+
+@contextmanager
+def _stop_requests():
+    """Turn SIGTERM/SIGINT into a flag checked between steps (restored afterwards)."""
+    requested = {"stop": False}
+
+    def handler(signum, frame):
+        requested["stop"] = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def _validate(cfg: RunConfig) -> None:
-    """Fail on bad names before anything heavy is loaded."""
+    """Fail on bad names and contradictions before anything heavy is loaded."""
     get_task(cfg.data.task)
     if cfg.optim.method not in METHODS:
         raise ValueError(f"unknown method {cfg.optim.method!r}; valid: {', '.join(sorted(METHODS))}")
-    if cfg.train.steps < 0 or cfg.train.batch_size < 1:
-        raise ValueError("train.steps must be >= 0 and train.batch_size >= 1")
+    if cfg.train.steps < 0 or cfg.train.batch_size < 1 or cfg.train.checkpoint_every < 0:
+        raise ValueError("train.steps and train.checkpoint_every must be >= 0, train.batch_size >= 1")
+    if cfg.train.keep_checkpoints < 1:
+        raise ValueError("train.keep_checkpoints must be >= 1")
 
 
 def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
-    """Fine-tune ``cfg.model`` on ``cfg.data.task`` with a ZO method; returns the results dict."""
+    """Fine-tune ``cfg.model`` on ``cfg.data.task`` with a ZO method; returns the results dict.
+
+    Interrupted by SIGTERM/SIGINT, it writes a checkpoint and raises :class:`Interrupted`; the
+    same command with ``--train.resume true`` continues bit-identically.
+    """
     _validate(cfg)
+    run_path = RunFolder.check(cfg)  # a bad run folder fails here, before anything is loaded
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     task = get_task(cfg.data.task)
@@ -62,34 +97,55 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     train_set, dev_set, test_set = (encode(tokenizer, s, cfg.model.max_length) for s in (splits.train, splits.dev, splits.test))
     pad_id = tokenizer.pad_token_id
     loss_fn = LOSSES[task.train_as]
-    run = RunFolder.create(cfg)
-    say(
-        f"{cfg.model.name} on {task.name} ({splits.source}): {len(train_set)} train / {len(dev_set)} dev / "
-        f"{len(test_set)} test; {cfg.optim.method}, {n_trainable:,} trainable parameters ({cfg.optim.trainable}); "
-        f"run folder {run.path}"
-    )
+    optimizer = build_optimizer(cfg.optim, model, cfg.train.seed)
+    run = RunFolder.create(run_path, cfg)
 
     def evaluate(examples, desc):
         return accuracy(model, examples, pad_id, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=desc)
 
     results: dict = {"task": task.name, "model": cfg.model.name, "method": cfg.optim.method,
                      "trainable_parameters": n_trainable, "test_examples": len(test_set), "notes": splits.notes}
-    if cfg.train.zero_shot:
+    start_step = 0
+    checkpoint = latest_checkpoint(run.path) if cfg.train.resume else None
+    if checkpoint is not None:
+        manifest = load_checkpoint(checkpoint, model, optimizer)
+        start_step = manifest["step"]
+        results.update(manifest["extra"].get("results", {}))
+        run.truncate_log(start_step)
+        trajectory.truncate(run.path, start_step)
+        say(f"resumed {run.path} from step {start_step}")
+    say(
+        f"{cfg.model.name} on {task.name} ({splits.source}): {len(train_set)} train / {len(dev_set)} dev / "
+        f"{len(test_set)} test; {cfg.optim.method}, {n_trainable:,} trainable parameters ({cfg.optim.trainable}); "
+        f"run folder {run.path}"
+    )
+    if cfg.train.zero_shot and "zero_shot_accuracy" not in results:
         results["zero_shot_accuracy"] = evaluate(test_set, "zero-shot eval")
         say(f"zero-shot accuracy: {100 * results['zero_shot_accuracy']:.1f}%")
 
-    optimizer = build_optimizer(cfg.optim, model, cfg.train.seed)
+    points = len(optimizer.estimator.offsets) * optimizer.estimator.num_queries + optimizer.estimator.needs_base_loss
+    log = trajectory.TrajectoryWriter(
+        run.path, {"config": to_dict(cfg), "trainable_names": list(trainable_state(model))}, points,
+        len(optimizer.param_groups),
+    )
     sampler = EpochSampler(len(train_set), cfg.train.batch_size, cfg.train.seed)
     smoothed = math.nan
-    start = time.perf_counter()
-    with tqdm(total=cfg.train.steps, desc="train", disable=not cfg.train.progress, unit="step") as bar:
-        for step in range(cfg.train.steps):
+    clock = time.perf_counter()
+
+    def checkpoint_now(step: int):
+        return save_checkpoint(run.path, step, model, optimizer, {"results": results}, cfg.train.keep_checkpoints)
+
+    with _stop_requests() as stop, tqdm(total=cfg.train.steps, initial=start_step, desc="train",
+                                        disable=not cfg.train.progress, unit="step") as bar:
+        for step in range(start_step, cfg.train.steps):
             batch = [train_set[i] for i in sampler.batch(step)]
+            lrs = [group["lr"] for group in optimizer.param_groups]
             t0 = time.perf_counter()
             loss = optimizer.step(lambda copies=None: loss_fn(model, batch, pad_id, copies))
             record = optimizer.last_record
+            log.append(step, record.losses, lrs)
             smoothed = loss if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * loss
-            run.log(step=step + 1, loss=loss, lr=optimizer.param_groups[0]["lr"], queries=len(record.projected_grads),
+            run.log(step=step + 1, loss=loss, lr=lrs[0], queries=len(record.projected_grads),
                     projected_grads=list(record.projected_grads), skipped=record.skipped,
                     seconds=round(time.perf_counter() - t0, 4))
             bar.set_postfix(loss=f"{smoothed:.4f}")
@@ -98,7 +154,13 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
                 dev_accuracy = evaluate(dev_set, "dev eval")
                 run.log(step=step + 1, dev_accuracy=dev_accuracy)
                 bar.write(f"step {step + 1}: dev accuracy {100 * dev_accuracy:.1f}%")
-    results["train_seconds"] = round(time.perf_counter() - start, 1)
+            if stop["stop"]:
+                log.close()
+                raise Interrupted(step + 1, checkpoint_now(step + 1))
+            if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
+                checkpoint_now(step + 1)
+    log.close()
+    results["train_seconds"] = round(time.perf_counter() - clock, 1)
     results["steps"] = cfg.train.steps
     results["skipped_steps"] = optimizer.num_skipped
 
@@ -108,7 +170,6 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
             f"{100 * results['accuracy']:.1f}%  ({len(test_set)} {task.name} test examples)")
     else:
         say(f"fine-tuned accuracy: {100 * results['accuracy']:.1f}% ({len(test_set)} test examples)")
-    trained = {name: p.detach().clone().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    save_file(trained, str(run.path / "trainable.safetensors"))
+    save_file(trainable_state(model), str(run.path / "trainable.safetensors"))
     run.finish(results)
     return results

@@ -26,15 +26,38 @@ class RunFolder:
         self.path = path
         self._log = open(path / "log.jsonl", "a", encoding="utf-8")
 
-    @classmethod
-    def create(cls, cfg: RunConfig) -> "RunFolder":
+    @staticmethod
+    def check(cfg: RunConfig) -> Path:
+        """The run folder's path, or an error if it cannot be used (no side effects: call it early)."""
+        if cfg.train.resume and not cfg.train.run_name:
+            raise ValueError("train.resume needs train.run_name (the run folder to continue)")
         name = cfg.train.run_name or f"{cfg.data.task}-{cfg.optim.method}-{time.strftime('%Y%m%d-%H%M%S')}"
         path = Path(cfg.train.output_dir) / name
         if (path / "results.json").exists():
             raise FileExistsError(f"{path} already holds a finished run; choose another train.run_name")
+        if cfg.train.resume:
+            if not path.is_dir():
+                raise FileNotFoundError(f"nothing to resume: no run folder {path}")
+        elif path.exists() and any(path.iterdir()):
+            raise FileExistsError(
+                f"{path} holds an unfinished run: continue it with --train.resume true, or choose another run_name"
+            )
+        return path
+
+    @classmethod
+    def create(cls, path: Path, cfg: RunConfig) -> "RunFolder":
+        """Open ``path`` (from :meth:`check`) for writing, recording the resolved config."""
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return cls(path)
+
+    def truncate_log(self, steps: int) -> None:
+        """Drop log lines of steps after ``steps`` (written after the checkpoint we resume from)."""
+        self._log.close()
+        lines = (self.path / "log.jsonl").read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= steps]
+        _atomic_write(self.path / "log.jsonl", "".join(line + "\n" for line in kept))
+        self._log = open(self.path / "log.jsonl", "a", encoding="utf-8")
 
     def log(self, **record) -> None:
         self._log.write(json.dumps(record) + "\n")

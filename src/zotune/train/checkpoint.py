@@ -1,0 +1,117 @@
+"""Checkpoints that survive crashes.
+
+A checkpoint is a folder ``checkpoints/step-000123/`` holding
+
+* ``trainable.safetensors``: the trainable weights (safetensors: no pickled objects);
+* ``optimizer.pt``: the optimizer's state dict (tensors, numbers and strings only, loaded with
+  ``torch.load(weights_only=True)``: no arbitrary objects are ever unpickled);
+* ``manifest.json``: the step, the run's extra state, and the SHA-256 of both files.
+
+It is written into a temporary folder and renamed into place, and the manifest is written
+last: a folder with a manifest whose checksums match is complete, anything else is ignored
+(a crash mid-write) or reported (a truncated or tampered file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FILES = ("trainable.safetensors", "optimizer.pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, truncated or does not match its manifest."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable weights by name (tied weights once), as contiguous copies."""
+    seen, out = set(), {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p.detach().clone().contiguous()
+    return out
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, extra: dict, keep: int = 2) -> Path:
+    """Write ``run_dir/checkpoints/step-{step}`` atomically; keep the ``keep`` newest."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:09d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
+    try:
+        save_file(trainable_state(model), str(tmp / FILES[0]))
+        torch.save(optimizer.state_dict(), tmp / FILES[1])
+        manifest = {"step": step, "extra": extra, "sha256": {name: _sha256(tmp / name) for name in FILES}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify(path: Path) -> dict:
+    """The manifest of a complete checkpoint, or :class:`CheckpointError` naming what is wrong."""
+    manifest_path = Path(path) / "manifest.json"
+    if not manifest_path.exists():
+        raise CheckpointError(f"{path}: no manifest.json (the checkpoint was not finished)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        expected = manifest["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
+    for name in FILES:
+        file = Path(path) / name
+        if not file.exists():
+            raise CheckpointError(f"{file}: missing")
+        if _sha256(file) != expected.get(name):
+            raise CheckpointError(f"{file}: checksum does not match the manifest (truncated or modified)")
+    return manifest
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run folder (unfinished ones are skipped)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    for candidate in sorted((p for p in root.iterdir() if p.name.startswith("step-")), reverse=True):
+        if (candidate / "manifest.json").exists():
+            return candidate
+    return None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
+    """Restore trainable weights and optimizer state in place; returns the manifest."""
+    manifest = verify(path)
+    weights = load_file(str(Path(path) / FILES[0]))
+    params = dict(model.named_parameters())
+    unknown = [name for name in weights if name not in params]
+    if unknown:
+        raise CheckpointError(f"{path}: weights for parameters this model does not have: {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(Path(path) / FILES[1], weights_only=True))
+    return manifest

@@ -1,0 +1,62 @@
+"""``zotune replay``: rebuild a ZO fine-tune from its base model and its trajectory log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..config import RunConfig, apply_overrides, flatten
+from ..models.loading import load_model
+from ..optim import NonFiniteLossError
+from . import trajectory
+from .checkpoint import trainable_state
+from .setup import build_optimizer, select_trainable
+
+
+def recorded_closure(losses: tuple[float, ...]):
+    """A closure that answers the optimizer's measurements with the recorded losses, in order."""
+    pending = iter(losses)
+
+    def closure(copies: int | None = None):
+        if copies is None:
+            return next(pending)
+        return torch.tensor([next(pending) for _ in range(copies)], dtype=torch.float64)
+
+    return closure
+
+
+def replay(base_model: str, run_dir: str | Path, output: str | Path | None = None, progress: bool = True,
+           say: Callable[[str], None] = print) -> Path:
+    """Apply every recorded step to ``base_model`` and save the trained weights (safetensors).
+
+    No forward pass runs: each step moves the weights exactly as the training step did, with
+    the recorded losses standing in for the measurements, so in float32 the result is
+    bit-identical to the weights the run ended with.
+    """
+    run_dir = Path(run_dir)
+    header, records = trajectory.read(run_dir)
+    cfg = apply_overrides(RunConfig(), {k: v for k, v in flatten(header["config"]).items()})
+    model, _ = load_model(base_model, dtype=cfg.model.dtype, device=cfg.model.device,
+                          trust_remote_code=cfg.model.trust_remote_code)
+    select_trainable(model, cfg.optim.trainable)
+    names = list(trainable_state(model))
+    if names != header["trainable_names"]:
+        raise ValueError(f"{base_model} does not have the trainable parameters the log was written for")
+    optimizer = build_optimizer(cfg.optim, model, cfg.train.seed)
+    if len(optimizer.param_groups) != header["num_groups"]:
+        raise ValueError("the rebuilt optimizer has a different number of param groups than the log")
+    for step, losses, lrs in tqdm(records, desc="replay", disable=not progress, unit="step"):
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        try:
+            optimizer.step(recorded_closure(losses))
+        except NonFiniteLossError:
+            pass  # the run skipped (or stopped at) this step too: the weights were restored
+    output = Path(output) if output else run_dir / "replayed.safetensors"
+    save_file(trainable_state(model), str(output))
+    say(f"replayed {len(records)} steps of {run_dir} onto {base_model}: {output}")
+    return output

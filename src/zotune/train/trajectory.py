@@ -1,0 +1,70 @@
+"""The trajectory is the checkpoint: a ZO run as an append-only log of what each step measured.
+
+Every update of a ZO run is a function of the step's draw keys (run seed, step, query), the
+losses it measured and the learning rates. ``trajectory.json`` holds what is fixed for the run
+(model, trainable selection, optimizer configuration, seed); ``trajectory.bin`` holds one
+fixed-size little-endian record per step: the step (int64), the losses in measuring order
+(float64) and each param group's learning rate (float64). Replaying the records through the
+same optimizer, with the recorded losses in place of forward passes, repeats every weight
+operation of the run, so the rebuilt weights are bit-identical to the trained ones.
+
+Size: with one two-sided query and one param group a record is 32 bytes, so a 20,000-step run
+logs 640 kB.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+HEADER = "trajectory.json"
+RECORDS = "trajectory.bin"
+
+
+def record_format(num_losses: int, num_groups: int) -> struct.Struct:
+    return struct.Struct(f"<q{num_losses}d{num_groups}d")
+
+
+class TrajectoryWriter:
+    def __init__(self, run_dir: Path, header: dict, num_losses: int, num_groups: int) -> None:
+        self.format = record_format(num_losses, num_groups)
+        header = {**header, "num_losses": num_losses, "num_groups": num_groups}
+        (Path(run_dir) / HEADER).write_text(json.dumps(header, indent=2), encoding="utf-8")
+        self._file = open(Path(run_dir) / RECORDS, "ab")
+
+    def append(self, step: int, losses: tuple[float, ...], lrs: list[float]) -> None:
+        self._file.write(self.format.pack(step, *losses, *lrs))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def truncate(run_dir: Path, steps: int) -> None:
+    """Keep the records of the first ``steps`` steps (resuming from a checkpoint at ``steps``)."""
+    header = json.loads((Path(run_dir) / HEADER).read_text(encoding="utf-8"))
+    size = record_format(header["num_losses"], header["num_groups"]).size
+    path = Path(run_dir) / RECORDS
+    if path.exists():
+        with open(path, "r+b") as f:
+            f.truncate(min(path.stat().st_size, steps * size))
+
+
+def read(run_dir: Path) -> tuple[dict, list[tuple[int, tuple[float, ...], tuple[float, ...]]]]:
+    """The header and the records (step, losses, learning rates); a torn last record is dropped."""
+    run_dir = Path(run_dir)
+    if not (run_dir / HEADER).exists():
+        raise FileNotFoundError(f"no {HEADER} in {run_dir}")
+    header = json.loads((run_dir / HEADER).read_text(encoding="utf-8"))
+    n_losses, n_groups = header["num_losses"], header["num_groups"]
+    fmt = record_format(n_losses, n_groups)
+    data = (run_dir / RECORDS).read_bytes() if (run_dir / RECORDS).exists() else b""
+    records = []
+    for offset in range(0, len(data) - fmt.size + 1, fmt.size):
+        values = fmt.unpack_from(data, offset)
+        records.append((values[0], values[1 : 1 + n_losses], values[1 + n_losses :]))
+    for expected, (step, _, _) in enumerate(records):
+        if step != expected:
+            raise ValueError(f"{run_dir / RECORDS}: record {expected} is for step {step}: the log is corrupt")
+    return header, records

@@ -1,0 +1,142 @@
+"""Nothing lost: crash-safe checkpoints, bit-identical resume after SIGKILL, and replay."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SHARED_DATA, needs_shared_data, tiny_llama
+from zotune.train import trajectory
+from zotune.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, verify
+from zotune.train.replay import replay
+
+pytestmark = needs_shared_data
+
+
+def train_args(model_dir, out, name, method="mezo", steps=60, extra=()):
+    return [sys.executable, "-m", "zotune", "train", "--model.name", str(model_dir), "--data.data_dir",
+            str(SHARED_DATA), "--data.n_train", "64", "--data.n_dev", "0", "--data.n_test", "8",
+            "--train.steps", str(steps), "--train.batch_size", "4", "--optim.method", method, "--optim.lr", "1e-3",
+            "--optim.trainable", "all", "--train.zero_shot", "false", "--train.progress", "false",
+            "--train.output_dir", str(out), "--train.run_name", name, "--train.checkpoint_every", "5",
+            "--train.threads", "1", *extra]
+
+
+def logged_steps(run_dir):
+    path = run_dir / "log.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"loss"' in line)
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "trainable.safetensors"))
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    subprocess.run(train_args(tiny_model_dir, out, "straight"), check=True, capture_output=True)
+    return out / "straight"
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny_model_dir, tmp_path, straight_run):
+    kill_after = random.Random(2024).randint(7, 40)  # a fixed "random" step, not a multiple of 5
+    proc = subprocess.Popen(train_args(tiny_model_dir, tmp_path, "killed"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "killed"
+    deadline = time.time() + 120
+    while logged_steps(run_dir) < kill_after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = logged_steps(run_dir)
+    assert kill_after <= killed_at < 60 and not (run_dir / "results.json").exists()
+    subprocess.run(train_args(tiny_model_dir, tmp_path, "killed", extra=("--train.resume", "true")), check=True,
+                   capture_output=True)
+    assert_same(weights(run_dir), weights(straight_run))
+    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 61))  # lines written after the last checkpoint were dropped on resume
+
+
+def test_sigterm_checkpoints_and_exits(tiny_model_dir, tmp_path, straight_run):
+    proc = subprocess.Popen(train_args(tiny_model_dir, tmp_path, "stopped"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "stopped"
+    while logged_steps(run_dir) < 12 and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--train.resume true" in err
+    stopped_at = verify(latest_checkpoint(run_dir))["step"]
+    assert stopped_at == logged_steps(run_dir)  # checkpoint at the step it stopped after, nothing lost
+    subprocess.run(train_args(tiny_model_dir, tmp_path, "stopped", extra=("--train.resume", "true")), check=True,
+                   capture_output=True)
+    assert_same(weights(run_dir), weights(straight_run))
+
+
+@pytest.mark.parametrize("method", ["mezo", "lozo_m", "tezo_adam", "mezo_adam"])
+def test_replay_rebuilds_the_weights_bit_identically(tiny_model_dir, tmp_path, method):
+    subprocess.run(train_args(tiny_model_dir, tmp_path, method, method=method, steps=25), check=True,
+                   capture_output=True)
+    run_dir = tmp_path / method
+    output = replay(str(tiny_model_dir), run_dir, tmp_path / "replayed.safetensors", progress=False, say=lambda _: None)
+    assert_same(load_file(str(output)), weights(run_dir))
+
+
+def test_trajectory_size_for_20000_steps():
+    # One two-sided query and one param group: 8 (step) + 2 x 8 (losses) + 8 (lr) bytes.
+    assert trajectory.record_format(2, 1).size * 20_000 < 2 * 2**20
+
+
+def test_checkpoint_files_are_verified(tmp_path):
+    import zotune
+
+    model = tiny_llama()
+    opt = zotune.mezo_adam(model.parameters(), lr=1e-3)
+    opt.step(lambda: model(input_ids=torch.ones(1, 4, dtype=torch.long)).logits.mean())
+    path = save_checkpoint(tmp_path, 1, model, opt, {"note": "x"})
+    assert verify(path)["extra"] == {"note": "x"} and latest_checkpoint(tmp_path) == path
+
+    fresh = tiny_llama(seed=5)
+    fresh_opt = zotune.mezo_adam(fresh.parameters(), lr=1e-3)
+    load_checkpoint(path, fresh, fresh_opt)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    assert fresh_opt.num_steps == 1
+
+    data = (path / "optimizer.pt").read_bytes()
+    (path / "optimizer.pt").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(path, fresh, fresh_opt)
+    (path / "manifest.json").unlink()  # an unfinished checkpoint is not picked up
+    assert latest_checkpoint(tmp_path) is None
+    with pytest.raises(CheckpointError, match="not finished"):
+        verify(path)
+
+
+def test_resume_errors(tmp_path, capsys):
+    from zotune.cli import main
+
+    assert main(["train", "--train.resume", "true"]) == 2
+    assert "train.resume needs train.run_name" in capsys.readouterr().err
+    assert main(["train", "--train.resume", "true", "--train.run_name", "nope", "--train.output_dir",
+                 str(tmp_path), "--model.name", "./not/loaded"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err  # reported before the (missing) model is loaded
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "log.jsonl").write_text("")
+    assert main(["train", "--train.run_name", "half", "--train.output_dir", str(tmp_path)]) == 2
+    assert "unfinished run" in capsys.readouterr().err
