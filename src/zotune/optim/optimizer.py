@@ -158,7 +158,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
-    def step(self, closure: Closure | Sequence[Closure]) -> float:  # type: ignore[override]
+    def step(self, closure: Closure | Sequence[Closure], accept: Callable[[StepRecord], bool] | None = None) -> float:  # type: ignore[override]
         """One ZO step.
 
         Args:
@@ -166,6 +166,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 list of closures is gradient accumulation: each is one micro-batch of the
                 same step, measured with the same directions, and the projected gradients
                 are averaged over them (K equal micro-batches of size B equal one batch of KB).
+            accept: optional check of the finite measurements before the update (e.g. a loss-spike
+                guard); when it returns False the weights are restored and the step is skipped.
 
         Returns:
             The loss measured first: L(θ + εZ_1) for two-sided SPSA (MeZO's convention),
@@ -200,10 +202,39 @@ class ZOOptimizer(torch.optim.Optimizer):
                 )
             return losses[0]
 
+        record = StepRecord(step, tuple(grads), tuple(losses), skipped=False)
+        if accept is not None and not accept(record):
+            self._restore()
+            self.state[_STATE_KEY] = {**global_state, "step": step + 1, "skipped": global_state["skipped"] + 1}
+            self.last_record = StepRecord(step, tuple(grads), tuple(losses), skipped=True)
+            return losses[0]
         self._update(step, keys, grads)
         self.state[_STATE_KEY] = {**global_state, "step": step + 1}
-        self.last_record = StepRecord(step, tuple(grads), tuple(losses), skipped=False)
+        self.last_record = record
         return losses[0]
+
+    @torch.no_grad()
+    def rollback(self, steps: Sequence[tuple[StepRecord, Sequence[float]]]) -> None:
+        """Undo applied updates, newest first, by replaying them with the opposite sign.
+
+        ``steps`` holds each update's record and the learning rate of every param group at
+        that step. Exact up to rounding for linear rules (SGD); rules with moments cannot be
+        undone this way (their state has moved on) and are refused.
+        """
+        if not self.rule.linear:
+            raise ValueError(f"rollback needs a linear update rule (SGD); {type(self.rule).__name__} keeps moments")
+        for record, lrs in reversed(list(steps)):
+            if record.skipped:
+                continue
+            keys = self.draw_keys(record.step)
+            q = len(keys)
+            for (_, weight_decay, members), lr in zip(self._groups(), lrs):
+                decay = 1.0 - lr * weight_decay
+                for index, p in members:
+                    kappa = self.perturbation.scale(p)
+                    self.perturbation.add_(p, index, [(lr * kappa * g / q, key) for g, key in zip(record.projected_grads, keys)])
+                    if decay != 1.0:
+                        p.div_(decay)
 
     def _restore(self) -> None:
         restore = self.execution.take_restore_terms()

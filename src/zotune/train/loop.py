@@ -23,7 +23,7 @@ from . import trajectory
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .losses import LOSSES
 from .run_folder import RunFolder
-from .setup import build_optimizer, select_trainable
+from .setup import build_guard, build_optimizer, select_trainable
 
 
 class EpochSampler:
@@ -97,7 +97,9 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     train_set, dev_set, test_set = (encode(tokenizer, s, cfg.model.max_length) for s in (splits.train, splits.dev, splits.test))
     pad_id = tokenizer.pad_token_id
     loss_fn = LOSSES[task.train_as]
-    optimizer = build_optimizer(cfg.optim, model, cfg.train.seed)
+    guard = build_guard(cfg)
+    # With the guard on, a NaN/inf step is one of its events (skipped), not an exception.
+    optimizer = build_optimizer(cfg.optim, model, cfg.train.seed, nan_policy="skip" if guard else None)
     run = RunFolder.create(run_path, cfg)
 
     def evaluate(examples, desc):
@@ -111,6 +113,8 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
         manifest = load_checkpoint(checkpoint, model, optimizer)
         start_step = manifest["step"]
         results.update(manifest["extra"].get("results", {}))
+        if guard is not None:
+            guard.load_state_dict(manifest["extra"].get("guard", {}))
         run.truncate_log(start_step)
         trajectory.truncate(run.path, start_step)
         say(f"resumed {run.path} from step {start_step}")
@@ -133,7 +137,8 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     clock = time.perf_counter()
 
     def checkpoint_now(step: int):
-        return save_checkpoint(run.path, step, model, optimizer, {"results": results}, cfg.train.keep_checkpoints)
+        extra = {"results": results, "guard": guard.state_dict() if guard else {}}
+        return save_checkpoint(run.path, step, model, optimizer, extra, cfg.train.keep_checkpoints)
 
     with _stop_requests() as stop, tqdm(total=cfg.train.steps, initial=start_step, desc="train",
                                         disable=not cfg.train.progress, unit="step") as bar:
@@ -141,9 +146,17 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
             batch = [train_set[i] for i in sampler.batch(step)]
             lrs = [group["lr"] for group in optimizer.param_groups]
             t0 = time.perf_counter()
-            loss = optimizer.step(lambda copies=None: loss_fn(model, batch, pad_id, copies))
+            loss = optimizer.step(lambda copies=None: loss_fn(model, batch, pad_id, copies),
+                                  accept=guard.accept if guard else None)
             record = optimizer.last_record
-            log.append(step, record.losses, lrs)
+            event = guard.after_step(optimizer, record, lrs) if guard else None
+            log.append(step, record.losses, lrs, rejected=event is not None and event.kind == "spike",
+                       rolled_back=event.rolled_back if event else 0)
+            if event is not None:
+                run.log(step=step + 1, event=event.kind, event_loss=event.loss, running_median=event.median,
+                        rolled_back=event.rolled_back, lr_factor=event.lr_factor)
+                bar.write(f"step {step + 1}: divergence guard: {event.kind} (loss {event.loss:.4g}); "
+                          f"rolled back {event.rolled_back}, lr x{event.lr_factor}")
             smoothed = loss if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * loss
             run.log(step=step + 1, loss=loss, lr=lrs[0], queries=len(record.projected_grads),
                     projected_grads=list(record.projected_grads), skipped=record.skipped,

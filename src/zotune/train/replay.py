@@ -14,7 +14,7 @@ from ..models.loading import load_model
 from ..optim import NonFiniteLossError
 from . import trajectory
 from .checkpoint import trainable_state
-from .setup import build_optimizer, select_trainable
+from .setup import build_guard, build_optimizer, select_trainable
 
 
 def recorded_closure(losses: tuple[float, ...]):
@@ -46,16 +46,23 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
     names = list(trainable_state(model))
     if names != header["trainable_names"]:
         raise ValueError(f"{base_model} does not have the trainable parameters the log was written for")
-    optimizer = build_optimizer(cfg.optim, model, cfg.train.seed)
+    guarded = build_guard(cfg) is not None
+    optimizer = build_optimizer(cfg.optim, model, cfg.train.seed, nan_policy="skip" if guarded else None)
     if len(optimizer.param_groups) != header["num_groups"]:
         raise ValueError("the rebuilt optimizer has a different number of param groups than the log")
-    for step, losses, lrs in tqdm(records, desc="replay", disable=not progress, unit="step"):
+    applied = []  # (record, lrs) of applied updates, for the guard's rollbacks
+    for step, losses, lrs, rejected, rolled_back in tqdm(records, desc="replay", disable=not progress, unit="step"):
         for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
         try:
-            optimizer.step(recorded_closure(losses))
+            optimizer.step(recorded_closure(losses), accept=lambda _record, ok=not rejected: ok)
         except NonFiniteLossError:
-            pass  # the run skipped (or stopped at) this step too: the weights were restored
+            pass  # the run stopped at this step too: the weights were restored
+        if not optimizer.last_record.skipped:
+            applied.append((optimizer.last_record, list(lrs)))
+        if rolled_back:
+            optimizer.rollback(applied[-rolled_back:])
+            del applied[-rolled_back:]
     output = Path(output) if output else run_dir / "replayed.safetensors"
     save_file(trainable_state(model), str(output))
     say(f"replayed {len(records)} steps of {run_dir} onto {base_model}: {output}")

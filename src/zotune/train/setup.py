@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from ..config import ConfigError, OptimConfig
+from ..config import ConfigError, OptimConfig, RunConfig
 from ..optim import METHODS, ZOOptimizer, param_groups
 from ..optim.groups import is_norm_module
 
@@ -33,8 +33,8 @@ def select_trainable(model: nn.Module, spec: str) -> int:
     return sum(p.numel() for p in {id(p): p for p in chosen}.values())
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int) -> ZOOptimizer:
-    """The configured ZO method over the model's trainable parameters."""
+def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int, nan_policy: str | None = None) -> ZOOptimizer:
+    """The configured ZO method over the model's trainable parameters (``nan_policy`` overrides the config's)."""
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}; valid: {', '.join(sorted(METHODS))}")
     factory = METHODS[cfg.method]
@@ -65,9 +65,19 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int) -> ZOOptimize
         num_queries=cfg.num_queries,
         two_sided=cfg.two_sided,
         seed=seed,
-        nan_policy=cfg.nan_policy,
+        nan_policy=nan_policy or cfg.nan_policy,
         drift_safe=drift_safe,
         virtual=cfg.virtual,
         model=model,
         **options,
     )
+
+
+def build_guard(cfg: RunConfig):
+    """The divergence guard, or None when ``train.guard_spike`` is 0."""
+    from .guard import DivergenceGuard
+
+    t = cfg.train
+    if not t.guard_spike:
+        return None
+    return DivergenceGuard(t.guard_spike, t.guard_window, t.guard_action, t.guard_rollback_steps, t.guard_lr_factor)

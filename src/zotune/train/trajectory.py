@@ -3,13 +3,14 @@
 Every update of a ZO run is a function of the step's draw keys (run seed, step, query), the
 losses it measured and the learning rates. ``trajectory.json`` holds what is fixed for the run
 (model, trainable selection, optimizer configuration, seed); ``trajectory.bin`` holds one
-fixed-size little-endian record per step: the step (int64), the losses in measuring order
-(float64) and each param group's learning rate (float64). Replaying the records through the
+fixed-size little-endian record per step: the step (int64), whether the divergence guard
+rejected it (uint8), how many earlier updates it rolled back (uint8), the losses in measuring
+order (float64) and each param group's learning rate (float64). Replaying the records through the
 same optimizer, with the recorded losses in place of forward passes, repeats every weight
 operation of the run, so the rebuilt weights are bit-identical to the trained ones.
 
-Size: with one two-sided query and one param group a record is 32 bytes, so a 20,000-step run
-logs 640 kB.
+Size: with one two-sided query and one param group a record is 34 bytes, so a 20,000-step run
+logs 680 kB.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ RECORDS = "trajectory.bin"
 
 
 def record_format(num_losses: int, num_groups: int) -> struct.Struct:
-    return struct.Struct(f"<q{num_losses}d{num_groups}d")
+    return struct.Struct(f"<qBB{num_losses}d{num_groups}d")
 
 
 class TrajectoryWriter:
@@ -33,8 +34,9 @@ class TrajectoryWriter:
         (Path(run_dir) / HEADER).write_text(json.dumps(header, indent=2), encoding="utf-8")
         self._file = open(Path(run_dir) / RECORDS, "ab")
 
-    def append(self, step: int, losses: tuple[float, ...], lrs: list[float]) -> None:
-        self._file.write(self.format.pack(step, *losses, *lrs))
+    def append(self, step: int, losses: tuple[float, ...], lrs: list[float], rejected: bool = False,
+               rolled_back: int = 0) -> None:
+        self._file.write(self.format.pack(step, int(rejected), rolled_back, *losses, *lrs))
         self._file.flush()
 
     def close(self) -> None:
@@ -51,8 +53,9 @@ def truncate(run_dir: Path, steps: int) -> None:
             f.truncate(min(path.stat().st_size, steps * size))
 
 
-def read(run_dir: Path) -> tuple[dict, list[tuple[int, tuple[float, ...], tuple[float, ...]]]]:
-    """The header and the records (step, losses, learning rates); a torn last record is dropped."""
+def read(run_dir: Path) -> tuple[dict, list[tuple]]:
+    """The header and the records (step, losses, learning rates, rejected, rolled back); a torn
+    last record is dropped."""
     run_dir = Path(run_dir)
     if not (run_dir / HEADER).exists():
         raise FileNotFoundError(f"no {HEADER} in {run_dir}")
@@ -63,8 +66,9 @@ def read(run_dir: Path) -> tuple[dict, list[tuple[int, tuple[float, ...], tuple[
     records = []
     for offset in range(0, len(data) - fmt.size + 1, fmt.size):
         values = fmt.unpack_from(data, offset)
-        records.append((values[0], values[1 : 1 + n_losses], values[1 + n_losses :]))
-    for expected, (step, _, _) in enumerate(records):
+        step, rejected, rolled_back, rest = values[0], bool(values[1]), values[2], values[3:]
+        records.append((step, rest[:n_losses], rest[n_losses:], rejected, rolled_back))
+    for expected, (step, *_) in enumerate(records):
         if step != expected:
             raise ValueError(f"{run_dir / RECORDS}: record {expected} is for step {step}: the log is corrupt")
     return header, records
