@@ -53,3 +53,23 @@ def test_help_lists_every_field(capsys):
 def test_methods_and_tasks(capsys):
     assert main(["methods"]) == 0 and "mezo_adam" in capsys.readouterr().out
     assert main(["tasks"]) == 0 and "sst2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--optim.method", "mezo", "--optim.rank", "4"], "takes no option optim.rank"),
+    (["--optim.method", "mezo", "--optim.virtual", "true"], "needs a low-rank method"),
+    (["--optim.method", "lozo", "--optim.virtual", "true", "--optim.drift_safe", "true"], "exclude each other"),
+    (["--optim.method", "mezo_adam", "--train.guard_spike", "3", "--train.guard_action", "rollback"], "keeps moments"),
+    (["--train.guard_spike", "3", "--train.guard_action", "reset"], "guard action"),
+    (["--optim.eps", "0"], "optim.eps > 0"),
+    (["--train.keep_checkpoints", "0"], "keep_checkpoints"),
+])
+def test_contradictions_fail_before_loading(argv, message, capsys, monkeypatch):
+    import zotune.models.loading as loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the configuration was checked")
+
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    assert main(["train", "--model.name", "./never/loaded", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -33,8 +33,8 @@ class DivergenceGuard:
                  lr_factor: float = 1.0, min_history: int = 10) -> None:
         if action not in ("skip", "rollback"):
             raise ValueError(f"guard action must be 'skip' or 'rollback', got {action!r}")
-        if spike_factor < 0 or window < 1 or rollback_steps < 0 or not 0 < lr_factor <= 1:
-            raise ValueError("need spike_factor >= 0, window >= 1, rollback_steps >= 0, 0 < lr_factor <= 1")
+        if spike_factor < 0 or window < 1 or not 0 <= rollback_steps <= 255 or not 0 < lr_factor <= 1:
+            raise ValueError("need spike_factor >= 0, window >= 1, 0 <= rollback_steps <= 255, 0 < lr_factor <= 1")
         self.spike_factor, self.action, self.rollback_steps = spike_factor, action, rollback_steps
         self.lr_factor, self.min_history = lr_factor, min_history
         self.losses: deque[float] = deque(maxlen=window)  # accepted losses

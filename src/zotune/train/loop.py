@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, to_dict
+from ..config import ConfigError, RunConfig, to_dict
 from ..eval.evaluate import accuracy
 from ..eval.scoring import encode
 from ..models.loading import load_model
@@ -23,7 +23,7 @@ from . import trajectory
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .losses import LOSSES
 from .run_folder import RunFolder
-from .setup import build_guard, build_optimizer, select_trainable
+from .setup import build_guard, build_optimizer, method_options, select_trainable
 
 
 class EpochSampler:
@@ -65,15 +65,25 @@ def _stop_requests():
             signal.signal(sig, old)
 
 
-def _validate(cfg: RunConfig) -> None:
+def validate(cfg: RunConfig) -> None:
     """Fail on bad names and contradictions before anything heavy is loaded."""
     get_task(cfg.data.task)
-    if cfg.optim.method not in METHODS:
-        raise ValueError(f"unknown method {cfg.optim.method!r}; valid: {', '.join(sorted(METHODS))}")
-    if cfg.train.steps < 0 or cfg.train.batch_size < 1 or cfg.train.checkpoint_every < 0:
-        raise ValueError("train.steps and train.checkpoint_every must be >= 0, train.batch_size >= 1")
-    if cfg.train.keep_checkpoints < 1:
-        raise ValueError("train.keep_checkpoints must be >= 1")
+    method_options(cfg.optim)
+    t = cfg.train
+    if t.steps < 0 or t.batch_size < 1 or t.checkpoint_every < 0 or t.eval_every < 0:
+        raise ConfigError("train.steps, train.eval_every and train.checkpoint_every must be >= 0, train.batch_size >= 1")
+    if t.keep_checkpoints < 1:
+        raise ConfigError("train.keep_checkpoints must be >= 1")
+    if not (cfg.optim.lr >= 0 and cfg.optim.eps > 0 and cfg.optim.num_queries >= 1 and cfg.optim.weight_decay >= 0):
+        raise ConfigError("need optim.lr >= 0, optim.eps > 0, optim.num_queries >= 1, optim.weight_decay >= 0")
+    guard = build_guard(cfg)  # validates the guard's own fields
+    if guard is not None and t.guard_action == "rollback":
+        probe = METHODS[cfg.optim.method]([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.0, **method_options(cfg.optim))
+        if not probe.rule.linear:
+            raise ConfigError(
+                f"train.guard_action=rollback undoes SGD-type updates; {cfg.optim.method!r} keeps moments "
+                "(use mezo, lozo or tezo, or guard_action=skip)"
+            )
 
 
 def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
@@ -82,7 +92,7 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     Interrupted by SIGTERM/SIGINT, it writes a checkpoint and raises :class:`Interrupted`; the
     same command with ``--train.resume true`` continues bit-identically.
     """
-    _validate(cfg)
+    validate(cfg)
     run_path = RunFolder.check(cfg)  # a bad run folder fails here, before anything is loaded
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

@@ -33,12 +33,14 @@ def select_trainable(model: nn.Module, spec: str) -> int:
     return sum(p.numel() for p in {id(p): p for p in chosen}.values())
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int, nan_policy: str | None = None) -> ZOOptimizer:
-    """The configured ZO method over the model's trainable parameters (``nan_policy`` overrides the config's)."""
+def method_options(cfg: OptimConfig) -> dict:
+    """The method-specific keyword arguments of ``cfg``, checked against the method's factory.
+
+    Cheap and model-free: the loop calls it before loading anything, so a contradiction fails first.
+    """
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}; valid: {', '.join(sorted(METHODS))}")
-    factory = METHODS[cfg.method]
-    accepted = set(inspect.signature(factory).parameters)
+    accepted = set(inspect.signature(METHODS[cfg.method]).parameters)
     options = {}
     for name in ("beta", "form", "betas", "rank", "nu", "scale", "r_th", "r_max"):
         value = getattr(cfg, name)
@@ -53,12 +55,24 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int, nan_policy: s
                 raise ConfigError(f"optim.rank must be a positive integer or 'auto', got {value!r}")
             value = int(value)
         options[name] = value
+    if cfg.virtual and "rank" not in accepted:
+        raise ConfigError(f"optim.virtual needs a low-rank method (lozo*, tezo*), not {cfg.method!r}")
+    if cfg.virtual and cfg.drift_safe:
+        raise ConfigError("optim.virtual and optim.drift_safe exclude each other (virtual never writes the weights)")
+    if cfg.nan_policy not in ("raise", "skip"):
+        raise ConfigError(f"optim.nan_policy must be raise or skip, got {cfg.nan_policy!r}")
+    return options
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int, nan_policy: str | None = None) -> ZOOptimizer:
+    """The configured ZO method over the model's trainable parameters (``nan_policy`` overrides the config's)."""
+    options = method_options(cfg)
     drift_safe = cfg.drift_safe
     if drift_safe is None:  # the virtual path never writes the weights while measuring either
         drift_safe = not cfg.virtual and any(
             p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters() if p.requires_grad
         )
-    return factory(
+    return METHODS[cfg.method](
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         eps=cfg.eps,
