@@ -146,7 +146,7 @@ def main() -> None:
     times = speed(args)
     reference = times["reference (4-pass)"]
     print(f"\nMeZO step time ({where}; median of {args.repeats}, interleaved)")
-    print(f"| variant | seconds / step | vs reference |\n|---|---|---|")
+    print("| variant | seconds / step | vs reference |\n|---|---|---|")
     for name, seconds in times.items():
         print(f"| {name} | {seconds:.3f} | {seconds / reference:.2f}x |")
     peaks = memory(args)

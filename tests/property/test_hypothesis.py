@@ -1,6 +1,5 @@
 """Property-based tests: configurations and data records never fail with anything but a clear error."""
 
-import json
 import string
 
 from hypothesis import HealthCheck, given, settings

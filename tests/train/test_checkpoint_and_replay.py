@@ -1,7 +1,6 @@
 """Nothing lost: crash-safe checkpoints, bit-identical resume after SIGKILL, and replay."""
 
 import json
-import os
 import random
 import signal
 import subprocess
