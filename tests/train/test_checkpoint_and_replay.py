@@ -81,7 +81,10 @@ def test_sigterm_checkpoints_and_exits(tiny_model_dir, tmp_path, straight_run):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "--train.resume true" in err
-    stopped_at = verify(latest_checkpoint(run_dir))["step"]
+    manifest = verify(latest_checkpoint(run_dir))
+    stopped_at = manifest["step"]
+    assert manifest["extra"]["config"]["optim"]["method"] == "mezo"
+    assert manifest["extra"]["data"]["next_step"] == stopped_at
     assert stopped_at == logged_steps(run_dir)  # checkpoint at the step it stopped after, nothing lost
     subprocess.run(train_args(tiny_model_dir, tmp_path, "stopped", extra=("--train.resume", "true")), check=True,
                    capture_output=True)

@@ -5,7 +5,8 @@ A checkpoint is a folder ``checkpoints/step-000123/`` holding
 * ``trainable.safetensors``: the trainable weights (safetensors: no pickled objects);
 * ``optimizer.pt``: the optimizer's state dict (tensors, numbers and strings only, loaded with
   ``torch.load(weights_only=True)``: no arbitrary objects are ever unpickled);
-* ``manifest.json``: the step, the run's extra state, and the SHA-256 of both files.
+* ``manifest.json``: the step, the loop's extra state (resolved config, data-order position,
+  results so far, guard history), and the SHA-256 of both files.
 
 It is written into a temporary folder and renamed into place, and the manifest is written
 last: a folder with a manifest whose checksums match is complete, anything else is ignored

@@ -147,7 +147,13 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     clock = time.perf_counter()
 
     def checkpoint_now(step: int):
-        extra = {"results": results, "guard": guard.state_dict() if guard else {}}
+        extra = {
+            "config": to_dict(cfg),  # the resolved configuration the run was started with
+            "data": {"next_step": step, "seed": cfg.train.seed, "batch_size": sampler.batch_size,
+                     "epoch": step // (sampler.size // sampler.batch_size)},  # the order is a function of these
+            "results": results,
+            "guard": guard.state_dict() if guard else {},
+        }
         return save_checkpoint(run.path, step, model, optimizer, extra, cfg.train.keep_checkpoints)
 
     with _stop_requests() as stop, tqdm(total=cfg.train.steps, initial=start_step, desc="train",
