@@ -118,9 +118,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.execution = AtUse(model, self._indexed)
         else:
             self.execution = InPlace()
-        changes_basis = getattr(self.perturbation, "changes_basis", False)
         state_names = set(self.rule.init_state(torch.zeros(1)))
-        if changes_basis and not state_names <= set(self.rule.linear_state):
+        if self.perturbation.changes_basis and not state_names <= set(self.rule.linear_state):
             raise ValueError(
                 f"{type(self.rule).__name__} keeps state {sorted(state_names - set(self.rule.linear_state))} that cannot "
                 f"follow {type(self.perturbation).__name__}'s changes of subspace; use SGD or Momentum with it"
@@ -279,8 +278,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         moments = sum(
             t.numel() for key, st in self.state.items() if key != _STATE_KEY for t in st.values() if isinstance(t, Tensor)
         )
-        factors = getattr(self.perturbation, "persistent_numel", lambda: 0)()
-        return {"moments": moments, "factors": factors}
+        return {"moments": moments, "factors": self.perturbation.persistent_numel()}
 
     # ----------------------------------------------------------------- state
     def load_state_dict(self, state_dict: dict) -> None:

@@ -46,6 +46,10 @@ class Perturbation(ABC):
     """What the optimizer needs from a family of directions: three methods to write, the rest
     have defaults that fit a perturbation with one fixed basis and nothing to save."""
 
+    #: True when the coordinates' basis changes between steps (LOZO's V windows): moments must
+    #: then be carried over with :meth:`transport`.
+    changes_basis: bool = False
+
     @abstractmethod
     def add_(self, param: Tensor, index: int, terms: Sequence[Term]) -> None:
         """``param += sum_k alpha_k Z(key_k)`` in place, in one pass over ``param``."""
@@ -72,6 +76,10 @@ class Perturbation(ABC):
 
     def prepare(self, params: Sequence[tuple[int, Tensor]]) -> None:
         """Called once with the initial trainable parameters (e.g. to choose per-layer ranks)."""
+
+    def persistent_numel(self) -> int:
+        """Numbers the perturbation holds between steps (cached factors)."""
+        return 0
 
     def state_dict(self) -> dict:
         """What must be saved to regenerate the same directions after a resume."""
