@@ -29,6 +29,7 @@ def test_train_five_steps(tiny_model_dir, tmp_path, method, capsys):
     assert any("dev_accuracy" in s for s in steps)
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["method"] == method
     assert load_file(str(run / "trainable.safetensors"))
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -22,6 +22,7 @@ from ..tasks import get_task, load_splits
 from . import trajectory
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .losses import LOSSES
+from .plots import plot_run
 from .run_folder import RunFolder
 from .setup import build_guard, build_optimizer, method_options, select_trainable
 
@@ -200,5 +201,6 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     else:
         say(f"fine-tuned accuracy: {100 * results['accuracy']:.1f}% ({len(test_set)} test examples)")
     save_file(trainable_state(model), str(run.path / "trainable.safetensors"))
+    plot_run(run.path)
     run.finish(results)
     return results

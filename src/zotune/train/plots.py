@@ -1,0 +1,44 @@
+"""A run's curves as a PNG: training loss (raw and smoothed) and the dev metric, by step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_run(run_dir: Path, out_name: str = "curves.png") -> Path:
+    """Draw ``run_dir/log.jsonl`` into ``run_dir/curves.png`` (headless backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text(encoding="utf-8").splitlines()
+               if line.strip()]
+    steps = [r["step"] for r in records if "loss" in r]
+    losses = [r["loss"] for r in records if "loss" in r]
+    dev = [(r["step"], r["dev_accuracy"]) for r in records if "dev_accuracy" in r]
+    smoothed, value = [], None
+    for loss in losses:  # exponential moving average, as on the progress bar
+        value = loss if value is None else 0.95 * value + 0.05 * loss
+        smoothed.append(value)
+
+    fig, ax_loss = plt.subplots(figsize=(7, 4), dpi=110)
+    ax_loss.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss (L(θ+εZ))")
+    ax_loss.plot(steps, smoothed, color="tab:blue", linewidth=1.6, label="loss, smoothed")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    handles, labels = ax_loss.get_legend_handles_labels()
+    if dev:
+        ax_dev = ax_loss.twinx()
+        ax_dev.plot([s for s, _ in dev], [100 * a for _, a in dev], "o-", color="tab:orange", label="dev accuracy")
+        ax_dev.set_ylabel("dev accuracy (%)")
+        more_handles, more_labels = ax_dev.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax_loss.legend(handles, labels, loc="upper right", fontsize=8)
+    ax_loss.set_title(Path(run_dir).name, fontsize=9)
+    fig.tight_layout()
+    out = Path(run_dir) / out_name
+    fig.savefig(out)
+    plt.close(fig)
+    return out
