@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         if command == "train":
             from .train import loop
 
-            loop.validate(config)
             try:
                 loop.fit(config)
             except loop.Interrupted as stop:
