@@ -9,8 +9,8 @@ import torch
 from ..config import RunConfig
 from ..eval.evaluate import accuracy
 from ..eval.scoring import encode
-from ..models.loading import load_model
 from ..tasks import get_task, load_splits
+from .setup import load_configured_model
 
 
 def evaluate_only(cfg: RunConfig, say: Callable[[str], None] = print) -> float:
@@ -20,9 +20,7 @@ def evaluate_only(cfg: RunConfig, say: Callable[[str], None] = print) -> float:
     splits = load_splits(task, cfg.data.data_dir, 0, 0, cfg.data.n_test, cfg.data.seed)
     for note in splits.notes:
         say(f"note: {note}")
-    model, tokenizer = load_model(
-        cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code
-    )
+    model, tokenizer = load_configured_model(cfg.model)
     test_set = encode(tokenizer, splits.test, cfg.model.max_length)
     result = accuracy(model, test_set, tokenizer.pad_token_id, cfg.train.eval_batch_size,
                       progress=cfg.train.progress, desc=f"eval {task.name}")

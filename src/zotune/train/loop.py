@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, RunConfig, to_dict
 from ..eval.evaluate import accuracy
 from ..eval.scoring import encode
-from ..models.loading import load_model
 from ..optim import METHODS
 from ..tasks import get_task, load_splits
 from . import trajectory
@@ -24,7 +23,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, tra
 from .losses import LOSSES
 from .plots import plot_run
 from .run_folder import RunFolder
-from .setup import build_guard, build_optimizer, method_options, select_trainable
+from .setup import build_guard, build_optimizer, load_configured_model, method_options, select_trainable
 
 
 class EpochSampler:
@@ -101,9 +100,7 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     splits = load_splits(task, cfg.data.data_dir, cfg.data.n_train, cfg.data.n_dev, cfg.data.n_test, cfg.data.seed)
     for note in splits.notes:
         say(f"note: {note}")
-    model, tokenizer = load_model(
-        cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code
-    )
+    model, tokenizer = load_configured_model(cfg.model)
     n_trainable = select_trainable(model, cfg.optim.trainable)
     train_set, dev_set, test_set = (encode(tokenizer, s, cfg.model.max_length) for s in (splits.train, splits.dev, splits.test))
     pad_id = tokenizer.pad_token_id

@@ -10,11 +10,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, apply_overrides, flatten
-from ..models.loading import load_model
 from ..optim import NonFiniteLossError
 from . import trajectory
 from .checkpoint import trainable_state
-from .setup import build_guard, build_optimizer, select_trainable
+from .setup import build_guard, build_optimizer, load_configured_model, select_trainable
 
 
 def recorded_closure(losses: tuple[float, ...]):
@@ -40,8 +39,7 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
     run_dir = Path(run_dir)
     header, records = trajectory.read(run_dir)
     cfg = apply_overrides(RunConfig(), {k: v for k, v in flatten(header["config"]).items()})
-    model, _ = load_model(base_model, dtype=cfg.model.dtype, device=cfg.model.device,
-                          trust_remote_code=cfg.model.trust_remote_code)
+    model, _ = load_configured_model(cfg.model, name=base_model)
     select_trainable(model, cfg.optim.trainable)
     names = list(trainable_state(model))
     if names != header["trainable_names"]:

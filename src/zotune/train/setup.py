@@ -8,9 +8,16 @@ import re
 import torch
 from torch import nn
 
-from ..config import ConfigError, OptimConfig, RunConfig
+from ..config import ConfigError, ModelConfig, OptimConfig, RunConfig
 from ..optim import METHODS, ZOOptimizer, param_groups
 from ..optim.groups import is_norm_module
+
+
+def load_configured_model(cfg: ModelConfig, name: str | None = None):
+    """(model, tokenizer) as ``cfg`` describes; ``name`` overrides ``cfg.name`` (replay's base model)."""
+    from ..models.loading import load_model
+
+    return load_model(name or cfg.name, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
 
 
 def select_trainable(model: nn.Module, spec: str) -> int:
