@@ -30,6 +30,22 @@ def tiny_opt(seed: int = 0, dtype: torch.dtype = torch.float32):
     return OPTForCausalLM(config).to(dtype).eval()
 
 
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    return BertForMaskedLM(config).eval()
+
+
 def lm_closure(model, input_ids):
     """Closure returning the causal-LM loss of ``model`` on a fixed batch."""
 

@@ -3,6 +3,8 @@
 from .optim import (
     METHODS,
     NonFiniteLossError,
+    QuerySchedule,
+    adazeta,
     ZOOptimizer,
     lozo,
     lozo_m,
@@ -30,6 +32,6 @@ def load_model(*args, **kwargs):
 
 
 __all__ = [
-    "METHODS", "NonFiniteLossError", "ZOOptimizer", "load_model", "lozo", "lozo_m", "mezo", "mezo_adam",
+    "METHODS", "NonFiniteLossError", "QuerySchedule", "ZOOptimizer", "adazeta", "load_model", "lozo", "lozo_m", "mezo", "mezo_adam",
     "mezo_momentum", "param_groups", "tezo", "tezo_adam", "tezo_m", "__version__",
 ]

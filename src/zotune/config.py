@@ -43,7 +43,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    method: str = _f("mezo", "ZO method (see `zotune methods`)")
+    method: str = _f("mezo", "ZO method (see `zotune methods`), or adamw for the first-order (backprop) baseline")
     lr: float = _f(1e-2, "learning rate η (the default suits the default trainable set; full fine-tuning needs ~1e-6)")
     eps: float = _f(1e-3, "perturbation scale ε")
     num_queries: int = _f(1, "directions per step q")
@@ -57,10 +57,29 @@ class OptimConfig:
     scale: typing.Optional[float] = _f(None, "κ in ĝ = κ g Z (lozo*, tezo*; 1 matches the published learning rates)")
     r_th: typing.Optional[float] = _f(None, "singular-value threshold of rank='auto' (tezo*)")
     r_max: typing.Optional[int] = _f(None, "rank cap of rank='auto' (tezo*)")
-    trainable: str = _f(r"regex:^model\.norm\.weight$", "parameters to tune: all, norms, or regex:<pattern> over parameter names (default: the final norm of a LLaMA-family model)")
+    q_alpha: typing.Optional[float] = _f(None, "query schedule multiplier α in Q_e = min(max(floor(α e^β), 1), Q_max) (adazeta)")
+    q_max: typing.Optional[int] = _f(None, "query schedule cap Q_max (adazeta)")
+    q_beta: typing.Optional[float] = _f(None, "query schedule exponent β (adazeta; default: derived from q_target and the run's epochs)")
+    q_target: typing.Optional[float] = _f(None, "uncapped query count aimed at for the last epoch when β is derived (adazeta)")
+    trainable: str = _f("auto", "parameters to tune: auto (the adapters when adapter.kind is set, else the final norm: regex:^model\\.norm\\.weight$), all, norms, adapters, or regex:<pattern> over parameter names")
     drift_safe: typing.Optional[bool] = _f(None, "perturb at use instead of in place (default: on for float16/bfloat16)")
     virtual: bool = _f(False, "measure all ±ε points in one batched forward, never writing the weights (lozo*, tezo*)")
     nan_policy: str = _f("raise", "on a NaN/inf loss: raise, or skip the update")
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = _f("none", "tensor-train adapters to insert: none, adp (LoRETTA_adp / AdaZeta) or rep (LoRETTA_rep)")
+    tt_rank: int = _f(5, "inner tensor-train rank")
+    bottleneck: int = _f(64, "adp: adapter width b")
+    nonlinearity: str = _f("relu", "adp: activation between the two TT maps")
+    function_preserving: bool = _f(False, "adp: subtract the initial adapter's output so the model starts unchanged")
+    r: int = _f(8, "rep: width r between TT_A and TT_B")
+    alpha: float = _f(16.0, "rep: scale s = alpha / r")
+    dropout: float = _f(0.0, "rep: dropout on the adapter input")
+    train_norms: typing.Optional[bool] = _f(None, "also train the norm layers (default: true for adp as LoRETTA, false for rep; AdaZeta uses false)")
+    target_modules: typing.Optional[list] = _f(None, "module names to adapt (default: the architecture's table)")
+    seed: int = _f(0, "seed of the adapters' initialisation")
 
 
 @dataclass
@@ -90,6 +109,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -157,7 +177,7 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
     result = dataclasses.replace(config, **{
-        section: dataclasses.replace(getattr(config, section)) for section in ("model", "data", "optim", "train")
+        section: dataclasses.replace(getattr(config, section)) for section in ("model", "data", "optim", "adapter", "train")
     })
     for key, value in overrides.items():
         section, name = key.split(".", 1)
@@ -181,7 +201,7 @@ def load_yaml(path: str | Path, config: RunConfig | None = None) -> RunConfig:
         raise FileNotFoundError(f"config file not found: {path}")
     tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model, data, optim, train)")
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, optim, adapter, train)")
     try:
         return apply_overrides(config or RunConfig(), flatten(tree))
     except ConfigError as err:

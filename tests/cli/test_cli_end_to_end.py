@@ -33,7 +33,7 @@ def test_train_five_steps(tiny_model_dir, tmp_path, method, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["train", "--optim.method", "sgd0"], "unknown method 'sgd0'; valid: lozo, lozo_m, mezo"),
+    (["train", "--optim.method", "sgd0"], "unknown method 'sgd0'; valid: adazeta, lozo, lozo_m, mezo"),
     (["train", "--data.task", "nope"], "unknown task 'nope'"),
     (["train", "--optim.lrr", "1"], "unknown config key"),
     (["frobnicate"], "unknown command"),

@@ -5,23 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import zotune
-from conftest import tiny_llama, tiny_opt
-
-
-def tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
-
-
-def tiny_bert():
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)
-    return BertForMaskedLM(config).eval()
+from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_opt
 
 
 def per_copy_lm_closure(model, ids):

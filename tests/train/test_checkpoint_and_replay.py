@@ -91,17 +91,26 @@ def test_sigterm_checkpoints_and_exits(tiny_model_dir, tmp_path, straight_run):
     assert_same(weights(run_dir), weights(straight_run))
 
 
-@pytest.mark.parametrize("method", ["mezo", "lozo_m", "tezo_adam", "mezo_adam"])
+ADAZETA = ("--adapter.kind", "adp", "--adapter.bottleneck", "8", "--adapter.tt_rank", "2", "--optim.trainable",
+           "auto", "--optim.q_alpha", "2", "--optim.q_max", "3", "--optim.q_beta", "1")
+
+
+@pytest.mark.parametrize("method", ["mezo", "lozo_m", "tezo_adam", "mezo_adam", "adazeta"])
 def test_replay_rebuilds_the_weights_bit_identically(tiny_model_dir, tmp_path, method):
-    subprocess.run(train_args(tiny_model_dir, tmp_path, method, method=method, steps=25), check=True,
+    extra = ADAZETA if method == "adazeta" else ()  # adapters, and q = 1 in epoch 0, 2 in epoch 1
+    subprocess.run(train_args(tiny_model_dir, tmp_path, method, method=method, steps=25, extra=extra), check=True,
                    capture_output=True)
     run_dir = tmp_path / method
     output = replay(str(tiny_model_dir), run_dir, tmp_path / "replayed.safetensors", progress=False, say=lambda _: None)
     assert_same(load_file(str(output)), weights(run_dir))
+    if method == "adazeta":
+        queries = [json.loads(line).get("queries") for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        assert [q for q in queries if q] == [1] * 16 + [2] * 9
 
 
 def test_trajectory_size_for_20000_steps():
-    # One two-sided query and one param group: 8 (step) + 2 x 8 (losses) + 8 (lr) bytes.
+    # One two-sided query and one param group: 8 (step) + 2 (guard flags) + 2 (count) + 2 x 8 (losses) + 8 (lr).
+    assert trajectory.record_format(2, 1).size == 36
     assert trajectory.record_format(2, 1).size * 20_000 < 2 * 2**20
 
 

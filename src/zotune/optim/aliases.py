@@ -13,6 +13,7 @@ from .factored import LowRank
 from .optimizer import ZOOptimizer
 from .perturbations import Gaussian
 from .rules import SGD, Adam, Momentum, SeparableAdam
+from .schedules import QuerySchedule
 from .temporal_cp import TemporalCP
 
 
@@ -186,6 +187,34 @@ def tezo_adam(
     return _compose(params, lr, TemporalCP(rank, r_th, r_max, scale), rule, eps, num_queries, two_sided, kwargs)
 
 
+def adazeta(
+    params: Iterable[Any],
+    lr: float,
+    eps: float = 1e-3,
+    *,
+    q_alpha: float = 0.85,
+    q_max: int = 15,
+    q_beta: float | None = None,
+    q_target: float = 20.0,
+    num_queries: int = 1,
+    two_sided: bool = True,
+    **kwargs: Any,
+) -> ZOOptimizer:
+    """AdaZeta: multi-query two-sided ZO-SGD with a sublinearly growing query count
+    (Yang et al., EMNLP 2024), meant for tensorized adapters (:mod:`zotune.adapters`).
+
+    q per data epoch follows :class:`~zotune.optim.schedules.QuerySchedule` with α = ``q_alpha`` (0.85),
+    Q_max = ``q_max`` (15) and β = ``q_beta``, by default derived from a target of ``q_target`` (20)
+    queries at the last epoch (the released LLaMA scripts); the
+    training loop tells the optimizer the epoch. ĝ = (1/q) Σ_i g_i Z_i is applied buffer-free.
+    Reference settings: lr 1e-4, ε = 1e-3, weight decay 0.01, batch 16. ``num_queries`` is q
+    until :meth:`~zotune.optim.optimizer.ZOOptimizer.start_epoch` is first called; the reference
+    estimator is two-sided.
+    """
+    schedule = QuerySchedule(q_alpha, q_max, q_beta, q_target)
+    return _compose(params, lr, Gaussian(), SGD(), eps, num_queries, two_sided, {**kwargs, "query_schedule": schedule})
+
+
 # Registry of named methods (a plain dict, filled at import with no side effects).
 METHODS = {
     "mezo": mezo,
@@ -196,4 +225,5 @@ METHODS = {
     "tezo": tezo,
     "tezo_m": tezo_m,
     "tezo_adam": tezo_adam,
+    "adazeta": adazeta,
 }

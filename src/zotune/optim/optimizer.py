@@ -10,6 +10,7 @@ so there is no generator state to save).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -21,6 +22,7 @@ from .estimators import SPSA
 from .execution import AtUse, ExecutionPath, InPlace
 from .perturbations import DrawKey, Gaussian, Perturbation
 from .rules import SGD, UpdateRule
+from .schedules import QuerySchedule
 
 Closure = Callable[..., "Tensor | float"]
 _STATE_KEY = "zotune"  # global (non-parameter) entry of ``self.state``
@@ -63,6 +65,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             :mod:`zotune.models.virtual`). The closure is then called as ``closure(copies=S)``
             and must return the S losses of the batch repeated S times (copy-major). Needs ``model``.
         model: the module owning the parameters (needed for ``drift_safe`` and ``virtual``).
+        query_schedule: a :class:`~zotune.optim.schedules.QuerySchedule` setting q per data
+            epoch (AdaZeta); the training loop calls :meth:`start_epoch`.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         drift_safe: bool = False,
         virtual: bool = False,
         model: nn.Module | None = None,
+        query_schedule: QuerySchedule | None = None,
     ) -> None:
         if not (lr >= 0.0):
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -93,6 +98,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.estimator = estimator if estimator is not None else SPSA()
         self.rule: UpdateRule = rule if rule is not None else SGD()
         self.nan_policy = nan_policy
+        self.query_schedule = query_schedule
         self.last_record: StepRecord | None = None
 
         # Stable global index of every trainable parameter: part of its directions' address.
@@ -143,6 +149,21 @@ class ZOOptimizer(torch.optim.Optimizer):
     @property
     def num_skipped(self) -> int:
         return self.state[_STATE_KEY]["skipped"]
+
+    def set_num_queries(self, num_queries: int) -> None:
+        """Use q directions from the next step on (q is not part of the saved state: a schedule sets it)."""
+        self.estimator = dataclasses.replace(self.estimator, num_queries=num_queries)
+
+    def start_epoch(self, epoch: int, total_epochs: float | None = None) -> int:
+        """Tell the optimizer which data epoch its next steps belong to; returns the q they will use."""
+        if self.query_schedule is not None:
+            self.set_num_queries(self.query_schedule.queries(epoch, total_epochs))
+        return self.estimator.num_queries
+
+    @property
+    def max_num_queries(self) -> int:
+        """The most directions a step can use (the schedule's cap, or the fixed q)."""
+        return self.query_schedule.q_max if self.query_schedule is not None else self.estimator.num_queries
 
     def draw_keys(self, step: int) -> list[DrawKey]:
         seed = self.state[_STATE_KEY]["seed"]

@@ -16,14 +16,14 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, RunConfig, to_dict
 from ..eval.evaluate import accuracy
 from ..eval.scoring import encode
-from ..optim import METHODS
+from ..optim import METHODS, ZOOptimizer
 from ..tasks import get_task, load_splits
 from . import trajectory
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .losses import LOSSES
 from .plots import plot_run
 from .run_folder import RunFolder
-from .setup import build_guard, build_optimizer, load_configured_model, method_options, select_trainable
+from .setup import FIRST_ORDER, adapter_config, build_guard, build_optimizer, load_configured_model, method_options, prepare_trainable
 
 
 class EpochSampler:
@@ -34,9 +34,12 @@ class EpochSampler:
             raise ValueError("no training examples")
         self.size, self.batch_size, self.seed = size, min(batch_size, size), seed
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.size // self.batch_size
+
     def batch(self, step: int) -> list[int]:
-        per_epoch = self.size // self.batch_size
-        epoch, position = divmod(step, per_epoch)
+        epoch, position = divmod(step, self.steps_per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
         return order[position * self.batch_size : (position + 1) * self.batch_size].tolist()
 
@@ -69,6 +72,7 @@ def validate(cfg: RunConfig) -> None:
     """Fail on bad names and contradictions before anything heavy is loaded."""
     get_task(cfg.data.task)
     method_options(cfg.optim)
+    adapter_config(cfg.adapter)
     t = cfg.train
     if t.steps < 0 or t.batch_size < 1 or t.checkpoint_every < 0 or t.eval_every < 0:
         raise ConfigError("train.steps, train.eval_every and train.checkpoint_every must be >= 0, train.batch_size >= 1")
@@ -78,6 +82,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("need optim.lr >= 0, optim.eps > 0, optim.num_queries >= 1, optim.weight_decay >= 0")
     guard = build_guard(cfg)  # validates the guard's own fields
     if guard is not None and t.guard_action == "rollback":
+        if cfg.optim.method in FIRST_ORDER:
+            raise ConfigError("train.guard_action=rollback undoes ZO updates; use guard_action=skip with adamw")
         probe = METHODS[cfg.optim.method]([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.0, **method_options(cfg.optim))
         if not probe.rule.linear:
             raise ConfigError(
@@ -101,7 +107,7 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     for note in splits.notes:
         say(f"note: {note}")
     model, tokenizer = load_configured_model(cfg.model)
-    n_trainable = select_trainable(model, cfg.optim.trainable)
+    n_trainable = prepare_trainable(model, cfg)
     train_set, dev_set, test_set = (encode(tokenizer, s, cfg.model.max_length) for s in (splits.train, splits.dev, splits.test))
     pad_id = tokenizer.pad_token_id
     loss_fn = LOSSES[task.train_as]
@@ -135,12 +141,16 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
         results["zero_shot_accuracy"] = evaluate(test_set, "zero-shot eval")
         say(f"zero-shot accuracy: {100 * results['zero_shot_accuracy']:.1f}%")
 
-    points = len(optimizer.estimator.offsets) * optimizer.estimator.num_queries + optimizer.estimator.needs_base_loss
-    log = trajectory.TrajectoryWriter(
-        run.path, {"config": to_dict(cfg), "trainable_names": list(trainable_state(model))}, points,
-        len(optimizer.param_groups),
-    )
+    log = None  # the trajectory log of a ZO run (a first-order run cannot be replayed from scalars)
+    if isinstance(optimizer, ZOOptimizer):
+        estimator = optimizer.estimator
+        points = len(estimator.offsets) * optimizer.max_num_queries + estimator.needs_base_loss
+        log = trajectory.TrajectoryWriter(
+            run.path, {"config": to_dict(cfg), "trainable_names": list(trainable_state(model))}, points,
+            len(optimizer.param_groups),
+        )
     sampler = EpochSampler(len(train_set), cfg.train.batch_size, cfg.train.seed)
+    total_epochs = cfg.train.steps / sampler.steps_per_epoch
     smoothed = math.nan
     clock = time.perf_counter()
 
@@ -148,7 +158,7 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
         extra = {
             "config": to_dict(cfg),  # the resolved configuration the run was started with
             "data": {"next_step": step, "seed": cfg.train.seed, "batch_size": sampler.batch_size,
-                     "epoch": step // (sampler.size // sampler.batch_size)},  # the order is a function of these
+                     "epoch": step // sampler.steps_per_epoch},  # the order is a function of these
             "results": results,
             "guard": guard.state_dict() if guard else {},
         }
@@ -159,13 +169,15 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
         for step in range(start_step, cfg.train.steps):
             batch = [train_set[i] for i in sampler.batch(step)]
             lrs = [group["lr"] for group in optimizer.param_groups]
+            optimizer.start_epoch(step // sampler.steps_per_epoch, total_epochs)  # AdaZeta's query schedule
             t0 = time.perf_counter()
             loss = optimizer.step(lambda copies=None: loss_fn(model, batch, pad_id, copies),
                                   accept=guard.accept if guard else None)
             record = optimizer.last_record
             event = guard.after_step(optimizer, record, lrs) if guard else None
-            log.append(step, record.losses, lrs, rejected=event is not None and event.kind == "spike",
-                       rolled_back=event.rolled_back if event else 0)
+            if log is not None:
+                log.append(step, record.losses, lrs, rejected=event is not None and event.kind == "spike",
+                           rolled_back=event.rolled_back if event else 0)
             if event is not None:
                 run.log(step=step + 1, event=event.kind, event_loss=event.loss, running_median=event.median,
                         rolled_back=event.rolled_back, lr_factor=event.lr_factor)
@@ -182,11 +194,13 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
                 run.log(step=step + 1, dev_accuracy=dev_accuracy)
                 bar.write(f"step {step + 1}: dev accuracy {100 * dev_accuracy:.1f}%")
             if stop["stop"]:
-                log.close()
+                if log is not None:
+                    log.close()
                 raise Interrupted(step + 1, checkpoint_now(step + 1))
             if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
                 checkpoint_now(step + 1)
-    log.close()
+    if log is not None:
+        log.close()
     results["train_seconds"] = round(time.perf_counter() - clock, 1)
     results["steps"] = cfg.train.steps
     results["skipped_steps"] = optimizer.num_skipped

@@ -13,7 +13,7 @@ from ..config import RunConfig, apply_overrides, flatten
 from ..optim import NonFiniteLossError
 from . import trajectory
 from .checkpoint import trainable_state
-from .setup import build_guard, build_optimizer, load_configured_model, select_trainable
+from .setup import build_guard, build_optimizer, load_configured_model, prepare_trainable
 
 
 def recorded_closure(losses: tuple[float, ...]):
@@ -40,7 +40,7 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
     header, records = trajectory.read(run_dir)
     cfg = apply_overrides(RunConfig(), {k: v for k, v in flatten(header["config"]).items()})
     model, _ = load_configured_model(cfg.model, name=base_model)
-    select_trainable(model, cfg.optim.trainable)
+    prepare_trainable(model, cfg)
     names = list(trainable_state(model))
     if names != header["trainable_names"]:
         raise ValueError(f"{base_model} does not have the trainable parameters the log was written for")
@@ -52,6 +52,8 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
     for step, losses, lrs, rejected, rolled_back in tqdm(records, desc="replay", disable=not progress, unit="step"):
         for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
+        # q of this step (a query schedule changes it): its measurements over the points per query
+        optimizer.set_num_queries((len(losses) - optimizer.estimator.needs_base_loss) // len(optimizer.estimator.offsets))
         try:
             optimizer.step(recorded_closure(losses), accept=lambda _record, ok=not rejected: ok)
         except NonFiniteLossError:

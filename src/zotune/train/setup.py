@@ -8,9 +8,15 @@ import re
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, OptimConfig, RunConfig
+from ..config import AdapterConfig, ConfigError, ModelConfig, OptimConfig, RunConfig
 from ..optim import METHODS, ZOOptimizer, param_groups
 from ..optim.groups import is_norm_module
+from .first_order import FirstOrder
+
+FIRST_ORDER = ("adamw",)
+FINAL_NORM = r"regex:^model\.norm\.weight$"  # the default trainable set without adapters (LLaMA family)
+# optim.<field> options passed to the method factory that accepts a keyword of the same name
+_OPTIONS = ("beta", "form", "betas", "rank", "nu", "scale", "r_th", "r_max", "q_alpha", "q_max", "q_beta", "q_target")
 
 
 def load_configured_model(cfg: ModelConfig, name: str | None = None):
@@ -18,6 +24,43 @@ def load_configured_model(cfg: ModelConfig, name: str | None = None):
     from ..models.loading import load_model
 
     return load_model(name or cfg.name, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+
+
+def adapter_config(cfg: AdapterConfig):
+    """The LoRETTA config that ``cfg`` describes, or None for ``kind: none``."""
+    from ..adapters import LorettaAdpConfig, LorettaRepConfig
+
+    common = dict(tt_rank=cfg.tt_rank, target_modules=cfg.target_modules, seed=cfg.seed)
+    if cfg.train_norms is not None:
+        common["train_norms"] = cfg.train_norms
+    try:
+        if cfg.kind == "adp":
+            return LorettaAdpConfig(bottleneck=cfg.bottleneck, nonlinearity=cfg.nonlinearity,
+                                    function_preserving=cfg.function_preserving, **common)
+        if cfg.kind == "rep":
+            return LorettaRepConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, **common)
+    except ValueError as err:
+        raise ConfigError(f"adapter: {err}") from None
+    if cfg.kind != "none":
+        raise ConfigError(f"adapter.kind: unknown kind {cfg.kind!r}; valid: none, adp, rep")
+    return None
+
+
+def prepare_trainable(model: nn.Module, cfg: RunConfig) -> int:
+    """Insert the configured adapters, then choose the trainable parameters; returns their count."""
+    adapters = adapter_config(cfg.adapter)
+    if adapters is not None:
+        from ..adapters import inject
+
+        inject(model, adapters)
+    spec = cfg.optim.trainable
+    if spec == "auto":
+        spec = "adapters" if adapters is not None else FINAL_NORM
+    if spec == "adapters":
+        if adapters is None:
+            raise ConfigError("optim.trainable=adapters needs adapter.kind adp or rep")
+        return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    return select_trainable(model, spec)
 
 
 def select_trainable(model: nn.Module, spec: str) -> int:
@@ -32,7 +75,7 @@ def select_trainable(model: nn.Module, spec: str) -> int:
         pattern = re.compile(spec[len("regex:"):])
         chosen = [p for name, p in model.named_parameters() if pattern.search(name)]
     else:
-        raise ConfigError(f"optim.trainable: unknown selection {spec!r}; valid: all, norms, regex:<pattern>")
+        raise ConfigError(f"optim.trainable: unknown selection {spec!r}; valid: auto, all, norms, adapters, regex:<pattern>")
     if not chosen:
         raise ConfigError(f"optim.trainable={spec!r} selects no parameter of this model")
     for p in chosen:
@@ -45,11 +88,12 @@ def method_options(cfg: OptimConfig) -> dict:
 
     Cheap and model-free: the loop calls it before loading anything, so a contradiction fails first.
     """
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method {cfg.method!r}; valid: {', '.join(sorted(METHODS))}")
-    accepted = set(inspect.signature(METHODS[cfg.method]).parameters)
+    if cfg.method not in METHODS and cfg.method not in FIRST_ORDER:
+        raise ConfigError(f"unknown method {cfg.method!r}; valid: {', '.join(sorted(METHODS) + list(FIRST_ORDER))}")
+    factory = METHODS[cfg.method] if cfg.method in METHODS else FirstOrder
+    accepted = set(inspect.signature(factory).parameters)
     options = {}
-    for name in ("beta", "form", "betas", "rank", "nu", "scale", "r_th", "r_max"):
+    for name in _OPTIONS:
         value = getattr(cfg, name)
         if value is None:
             continue
@@ -62,6 +106,8 @@ def method_options(cfg: OptimConfig) -> dict:
                 raise ConfigError(f"optim.rank must be a positive integer or 'auto', got {value!r}")
             value = int(value)
         options[name] = value
+    if cfg.method in FIRST_ORDER and (cfg.virtual or cfg.drift_safe or cfg.num_queries != 1):
+        raise ConfigError(f"{cfg.method} is first-order: optim.virtual, drift_safe and num_queries do not apply")
     if cfg.virtual and "rank" not in accepted:
         raise ConfigError(f"optim.virtual needs a low-rank method (lozo*, tezo*), not {cfg.method!r}")
     if cfg.virtual and cfg.drift_safe:
@@ -71,9 +117,14 @@ def method_options(cfg: OptimConfig) -> dict:
     return options
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int, nan_policy: str | None = None) -> ZOOptimizer:
-    """The configured ZO method over the model's trainable parameters (``nan_policy`` overrides the config's)."""
+def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int, nan_policy: str | None = None):
+    """The configured method over the model's trainable parameters (``nan_policy`` overrides the config's).
+
+    A :class:`ZOOptimizer`, or :class:`FirstOrder` for ``adamw`` (which skips non-finite steps).
+    """
     options = method_options(cfg)
+    if cfg.method in FIRST_ORDER:
+        return FirstOrder(param_groups(model, cfg.weight_decay), lr=cfg.lr, **options)
     drift_safe = cfg.drift_safe
     if drift_safe is None:  # the virtual path never writes the weights while measuring either
         drift_safe = not cfg.virtual and any(

@@ -4,13 +4,14 @@ Every update of a ZO run is a function of the step's draw keys (run seed, step, 
 losses it measured and the learning rates. ``trajectory.json`` holds what is fixed for the run
 (model, trainable selection, optimizer configuration, seed); ``trajectory.bin`` holds one
 fixed-size little-endian record per step: the step (int64), whether the divergence guard
-rejected it (uint8), how many earlier updates it rolled back (uint8), the losses in measuring
-order (float64) and each param group's learning rate (float64). Replaying the records through the
+rejected it (uint8), how many earlier updates it rolled back (uint8), how many losses the step
+measured (uint16; fewer than the record holds while a query schedule is below its cap), the
+losses in measuring order (float64, NaN-padded) and each param group's learning rate (float64). Replaying the records through the
 same optimizer, with the recorded losses in place of forward passes, repeats every weight
 operation of the run, so the rebuilt weights are bit-identical to the trained ones.
 
-Size: with one two-sided query and one param group a record is 34 bytes, so a 20,000-step run
-logs 680 kB.
+Size: with one two-sided query and one param group a record is 36 bytes, so a 20,000-step run
+logs 720 kB.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ RECORDS = "trajectory.bin"
 
 
 def record_format(num_losses: int, num_groups: int) -> struct.Struct:
-    return struct.Struct(f"<qBB{num_losses}d{num_groups}d")
+    return struct.Struct(f"<qBBH{num_losses}d{num_groups}d")
 
 
 class TrajectoryWriter:
     def __init__(self, run_dir: Path, header: dict, num_losses: int, num_groups: int) -> None:
-        self.format = record_format(num_losses, num_groups)
+        self.format, self.num_losses = record_format(num_losses, num_groups), num_losses
         header = {**header, "num_losses": num_losses, "num_groups": num_groups}
         (Path(run_dir) / HEADER).write_text(json.dumps(header, indent=2), encoding="utf-8")
         self._file = open(Path(run_dir) / RECORDS, "ab")
 
     def append(self, step: int, losses: tuple[float, ...], lrs: list[float], rejected: bool = False,
                rolled_back: int = 0) -> None:
-        self._file.write(self.format.pack(step, int(rejected), rolled_back, *losses, *lrs))
+        padded = tuple(losses) + (float("nan"),) * (self.num_losses - len(losses))
+        self._file.write(self.format.pack(step, int(rejected), rolled_back, len(losses), *padded, *lrs))
         self._file.flush()
 
     def close(self) -> None:
@@ -66,8 +68,8 @@ def read(run_dir: Path) -> tuple[dict, list[tuple]]:
     records = []
     for offset in range(0, len(data) - fmt.size + 1, fmt.size):
         values = fmt.unpack_from(data, offset)
-        step, rejected, rolled_back, rest = values[0], bool(values[1]), values[2], values[3:]
-        records.append((step, rest[:n_losses], rest[n_losses:], rejected, rolled_back))
+        step, rejected, rolled_back, used, rest = values[0], bool(values[1]), values[2], values[3], values[4:]
+        records.append((step, rest[:used], rest[n_losses:], rejected, rolled_back))
     for expected, (step, *_) in enumerate(records):
         if step != expected:
             raise ValueError(f"{run_dir / RECORDS}: record {expected} is for step {step}: the log is corrupt")

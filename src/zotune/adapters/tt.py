@@ -1,0 +1,137 @@
+"""Tensor-train (TT) linear maps: the building block of LoRETTA and AdaZeta.
+
+A map y = x W (W of shape N_in x N_out) is stored as d cores G_i of shape (r_{i-1}, k_i, r_i),
+r_0 = r_d = 1, with modes k_1..k_m multiplying to N_in and k_{m+1}..k_d to N_out (input modes
+first, row-major): W[(a_1..a_m), (a_{m+1}..a_d)] = G_1[:, a_1, :] ... G_d[:, a_d, :]
+(LoRETTA, Yang et al., NAACL 2024, §3.1).
+
+The forward never builds W ("fast forward", AdaZeta §3): the input-side cores merge into a thin
+A (N_in x r_m) and the output-side cores into B (r_m x N_out), so x W = (x A) B costs
+O(r_m (N_in + N_out)) per token instead of O(N_in N_out). The split m is where the input modes
+end, computed from the shapes (splitting at d/2, as the reference code does, is wrong for
+shapes such as [4,8,8,8,8,8]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def _prime_factors(n: int) -> list[int]:
+    factors, p = [], 2
+    while p * p <= n:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    if n > 1:
+        factors.append(n)
+    return factors
+
+
+def factorize(n: int, max_mode: int = 16) -> list[int]:
+    """Modes k_1..k_j with product ``n``, as balanced as the prime factors allow, each <= ``max_mode``
+    unless a prime factor is larger (a large prime stays one mode: it costs r² k parameters, no more).
+
+    The number of modes is the fewest that can hold the small primes under ``max_mode``; primes go,
+    largest first, to the mode with the smallest product so far (e.g. 4096 -> [16, 16, 16],
+    768 -> [12, 8, 8], 64 -> [8, 8], 4098 = 2·3·683 -> [6, 683]).
+    """
+    if int(n) != n or n < 1:
+        raise ValueError(f"a TT mode size must be a positive integer, got {n}")
+    if max_mode < 2:
+        raise ValueError(f"max_mode must be >= 2, got {max_mode}")
+    if n == 1:
+        return [1]
+    primes = _prime_factors(int(n))
+    large = [p for p in primes if p > max_mode]
+    small = sorted((p for p in primes if p <= max_mode), reverse=True)
+    small_product = math.prod(small)
+    modes = [1] * max(1, math.ceil(math.log(small_product) / math.log(max_mode) - 1e-9)) if small else []
+    for p in small:
+        fits = [i for i, m in enumerate(modes) if m * p <= max_mode]
+        if fits:
+            i = min(fits, key=lambda i: modes[i])
+        else:  # the greedy packing needs one more mode
+            modes.append(1)
+            i = len(modes) - 1
+        modes[i] *= p
+    return sorted(modes, reverse=True) + sorted(large)
+
+
+def tt_numel(modes: list[int], rank: int) -> int:
+    """Σ_i r_{i-1} k_i r_i with r_0 = r_d = 1 and every inner rank equal to ``rank``."""
+    ranks = [1] + [rank] * (len(modes) - 1) + [1]
+    return sum(ranks[i] * k * ranks[i + 1] for i, k in enumerate(modes))
+
+
+class TTLinear(nn.Module):
+    """y = x W + b with W (in_features x out_features) in tensor-train form.
+
+    Args:
+        in_features, out_features: N_in, N_out.
+        rank: inner TT rank r (every r_i for 0 < i < d).
+        in_modes, out_modes: the mode factorisations; default :func:`factorize` of each size.
+        bias: add a bias, initialised U(−1/√N_out, 1/√N_out) as the reference code does.
+        generator: the ``torch.Generator`` of the initialisation (the global RNG is never used).
+
+    Init: G_i ~ N(0, 1)/√r_i · σ^{1/d} with σ = √(1/(N_in + N_out)), so the entries of W have
+    standard deviation ≈ σ. Parameters: ``core_0 .. core_{d-1}`` (and ``bias``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 5, *, in_modes: list[int] | None = None,
+                 out_modes: list[int] | None = None, bias: bool = True, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if int(rank) != rank or rank < 1:
+            raise ValueError(f"TT rank must be a positive integer, got {rank}")
+        self.in_modes = list(in_modes) if in_modes is not None else factorize(in_features)
+        self.out_modes = list(out_modes) if out_modes is not None else factorize(out_features)
+        for name, modes, size in (("in_modes", self.in_modes, in_features), ("out_modes", self.out_modes, out_features)):
+            if math.prod(modes) != size:
+                raise ValueError(f"{name} {modes} multiply to {math.prod(modes)}, not {size}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        modes = self.in_modes + self.out_modes
+        ranks = [1] + [rank] * (len(modes) - 1) + [1]
+        sigma = math.sqrt(1.0 / (in_features + out_features)) ** (1.0 / len(modes))
+        self.cores = nn.ParameterList()
+        for i, k in enumerate(modes):
+            core = torch.randn(ranks[i], k, ranks[i + 1], generator=generator, dtype=dtype)
+            self.cores.append(nn.Parameter((core * (sigma / math.sqrt(ranks[i + 1]))).to(device)))
+        if bias:
+            bound = 1.0 / math.sqrt(out_features)
+            b = torch.rand(out_features, generator=generator, dtype=dtype) * (2 * bound) - bound
+            self.bias = nn.Parameter(b.to(device))
+        else:
+            self.register_parameter("bias", None)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """A (N_in x r_m) from the input cores and B (r_m x N_out) from the output cores; W = A B."""
+        m = len(self.in_modes)
+        a = self.cores[0].reshape(self.cores[0].shape[1], -1)  # (k_1, r_1)
+        for core in self.cores[1:m]:
+            r_prev, k, r = core.shape
+            a = (a @ core.reshape(r_prev, k * r)).reshape(-1, r)  # (k_1..k_i, r_i), row-major
+        last = self.cores[-1]
+        b = last.reshape(last.shape[0], -1)  # (r_{d-1}, k_d)
+        for core in reversed(self.cores[m:-1]):
+            r_prev, k, r = core.shape
+            b = (core.reshape(r_prev * k, r) @ b).reshape(r_prev, -1)  # (r_{i-1}, k_i..k_d)
+        return a, b
+
+    def to_dense(self) -> Tensor:
+        """W (N_in x N_out), for tests and for folding ΔW into a base weight."""
+        a, b = self.factors()
+        return a @ b
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.factors()
+        y = (x.to(a.dtype) @ a) @ b  # (..., N_in) -> (..., r_m) -> (..., N_out)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"modes={self.in_modes}|{self.out_modes}, bias={self.bias is not None}")
