@@ -13,6 +13,8 @@ SHAPES = {
     "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          tie_word_embeddings=True),
+    "llama-2-7b": dict(arch="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
     "opt-1.3b": dict(arch="opt", vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
                      num_attention_heads=32, word_embed_proj_dim=2048),
 }

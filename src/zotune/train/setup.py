@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError, ModelConfig, OptimConfig, RunConfig
-from ..optim import METHODS, ZOOptimizer, param_groups
+from ..optim import METHODS, param_groups
 from ..optim.groups import is_norm_module
 from .first_order import FirstOrder
 

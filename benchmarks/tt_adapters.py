@@ -1,0 +1,100 @@
+"""Tensor-train adapters: TTLinear's fast forward against dense reconstruction, and AdaZeta's step.
+
+Part 1, for each hidden size H in --sizes, the two TT maps of an adapter (H -> 64 and 64 -> H,
+TT rank 5) on a batch of 16 x 128 tokens, forward only (what a ZO step runs):
+  * zotune: ``TTLinear`` (x A) B, never building W;
+  * reconstruct: W = to_dense() then x W + b in one fused F.linear, what the reference code does on
+    every forward (with its best dense kernel);
+  * loretta: the ``loretta`` package's ``TensorizedLinear_module`` with the same modes and rank
+    (``pip install --no-deps loretta``), where it is installed.
+Part 2: one ZO step at the SmolLM2-135M shape (batch 4 x 64): AdaZeta over LoRETTA_adp adapters
+(q = 1 and q = 4) against full-parameter MeZO.
+
+    python benchmarks/tt_adapters.py [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from common import build_model, loss_of, make_batch, timed
+
+import zotune
+from zotune.adapters import LorettaAdpConfig, TTLinear, inject, trainable_numel
+
+
+def package_layer(layer: TTLinear, device: str):
+    """The loretta package's TT layer with the same modes and rank, or None when it is not installed."""
+    try:
+        from loretta.tensor_layers.layers import TensorizedLinear_module
+        from loretta.utils.tensor_util import config_class
+    except ImportError:
+        return None
+    config = config_class(shape=layer.in_modes + layer.out_modes, ranks=layer.rank, set_scale_factors=False)
+    return TensorizedLinear_module(layer.in_features, layer.out_features, config).to(device)
+
+
+def median_time(fn, device: str, repeats: int) -> float:
+    fn()  # warm-up
+    return statistics.median(timed(fn, device) for _ in range(repeats))
+
+
+@torch.no_grad()
+def forward_table(sizes: list[int], device: str, repeats: int) -> None:
+    print("TT forward, batch 16 x 128 tokens, TT rank 5, float32, median of", repeats)
+    print("| map | modes | zotune ms | reconstruct ms | loretta ms | reconstruct / zotune | loretta / zotune |")
+    print("|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for size in sizes:
+        for n_in, n_out in ((size, 64), (64, size)):
+            layer = TTLinear(n_in, n_out, 5, generator=g).to(device)
+            x = torch.randn(16, 128, n_in, generator=g).to(device)
+            fast = median_time(lambda: layer(x), device, repeats)
+            dense = median_time(lambda: F.linear(x, layer.to_dense().T, layer.bias), device, repeats)
+            theirs = package_layer(layer, device)
+            other = median_time(lambda: theirs(x), device, repeats) if theirs is not None else float("nan")
+            modes = f"{layer.in_modes} {layer.out_modes}"
+            print(f"| {n_in}x{n_out} | {modes} | {1e3 * fast:.3f} | {1e3 * dense:.3f} | {1e3 * other:.3f} | "
+                  f"{dense / fast:.2f}x | {other / fast:.2f}x |")
+
+
+def step_table(device: str, repeats: int) -> None:
+    print("\nZO step, SmolLM2-135M shape, batch 4 x 64 tokens, float32, median of", repeats)
+    results = {}
+    for name in ("mezo (all parameters)", "adazeta q=1", "adazeta q=4"):
+        model = build_model("smollm2-135m", device, torch.float32)
+        ids = make_batch(model, 4, 64, device)
+        if name.startswith("mezo"):
+            opt = zotune.mezo(model.parameters(), lr=1e-7)
+            count = sum(p.numel() for p in model.parameters())
+        else:
+            inject(model, LorettaAdpConfig(train_norms=False))
+            count = trainable_numel(model)
+            opt = zotune.adazeta([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                 num_queries=int(name[-1]))
+        results[name] = (median_time(lambda: opt.step(lambda: loss_of(model, ids)), device, repeats), count)
+    base = results["mezo (all parameters)"][0]
+    print("| method | trainable | step s | vs MeZO |")
+    print("|---|---|---|---|")
+    for name, (seconds, count) in results.items():
+        print(f"| {name} | {count:,} | {seconds:.3f} | {seconds / base:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", default="576,1536,2048,3072,4096,5120")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--skip-step", action="store_true")
+    args = parser.parse_args()
+    forward_table([int(s) for s in args.sizes.split(",")], args.device, args.repeats)
+    if not args.skip_step:
+        step_table(args.device, max(3, args.repeats // 2))
+
+
+if __name__ == "__main__":
+    main()
