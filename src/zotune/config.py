@@ -102,6 +102,8 @@ class TrainConfig:
     resume: bool = _f(False, "continue the run in output_dir/run_name from its last complete checkpoint")
     progress: bool = _f(True, "show progress bars")
     threads: typing.Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
+    query_parallel: int = _f(1, "under torchrun: ranks that split each step's queries (the others split the batch); must divide the world size")
+    dist_timeout: float = _f(1800.0, "under torchrun: seconds a rank waits for the others (a dead rank fails the job after this); must exceed an evaluation's duration")
 
 
 @dataclass

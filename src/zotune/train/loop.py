@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, RunConfig, to_dict
+from ..config import ConfigError, RunConfig, apply_overrides, to_dict
+from ..dist.context import DistContext, start
+from ..dist.parallel import Layout, parallelize
 from ..eval.evaluate import accuracy
 from ..eval.scoring import encode
 from ..optim import METHODS, ZOOptimizer
@@ -96,10 +98,25 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     """Fine-tune ``cfg.model`` on ``cfg.data.task`` with a ZO method; returns the results dict.
 
     Interrupted by SIGTERM/SIGINT, it writes a checkpoint and raises :class:`Interrupted`; the
-    same command with ``--train.resume true`` continues bit-identically.
+    same command with ``--train.resume true`` continues bit-identically. Launched by ``torchrun``
+    with several processes it runs data/query parallel (:mod:`zotune.dist`).
     """
     validate(cfg)
-    run_path = RunFolder.check(cfg)  # a bad run folder fails here, before anything is loaded
+    ctx = start(cfg.model.device, cfg.train.dist_timeout)
+    try:
+        return _fit(cfg, ctx, say if ctx.is_main else (lambda _: None))
+    finally:
+        ctx.close()
+
+
+def _fit(cfg: RunConfig, ctx: DistContext, say: Callable[[str], None]) -> dict:
+    if ctx.enabled and cfg.model.device.startswith("cuda"):  # one GPU per process
+        cfg = apply_overrides(cfg, {"model.device": f"cuda:{ctx.local_rank}"})
+    if ctx.enabled and cfg.train.query_parallel > 1 and not cfg.optim.virtual:
+        cfg = apply_overrides(cfg, {"optim.drift_safe": True})  # query shards must not write while measuring
+    run_path = RunFolder.check(cfg) if ctx.is_main else None  # a bad run folder fails before anything is loaded
+    run_path = ctx.broadcast(run_path)  # a default name holds rank 0's timestamp
+    progress = cfg.train.progress and ctx.is_main
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     task = get_task(cfg.data.task)
@@ -114,10 +131,17 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     guard = build_guard(cfg)
     # With the guard on, a NaN/inf step is one of its events (skipped), not an exception.
     optimizer = build_optimizer(cfg.optim, model, cfg.train.seed, nan_policy="skip" if guard else None)
-    run = RunFolder.create(run_path, cfg)
+    layout = Layout(ctx.world_size, ctx.rank, cfg.train.query_parallel)
+    if ctx.enabled:
+        if not isinstance(optimizer, ZOOptimizer):
+            raise ConfigError(f"{cfg.optim.method} is first-order: distributed runs are for the ZO methods")
+        parallelize(optimizer, layout)
+    run = RunFolder.create(run_path, cfg, writer=ctx.is_main)
 
-    def evaluate(examples, desc):
-        return accuracy(model, examples, pad_id, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=desc)
+    def evaluate(examples, desc):  # rank 0 evaluates; the weights are identical on every rank
+        if not ctx.is_main:
+            return float("nan")
+        return accuracy(model, examples, pad_id, cfg.train.eval_batch_size, progress=progress, desc=desc)
 
     results: dict = {"task": task.name, "model": cfg.model.name, "method": cfg.optim.method,
                      "trainable_parameters": n_trainable, "test_examples": len(test_set), "notes": splits.notes}
@@ -142,7 +166,7 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
         say(f"zero-shot accuracy: {100 * results['zero_shot_accuracy']:.1f}%")
 
     log = None  # the trajectory log of a ZO run (a first-order run cannot be replayed from scalars)
-    if isinstance(optimizer, ZOOptimizer):
+    if isinstance(optimizer, ZOOptimizer) and ctx.is_main:
         estimator = optimizer.estimator
         points = len(estimator.offsets) * optimizer.max_num_queries + estimator.needs_base_loss
         log = trajectory.TrajectoryWriter(
@@ -155,6 +179,8 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     clock = time.perf_counter()
 
     def checkpoint_now(step: int):
+        if not ctx.is_main:
+            return run.path
         extra = {
             "config": to_dict(cfg),  # the resolved configuration the run was started with
             "data": {"next_step": step, "seed": cfg.train.seed, "batch_size": sampler.batch_size,
@@ -165,9 +191,10 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
         return save_checkpoint(run.path, step, model, optimizer, extra, cfg.train.keep_checkpoints)
 
     with _stop_requests() as stop, tqdm(total=cfg.train.steps, initial=start_step, desc="train",
-                                        disable=not cfg.train.progress, unit="step") as bar:
+                                        disable=not progress, unit="step") as bar:
+        note = bar.write if ctx.is_main else (lambda _: None)
         for step in range(start_step, cfg.train.steps):
-            batch = [train_set[i] for i in sampler.batch(step)]
+            batch = layout.shard_batch([train_set[i] for i in sampler.batch(step)])
             lrs = [group["lr"] for group in optimizer.param_groups]
             optimizer.start_epoch(step // sampler.steps_per_epoch, total_epochs)  # AdaZeta's query schedule
             t0 = time.perf_counter()
@@ -181,7 +208,7 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
             if event is not None:
                 run.log(step=step + 1, event=event.kind, event_loss=event.loss, running_median=event.median,
                         rolled_back=event.rolled_back, lr_factor=event.lr_factor)
-                bar.write(f"step {step + 1}: divergence guard: {event.kind} (loss {event.loss:.4g}); "
+                note(f"step {step + 1}: divergence guard: {event.kind} (loss {event.loss:.4g}); "
                           f"rolled back {event.rolled_back}, lr x{event.lr_factor}")
             smoothed = loss if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * loss
             run.log(step=step + 1, loss=loss, lr=lrs[0], queries=len(record.projected_grads),
@@ -192,8 +219,8 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and dev_set:
                 dev_accuracy = evaluate(dev_set, "dev eval")
                 run.log(step=step + 1, dev_accuracy=dev_accuracy)
-                bar.write(f"step {step + 1}: dev accuracy {100 * dev_accuracy:.1f}%")
-            if stop["stop"]:
+                note(f"step {step + 1}: dev accuracy {100 * dev_accuracy:.1f}%")
+            if ctx.any(stop["stop"]):  # every rank stops after the same step
                 if log is not None:
                     log.close()
                 raise Interrupted(step + 1, checkpoint_now(step + 1))
@@ -211,7 +238,8 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
             f"{100 * results['accuracy']:.1f}%  ({len(test_set)} {task.name} test examples)")
     else:
         say(f"fine-tuned accuracy: {100 * results['accuracy']:.1f}% ({len(test_set)} test examples)")
-    save_file(trainable_state(model), str(run.path / "trainable.safetensors"))
-    plot_run(run.path)
+    if ctx.is_main:
+        save_file(trainable_state(model), str(run.path / "trainable.safetensors"))
+        plot_run(run.path)
     run.finish(results)
     return results

@@ -22,9 +22,11 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class RunFolder:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._log = open(path / "log.jsonl", "a", encoding="utf-8")
+    """Writes into ``path``; with ``writer=False`` (ranks other than 0 of a distributed run) it only knows the path."""
+
+    def __init__(self, path: Path, writer: bool = True) -> None:
+        self.path, self.writer = path, writer
+        self._log = open(path / "log.jsonl", "a", encoding="utf-8") if writer else None
 
     @staticmethod
     def check(cfg: RunConfig) -> Path:
@@ -45,14 +47,18 @@ class RunFolder:
         return path
 
     @classmethod
-    def create(cls, path: Path, cfg: RunConfig) -> "RunFolder":
+    def create(cls, path: Path, cfg: RunConfig, writer: bool = True) -> "RunFolder":
         """Open ``path`` (from :meth:`check`) for writing, recording the resolved config."""
+        if not writer:
+            return cls(path, writer=False)
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return cls(path)
 
     def truncate_log(self, steps: int) -> None:
         """Drop log lines of steps after ``steps`` (written after the checkpoint we resume from)."""
+        if not self.writer:
+            return
         self._log.close()
         lines = (self.path / "log.jsonl").read_text(encoding="utf-8").splitlines()
         kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= steps]
@@ -60,9 +66,13 @@ class RunFolder:
         self._log = open(self.path / "log.jsonl", "a", encoding="utf-8")
 
     def log(self, **record) -> None:
+        if not self.writer:
+            return
         self._log.write(json.dumps(record) + "\n")
         self._log.flush()
 
     def finish(self, results: dict) -> None:
+        if not self.writer:
+            return
         self._log.close()
         _atomic_write(self.path / "results.json", json.dumps(results, indent=2) + "\n")
