@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             except loop.Interrupted as stop:
                 print(f"zotune: {stop}; continue with the same command and --train.resume true", file=sys.stderr)
                 return 130
+            except loop.DistributedRunError as err:
+                print(f"zotune: error: {err}", file=sys.stderr)
+                return 3
         else:
             from .train.evaluate_only import evaluate_only
 

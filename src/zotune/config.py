@@ -27,6 +27,7 @@ class ModelConfig:
     name: str = _f("smollm2-135m", "built-in alias (smollm2-135m, minilm-l6), local model folder, or hub id")
     dtype: str = _f("float32", "weights dtype: float32, bfloat16 or float16")
     device: str = _f("cpu", "device for the model, e.g. cpu, cuda, cuda:1")
+    device_map: typing.Optional[str] = _f(None, "spread a model too large for one device: auto (accelerate places the layers over the GPUs, then the CPU); replaces model.device")
     max_length: int = _f(256, "longest prompt + candidate in tokens; prompts are cut from the left")
     trust_remote_code: bool = _f(False, "allow model code from the hub to run")
 

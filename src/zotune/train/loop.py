@@ -46,6 +46,10 @@ class EpochSampler:
         return order[position * self.batch_size : (position + 1) * self.batch_size].tolist()
 
 
+class DistributedRunError(RuntimeError):
+    """A rank of a torchrun job failed or stopped answering (the collective timed out)."""
+
+
 class Interrupted(Exception):
     """SIGTERM or SIGINT arrived; a checkpoint was written at ``step``."""
 
@@ -105,6 +109,15 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     ctx = start(cfg.model.device, cfg.train.dist_timeout)
     try:
         return _fit(cfg, ctx, say if ctx.is_main else (lambda _: None))
+    except RuntimeError as err:
+        if not ctx.enabled:
+            raise
+        # torch.distributed reports a dead or silent peer as a RuntimeError (DistBackendError)
+        raise DistributedRunError(
+            f"rank {ctx.rank} of {ctx.world_size}: the distributed run failed ({str(err).splitlines()[0][:200]}); "
+            "a rank may have died or timed out. Continue from the last checkpoint with the same command and "
+            "--train.resume true"
+        ) from err
     finally:
         ctx.close()
 

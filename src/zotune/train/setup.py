@@ -23,7 +23,8 @@ def load_configured_model(cfg: ModelConfig, name: str | None = None):
     """(model, tokenizer) as ``cfg`` describes; ``name`` overrides ``cfg.name`` (replay's base model)."""
     from ..models.loading import load_model
 
-    return load_model(name or cfg.name, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    return load_model(name or cfg.name, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
+                      trust_remote_code=cfg.trust_remote_code)
 
 
 def adapter_config(cfg: AdapterConfig):
