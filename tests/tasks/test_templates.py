@@ -81,3 +81,43 @@ def test_every_validation_record_builds(name):
 
     splits = load_splits(get_task(name), str(SHARED_DATA), n_train=8, n_dev=4, n_test=10_000)
     assert splits.test and all(0 <= ex.label < len(ex.candidates) for ex in splits.test)
+
+
+def test_multirc_one_example_per_answer_option():
+    from zotune.tasks import expand
+
+    rows = expand.multirc(first_record("multirc"))
+    assert rows[0]["question"] == "Would the mass of a baseball affect how much force you have to use to pick it up?"
+    assert [(r["answer"], r["label"]) for r in rows[:3]] == [
+        ("No", 0), ("Yes", 1), ("Less the mass, less the force applied", 1)]
+    ex = templates.multirc(rows[2], rows[2]["label"])
+    assert ex.prompt.startswith("What causes a change in motion? The application of a force.")
+    assert ex.prompt.endswith(
+        "\nQuestion: Would the mass of a baseball affect how much force you have to use to pick it up?\n"
+        "I found this answer \"Less the mass, less the force applied\". Is that correct? Yes or No?\n")
+    assert ex.candidates == ("No", "Yes") and ex.label == 1
+
+
+def test_record_candidates_are_the_passage_entities():
+    from zotune.tasks import expand
+
+    row = expand.record_task(first_record("record", "fewglue_dev32.jsonl"))[0]
+    ex = templates.record(row, row["label"])
+    assert ex.prompt.startswith("Islamabad, Pakistan (CNN) -- The 24-year-old son of the late")
+    assert ex.prompt.endswith("\nThey will sew our lips, but we will chant, 'Long live @placeholder.'\n"
+                              "Question: what is the \"@placeholder\"\nAnswer:")
+    assert ex.candidates[ex.label] == " Benazir Bhutto"
+    assert len(set(ex.candidates)) == len(ex.candidates)  # distinct entity strings
+
+
+def test_winogrande_squad_drop_on_hub_shaped_records():
+    ex = templates.winogrande({"sentence": "Sarah was a much better surgeon than Maria so _ always got the harder "
+                                           "cases.", "option1": "Sarah", "option2": "Maria", "answer": "1"}, 0)
+    assert ex.prompt == "" and ex.candidates[0].endswith("so Sarah always got the harder cases.")
+    ex = templates.squad({"title": "Normans", "context": "The Normans were ...", "question": "Who were the Normans?",
+                          "answers": {"text": ["a people", "people"], "answer_start": [4, 6]}}, 0)
+    assert ex.prompt == "Title: Normans\nContext: The Normans were ...\nQuestion: Who were the Normans?\nAnswer:"
+    assert ex.candidates == (" a people",) and ex.answers == ("a people", "people")
+    ex = templates.drop({"passage": "P.", "question": "How many?", "answers_spans": {"spans": ["3"], "types": ["number"]}},
+                        0)
+    assert ex.prompt == "Passage: P.\nQuestion: How many?\nAnswer:" and ex.answers == ("3",)

@@ -1,4 +1,4 @@
-"""Accuracy of candidate scoring over a set of encoded examples."""
+"""Task metrics: accuracy of candidate scoring, or F1 / exact match of greedy generation."""
 
 from __future__ import annotations
 
@@ -36,3 +36,15 @@ def accuracy(model: nn.Module, examples: list[Encoded], pad_id: int, batch_size:
         raise ValueError("no examples to evaluate")
     predicted = predictions(model, examples, pad_id, batch_size, progress, desc)
     return sum(p == ex.label for p, ex in zip(predicted, examples)) / len(examples)
+
+
+def evaluate_task(model: nn.Module, tokenizer, task, examples: list, encoded: list[Encoded], batch_size: int = 32,
+                  max_length: int = 2048, progress: bool = False, desc: str = "eval") -> dict[str, float]:
+    """``{task.metric: value, ...}`` on ``examples`` (``encoded`` is their encoding, for scoring)."""
+    if task.metric == "f1":
+        from .generate import f1_and_exact_match, generate_answers
+
+        predicted = generate_answers(model, tokenizer, examples, max_length=max_length,
+                                     batch_size=max(1, batch_size // 4), progress=progress, desc=desc)
+        return f1_and_exact_match(predicted, examples)
+    return {"accuracy": accuracy(model, encoded, tokenizer.pad_token_id, batch_size, progress, desc)}

@@ -41,6 +41,9 @@ def encode(tokenizer, examples: list[Example], max_length: int = 512) -> list[En
         if any(len(c) == 0 for c in candidates):
             raise ValueError(f"a candidate of {ex.candidates} encodes to no tokens")
         prompt = tuple(tokenizer(ex.prompt).input_ids)
+        if not prompt:  # an empty prompt (WinoGrande): condition the candidates on the BOS (or EOS) token
+            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            prompt = (start,)
         room = max_length - max(len(c) for c in candidates)
         if room < 1:
             raise ValueError(f"max_length {max_length} leaves no room for the prompt")

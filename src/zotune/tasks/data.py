@@ -88,6 +88,12 @@ def read_records(path: Path) -> list[dict]:
 
 
 def label_index(task: Task, value, where: str) -> int:
+    if task.label_names is None:  # an index into the example's own candidates (checked by to_examples)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        if task.metric != "accuracy":
+            return 0  # generation: the gold answers are fields, not a label
+        raise DataError(f"{where}: no gold answer among the candidates (label {value!r})")
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)  # TSV cells are strings
     for index, name in enumerate(task.label_names):
@@ -100,16 +106,34 @@ def label_index(task: Task, value, where: str) -> int:
 
 def to_examples(task: Task, records: list[dict], origin: str) -> list[Example]:
     examples = []
+    needs_label = task.metric == "accuracy"
     for position, record in enumerate(records):
         where = f"{origin}:{record.get('_line', position + 1)}"
-        for name in (*task.fields, "label"):
+        for name in (*task.fields, *(("label",) if needs_label else ())):
             if name not in record or record[name] is None:
                 raise DataError(f"{where}: missing field {name!r} (task {task.name} needs {list(task.fields)})")
         try:
-            examples.append(task.template(record, label_index(task, record["label"], where)))
-        except (KeyError, TypeError, AttributeError) as err:
+            example = task.template(record, label_index(task, record.get("label"), where))
+        except (KeyError, TypeError, AttributeError, IndexError) as err:
             raise DataError(f"{where}: malformed record for task {task.name} ({type(err).__name__}: {err})") from None
+        if not 0 <= example.label < len(example.candidates):
+            raise DataError(f"{where}: label {example.label} is not one of the {len(example.candidates)} candidates")
+        examples.append(example)
     return examples
+
+
+def expand_records(task: Task, records: list[dict], origin: str) -> list[dict]:
+    """One record per example (MultiRC and ReCoRD files nest them)."""
+    if task.expand is None:
+        return records
+    out = []
+    for position, record in enumerate(records):
+        try:
+            out.extend(task.expand(record))
+        except (KeyError, TypeError, AttributeError) as err:
+            where = f"{origin}:{record.get('_line', position + 1)}"
+            raise DataError(f"{where}: malformed record for task {task.name} ({type(err).__name__}: {err})") from None
+    return out
 
 
 def _local_split(task: Task, root: Path, split: str) -> tuple[list[dict], str] | None:
@@ -160,21 +184,27 @@ def load_splits(
         source = f"hub:{task.hub[0]}/{task.hub[1]}"
 
     test_rows, test_origin = test_records
+    for _, origin in (test_records, train_records or (None, "")):
+        if Path(origin).name.startswith("fewglue"):
+            notes.append(f"{task.name}: only the FewGLUE 32-example file {origin} exists locally; it is used")
     if train_records is None:
+        # Split the file's records (passages, for nested formats: no passage on both sides),
+        # then expand them into examples.
         order = rng.permutation(len(test_rows))
         half = len(order) // 2
-        test_idx, train_idx = order[: min(half, n_test)], order[half:]
-        train_rows = [test_rows[i] for i in train_idx]
-        test_rows = [test_rows[i] for i in test_idx]
+        train_rows = expand_records(task, [test_rows[i] for i in order[half:]], test_origin)
+        test_rows = expand_records(task, [test_rows[i] for i in order[:half]], test_origin)
         train_origin = test_origin
         notes.append(
             f"{task.name}: no training file; train/dev and test were split deterministically "
-            f"(seed {seed}) from {test_origin}: {len(train_rows)} / {len(test_rows)} records"
+            f"(seed {seed}) from {test_origin}: {len(train_rows)} / {len(test_rows)} examples"
         )
     else:
         train_rows, train_origin = train_records
-        if len(test_rows) > n_test:
-            test_rows = [test_rows[i] for i in sorted(rng.choice(len(test_rows), n_test, replace=False))]
+        train_rows = expand_records(task, train_rows, train_origin)
+        test_rows = expand_records(task, test_rows, test_origin)
+    if len(test_rows) > n_test:
+        test_rows = [test_rows[i] for i in sorted(rng.choice(len(test_rows), n_test, replace=False))]
     order = rng.permutation(len(train_rows))
     train_rows_sampled = [train_rows[i] for i in order[:n_train]]
     dev_rows = [train_rows[i] for i in order[n_train : n_train + n_dev]]

@@ -16,6 +16,7 @@ class Example:
     prompt: str
     candidates: tuple[str, ...]
     label: int  # index into candidates
+    answers: tuple[str, ...] = ()  # generation tasks: every gold answer (F1 / EM take the best)
 
 
 def sst2(r: dict, label: int) -> Example:
@@ -67,3 +68,32 @@ def copa(r: dict, label: int) -> Example:
     premise = r["premise"].strip()
     premise = premise[:-1] if premise.endswith(".") else premise
     return Example(f"{premise} {connective}", (_copa_choice(r["choice1"]), _copa_choice(r["choice2"])), label)
+
+
+def multirc(r: dict, label: int) -> Example:
+    prompt = (f"{r['paragraph']}\nQuestion: {r['question']}\nI found this answer \"{r['answer']}\". "
+              "Is that correct? Yes or No?\n")
+    return Example(prompt, ("No", "Yes"), label)
+
+
+def record(r: dict, label: int) -> Example:
+    prompt = f"{r['passage']}\n{r['query']}\nQuestion: what is the \"@placeholder\"\nAnswer:"
+    return Example(prompt, tuple(f" {entity}" for entity in r["entities"]), label)
+
+
+def winogrande(r: dict, label: int) -> Example:
+    # ZO-Bench: no prompt; each candidate is the whole sentence with the blank filled.
+    options = (r["option1"], r["option2"])
+    return Example("", tuple(r["sentence"].replace("_", option) for option in options), label)
+
+
+def squad(r: dict, label: int) -> Example:
+    answers = tuple(r["answers"]["text"])
+    prompt = f"Title: {r['title']}\nContext: {r['context']}\nQuestion: {r['question']}\nAnswer:"
+    return Example(prompt, (" " + answers[0],), 0, answers)
+
+
+def drop(r: dict, label: int) -> Example:
+    answers = tuple(r["answers_spans"]["spans"])
+    prompt = f"Passage: {r['passage']}\nQuestion: {r['question']}\nAnswer:"
+    return Example(prompt, (" " + answers[0],), 0, answers)

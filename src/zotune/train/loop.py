@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, RunConfig, apply_overrides, to_dict
 from ..dist.context import DistContext, start
 from ..dist.parallel import Layout, parallelize
-from ..eval.evaluate import accuracy
+from ..eval.evaluate import evaluate_task
 from ..eval.scoring import encode
 from ..optim import METHODS, ZOOptimizer
 from ..tasks import get_task, load_splits
@@ -151,10 +151,15 @@ def _fit(cfg: RunConfig, ctx: DistContext, say: Callable[[str], None]) -> dict:
         parallelize(optimizer, layout)
     run = RunFolder.create(run_path, cfg, writer=ctx.is_main)
 
-    def evaluate(examples, desc):  # rank 0 evaluates; the weights are identical on every rank
+    metric = task.metric
+    examples_of = {"dev": (splits.dev, dev_set), "test": (splits.test, test_set)}
+
+    def evaluate(split, desc) -> dict[str, float]:  # rank 0 evaluates; the weights are identical on every rank
         if not ctx.is_main:
-            return float("nan")
-        return accuracy(model, examples, pad_id, cfg.train.eval_batch_size, progress=progress, desc=desc)
+            return {metric: float("nan")}
+        examples, encoded = examples_of[split]
+        return evaluate_task(model, tokenizer, task, examples, encoded, cfg.train.eval_batch_size,
+                             cfg.model.max_length, progress, desc)
 
     results: dict = {"task": task.name, "model": cfg.model.name, "method": cfg.optim.method,
                      "trainable_parameters": n_trainable, "test_examples": len(test_set), "notes": splits.notes}
@@ -174,9 +179,9 @@ def _fit(cfg: RunConfig, ctx: DistContext, say: Callable[[str], None]) -> dict:
         f"{len(test_set)} test; {cfg.optim.method}, {n_trainable:,} trainable parameters ({cfg.optim.trainable}); "
         f"run folder {run.path}"
     )
-    if cfg.train.zero_shot and "zero_shot_accuracy" not in results:
-        results["zero_shot_accuracy"] = evaluate(test_set, "zero-shot eval")
-        say(f"zero-shot accuracy: {100 * results['zero_shot_accuracy']:.1f}%")
+    if cfg.train.zero_shot and f"zero_shot_{metric}" not in results:
+        results.update({f"zero_shot_{k}": v for k, v in evaluate("test", "zero-shot eval").items()})
+        say(f"zero-shot {metric}: {100 * results[f'zero_shot_{metric}']:.1f}%")
 
     log = None  # the trajectory log of a ZO run (a first-order run cannot be replayed from scalars)
     if isinstance(optimizer, ZOOptimizer) and ctx.is_main:
@@ -230,9 +235,9 @@ def _fit(cfg: RunConfig, ctx: DistContext, say: Callable[[str], None]) -> dict:
             bar.set_postfix(loss=f"{smoothed:.4f}")
             bar.update()
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and dev_set:
-                dev_accuracy = evaluate(dev_set, "dev eval")
-                run.log(step=step + 1, dev_accuracy=dev_accuracy)
-                note(f"step {step + 1}: dev accuracy {100 * dev_accuracy:.1f}%")
+                dev_score = evaluate("dev", "dev eval")[metric]
+                run.log(step=step + 1, **{f"dev_{metric}": dev_score})
+                note(f"step {step + 1}: dev {metric} {100 * dev_score:.1f}%")
             if ctx.any(stop["stop"]):  # every rank stops after the same step
                 if log is not None:
                     log.close()
@@ -245,12 +250,12 @@ def _fit(cfg: RunConfig, ctx: DistContext, say: Callable[[str], None]) -> dict:
     results["steps"] = cfg.train.steps
     results["skipped_steps"] = optimizer.num_skipped
 
-    results["accuracy"] = evaluate(test_set, "final eval")
-    if "zero_shot_accuracy" in results:
-        say(f"zero-shot accuracy: {100 * results['zero_shot_accuracy']:.1f}%  ->  fine-tuned accuracy: "
-            f"{100 * results['accuracy']:.1f}%  ({len(test_set)} {task.name} test examples)")
+    results.update(evaluate("test", "final eval"))
+    if f"zero_shot_{metric}" in results:
+        say(f"zero-shot {metric}: {100 * results[f'zero_shot_{metric}']:.1f}%  ->  fine-tuned {metric}: "
+            f"{100 * results[metric]:.1f}%  ({len(test_set)} {task.name} test examples)")
     else:
-        say(f"fine-tuned accuracy: {100 * results['accuracy']:.1f}% ({len(test_set)} test examples)")
+        say(f"fine-tuned {metric}: {100 * results[metric]:.1f}% ({len(test_set)} test examples)")
     if ctx.is_main:
         save_file(trainable_state(model), str(run.path / "trainable.safetensors"))
         plot_run(run.path)

@@ -17,7 +17,9 @@ def plot_run(run_dir: Path, out_name: str = "curves.png") -> Path:
                if line.strip()]
     steps = [r["step"] for r in records if "loss" in r]
     losses = [r["loss"] for r in records if "loss" in r]
-    dev = [(r["step"], r["dev_accuracy"]) for r in records if "dev_accuracy" in r]
+    dev_key = next((k for r in records for k in r if k.startswith("dev_")), "dev_accuracy")  # dev_accuracy, dev_f1
+    dev = [(r["step"], r[dev_key]) for r in records if dev_key in r]
+    dev_name = dev_key.replace("_", " ")
     smoothed, value = [], None
     for loss in losses:  # exponential moving average, as on the progress bar
         value = loss if value is None else 0.95 * value + 0.05 * loss
@@ -31,8 +33,8 @@ def plot_run(run_dir: Path, out_name: str = "curves.png") -> Path:
     handles, labels = ax_loss.get_legend_handles_labels()
     if dev:
         ax_dev = ax_loss.twinx()
-        ax_dev.plot([s for s, _ in dev], [100 * a for _, a in dev], "o-", color="tab:orange", label="dev accuracy")
-        ax_dev.set_ylabel("dev accuracy (%)")
+        ax_dev.plot([s for s, _ in dev], [100 * a for _, a in dev], "o-", color="tab:orange", label=dev_name)
+        ax_dev.set_ylabel(f"{dev_name} (%)")
         more_handles, more_labels = ax_dev.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     ax_loss.legend(handles, labels, loc="upper right", fontsize=8)
