@@ -7,17 +7,19 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import SHARED_DATA, needs_shared_data
+from zotune import METHODS
 from zotune.cli import main
 
 
 @needs_shared_data
-@pytest.mark.parametrize("method", ["mezo", "mezo_momentum", "mezo_adam"])
+@pytest.mark.parametrize("method", sorted(METHODS) + ["adamw"])
 def test_train_five_steps(tiny_model_dir, tmp_path, method, capsys):
+    """Every registered method runs the default job's command (`--optim.method`), end to end."""
     code = main(["train", "--model.name", str(tiny_model_dir), "--data.data_dir", str(SHARED_DATA),
                  "--data.n_train", "32", "--data.n_dev", "8", "--data.n_test", "16", "--train.steps", "5",
                  "--train.batch_size", "4", "--train.eval_every", "5", "--optim.method", method,
                  "--optim.lr", "1e-4", "--train.output_dir", str(tmp_path), "--train.run_name", "run",
-                 "--train.progress", "false"])
+                 "--train.progress", "false", "--train.checkpoint_every", "5"])
     assert code == 0
     out = capsys.readouterr().out
     assert "zero-shot accuracy" in out and "fine-tuned accuracy" in out
@@ -30,6 +32,7 @@ def test_train_five_steps(tiny_model_dir, tmp_path, method, capsys):
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["method"] == method
     assert load_file(str(run / "trainable.safetensors"))
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "checkpoints" / "step-000000005" / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -1,0 +1,29 @@
+"""Every shipped paper config parses, validates, names its source, and sits where its contents say."""
+
+from pathlib import Path
+
+import pytest
+
+from zotune.config import load_yaml
+from zotune.train.loop import validate
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs_for_every_method_family():
+    families = {path.relative_to(path.parents[2]).parts[0] for path in CONFIGS}
+    assert {"mezo", "lozo", "tezo", "adazeta", "loretta_adp", "loretta_rep"} <= families
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: "/".join(p.parts[-3:]))
+def test_config_parses_and_validates(path):
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any("Source:" in line for line in header), "each config names its source"
+    cfg = load_yaml(path)
+    validate(cfg)  # task, method options, adapter fields and training fields, without loading a model
+    method_dir, _model_dir, task_file = path.parts[-3:]
+    assert cfg.data.task == task_file.removesuffix(".yaml")
+    if method_dir.startswith("loretta_"):
+        assert cfg.adapter.kind == method_dir.split("_")[1]
+    else:
+        assert cfg.optim.method == method_dir
