@@ -40,6 +40,7 @@ class DataConfig:
     n_dev: typing.Optional[int] = _f(None, "development examples sampled from the training split (default 500; 100 for CB, COPA)")
     n_test: typing.Optional[int] = _f(None, "test examples sampled from the validation split (default 1000, capped by what exists)")
     seed: int = _f(0, "data sampling seed (the protocol's train_set_seed)")
+    icl_demos: int = _f(0, "zotune eval: prepend this many training examples with their answers to every test prompt (in-context learning)")
 
 
 @dataclass
@@ -70,14 +71,14 @@ class OptimConfig:
 
 @dataclass
 class AdapterConfig:
-    kind: str = _f("none", "tensor-train adapters to insert: none, adp (LoRETTA_adp / AdaZeta) or rep (LoRETTA_rep)")
+    kind: str = _f("none", "adapters to insert: none, adp (LoRETTA_adp / AdaZeta), rep (LoRETTA_rep) or lora (PEFT LoRA, needs peft)")
     tt_rank: int = _f(5, "inner tensor-train rank")
     bottleneck: int = _f(64, "adp: adapter width b")
     nonlinearity: str = _f("relu", "adp: activation between the two TT maps")
     function_preserving: bool = _f(False, "adp: subtract the initial adapter's output so the model starts unchanged")
-    r: int = _f(8, "rep: width r between TT_A and TT_B")
-    alpha: float = _f(16.0, "rep: scale s = alpha / r")
-    dropout: float = _f(0.0, "rep: dropout on the adapter input")
+    r: int = _f(8, "rep and lora: rank r (rep: the width between TT_A and TT_B)")
+    alpha: float = _f(16.0, "rep and lora: scale s = alpha / r")
+    dropout: float = _f(0.0, "rep and lora: dropout on the adapter input")
     train_norms: typing.Optional[bool] = _f(None, "also train the norm layers (default: true for adp as LoRETTA, false for rep; AdaZeta uses false)")
     target_modules: typing.Optional[list] = _f(None, "module names to adapt (default: the architecture's table)")
     seed: int = _f(0, "seed of the adapters' initialisation")

@@ -77,3 +77,15 @@ def test_contradictions_fail_before_loading(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(loading, "load_model", no_loading)
     assert main(["train", "--model.name", "./never/loaded", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@needs_shared_data
+def test_eval_in_context_baseline(tiny_model_dir, capsys):
+    argv = ["eval", "--model.name", str(tiny_model_dir), "--data.data_dir", str(SHARED_DATA), "--data.task", "rte",
+            "--data.n_test", "6", "--train.progress", "false"]
+    assert main(argv + ["--data.icl_demos", "2"]) == 0
+    assert "in-context (2 demonstrations) accuracy on rte (6 test examples" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "zero-shot accuracy on rte (6 test examples" in capsys.readouterr().out
+    assert main(["train", "--data.icl_demos", "2"]) == 2
+    assert "in-context baseline" in capsys.readouterr().err

@@ -121,3 +121,10 @@ def test_winogrande_squad_drop_on_hub_shaped_records():
     ex = templates.drop({"passage": "P.", "question": "How many?", "answers_spans": {"spans": ["3"], "types": ["number"]}},
                         0)
     assert ex.prompt == "Passage: P.\nQuestion: How many?\nAnswer:" and ex.answers == ("3",)
+
+
+def test_in_context_demonstrations_precede_the_prompt():
+    demos = [templates.sst2({"sentence": "good film"}, 1), templates.sst2({"sentence": "bad film "}, 0)]
+    ex = templates.with_demonstrations(templates.sst2({"sentence": "fine"}, 1), demos)
+    assert ex.prompt == "good film It was great\n\nbad film It was terrible\n\nfine It was"
+    assert ex.candidates == (" terrible", " great") and ex.label == 1

@@ -95,12 +95,17 @@ ADAZETA = ("--adapter.kind", "adp", "--adapter.bottleneck", "8", "--adapter.tt_r
            "auto", "--optim.q_alpha", "2", "--optim.q_max", "3", "--optim.q_beta", "1")
 
 
-@pytest.mark.parametrize("method", ["mezo", "lozo_m", "tezo_adam", "mezo_adam", "adazeta"])
+LORA = ("--adapter.kind", "lora", "--adapter.r", "4", "--optim.trainable", "auto")
+
+
+@pytest.mark.parametrize("method", ["mezo", "lozo_m", "tezo_adam", "mezo_adam", "adazeta", "mezo+lora"])
 def test_replay_rebuilds_the_weights_bit_identically(tiny_model_dir, tmp_path, method):
-    extra = ADAZETA if method == "adazeta" else ()  # adapters, and q = 1 in epoch 0, 2 in epoch 1
-    subprocess.run(train_args(tiny_model_dir, tmp_path, method, method=method, steps=25, extra=extra), check=True,
+    # AdaZeta: adapters, and q = 1 in epoch 0, 2 in epoch 1; MeZO-LoRA: A seeded by adapter.seed
+    extra = {"adazeta": ADAZETA, "mezo+lora": LORA}.get(method, ())
+    method, _, _ = method.partition("+")
+    subprocess.run(train_args(tiny_model_dir, tmp_path, "run", method=method, steps=25, extra=extra), check=True,
                    capture_output=True)
-    run_dir = tmp_path / method
+    run_dir = tmp_path / "run"
     output = replay(str(tiny_model_dir), run_dir, tmp_path / "replayed.safetensors", progress=False, say=lambda _: None)
     assert_same(load_file(str(output)), weights(run_dir))
     if method == "adazeta":

@@ -38,7 +38,8 @@ def test_first_order_skips_non_finite_and_rejected_steps(batch):
 
 
 @needs_shared_data
-@pytest.mark.parametrize("method,kind", [("adamw", "rep"), ("adazeta", "adp"), ("adamw", "none")])
+@pytest.mark.parametrize("method,kind", [("adamw", "rep"), ("adazeta", "adp"), ("adamw", "none"), ("mezo", "lora"),
+                                         ("adamw", "lora")])
 def test_loop_trains_adapters_or_full_model(tiny_model_dir, tmp_path, method, kind, capsys):
     argv = ["train", "--model.name", str(tiny_model_dir), "--data.data_dir", str(SHARED_DATA), "--data.n_train", "16",
             "--data.n_dev", "0", "--data.n_test", "8", "--train.steps", "4", "--train.batch_size", "4",
@@ -52,6 +53,9 @@ def test_loop_trains_adapters_or_full_model(tiny_model_dir, tmp_path, method, ki
     names = set(load_file(str(run / "trainable.safetensors")))
     if kind == "none":
         assert "model.embed_tokens.weight" in names and not any("loretta_" in n for n in names)
+    elif kind == "lora":  # PEFT LoRA on the query and value projections
+        assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+        assert any("q_proj" in n for n in names) and any("v_proj" in n for n in names)
     elif kind == "rep":  # LoRETTA_rep trains the TT factors only by default
         assert names and all("loretta_" in n for n in names)
     else:  # LoRETTA_adp trains its adapters and every norm
@@ -61,8 +65,8 @@ def test_loop_trains_adapters_or_full_model(tiny_model_dir, tmp_path, method, ki
 
 
 def test_adapter_config_errors(capsys):
-    assert main(["train", "--adapter.kind", "lora"]) == 2
-    assert "adapter.kind: unknown kind 'lora'" in capsys.readouterr().err
+    assert main(["train", "--adapter.kind", "prefix"]) == 2
+    assert "adapter.kind: unknown kind 'prefix'" in capsys.readouterr().err
     assert main(["train", "--adapter.kind", "adp", "--adapter.tt_rank", "0"]) == 2
     assert "adapter: tt_rank must be a positive integer" in capsys.readouterr().err
     assert main(["train", "--optim.method", "adamw", "--optim.virtual", "true"]) == 2

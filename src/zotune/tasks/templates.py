@@ -97,3 +97,9 @@ def drop(r: dict, label: int) -> Example:
     answers = tuple(r["answers_spans"]["spans"])
     prompt = f"Passage: {r['passage']}\nQuestion: {r['question']}\nAnswer:"
     return Example(prompt, (" " + answers[0],), 0, answers)
+
+
+def with_demonstrations(example: Example, demonstrations: list[Example], separator: str = "\n\n") -> Example:
+    """In-context learning: each demonstration's prompt and gold continuation, then the example's prompt."""
+    context = "".join(d.prompt + d.candidates[d.label] + separator for d in demonstrations)
+    return Example(context + example.prompt, example.candidates, example.label, example.answers)

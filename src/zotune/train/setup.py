@@ -42,24 +42,52 @@ def adapter_config(cfg: AdapterConfig):
             return LorettaRepConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, **common)
     except ValueError as err:
         raise ConfigError(f"adapter: {err}") from None
-    if cfg.kind != "none":
-        raise ConfigError(f"adapter.kind: unknown kind {cfg.kind!r}; valid: none, adp, rep")
+    if cfg.kind not in ("none", "lora"):
+        raise ConfigError(f"adapter.kind: unknown kind {cfg.kind!r}; valid: none, adp, rep, lora")
     return None
+
+
+def inject_lora(model: nn.Module, cfg: AdapterConfig) -> None:
+    """PEFT LoRA (r, alpha, dropout; targets: the query/value projections of the architecture) in place.
+
+    LoRA's A matrices are re-initialised from a generator seeded by ``adapter.seed`` (PEFT draws
+    them from the global RNG), so a run, its resume and its replay start from the same A; B starts
+    at zero as in PEFT.
+    """
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ConfigError("adapter.kind=lora needs the peft package: pip install peft") from None
+    from ..adapters.targets import REP_TARGETS, default_targets
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = cfg.target_modules or default_targets(REP_TARGETS, model_type, "LoRA")
+    inject_adapter_in_model(LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                       target_modules=list(targets)), model)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:  # kaiming-uniform bound with a = sqrt(5), as nn.Linear and PEFT use
+                bound = 1.0 / p.shape[1] ** 0.5
+                p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) * bound)
 
 
 def prepare_trainable(model: nn.Module, cfg: RunConfig) -> int:
     """Insert the configured adapters, then choose the trainable parameters; returns their count."""
-    adapters = adapter_config(cfg.adapter)
+    adapters = None if cfg.adapter.kind == "lora" else adapter_config(cfg.adapter)
     if adapters is not None:
         from ..adapters import inject
 
         inject(model, adapters)
+    elif cfg.adapter.kind == "lora":
+        inject_lora(model, cfg.adapter)
+        adapters = cfg.adapter
     spec = cfg.optim.trainable
     if spec == "auto":
         spec = "adapters" if adapters is not None else FINAL_NORM
     if spec == "adapters":
         if adapters is None:
-            raise ConfigError("optim.trainable=adapters needs adapter.kind adp or rep")
+            raise ConfigError("optim.trainable=adapters needs adapter.kind adp, rep or lora")
         return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     return select_trainable(model, spec)
 
