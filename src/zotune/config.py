@@ -103,6 +103,7 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
     resume: bool = _f(False, "continue the run in output_dir/run_name from its last complete checkpoint")
     progress: bool = _f(True, "show progress bars")
+    tensorboard: bool = _f(False, "also log to TensorBoard in the run folder (needs the tensorboard package)")
     threads: typing.Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
     query_parallel: int = _f(1, "under torchrun: ranks that split each step's queries (the others split the batch); must divide the world size")
     dist_timeout: float = _f(1800.0, "under torchrun: seconds a rank waits for the others (a dead rank fails the job after this); must exceed an evaluation's duration")

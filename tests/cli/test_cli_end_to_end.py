@@ -89,3 +89,18 @@ def test_eval_in_context_baseline(tiny_model_dir, capsys):
     assert "zero-shot accuracy on rte (6 test examples" in capsys.readouterr().out
     assert main(["train", "--data.icl_demos", "2"]) == 2
     assert "in-context baseline" in capsys.readouterr().err
+
+
+@needs_shared_data
+def test_tensorboard_logging(tiny_model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["train", "--model.name", str(tiny_model_dir), "--data.data_dir", str(SHARED_DATA),
+                 "--data.n_train", "16", "--data.n_dev", "4", "--data.n_test", "4", "--train.steps", "3",
+                 "--train.batch_size", "4", "--train.eval_every", "3", "--train.tensorboard", "true",
+                 "--train.output_dir", str(tmp_path), "--train.run_name", "run", "--train.progress", "false",
+                 "--train.zero_shot", "false"]) == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("dev_accuracy")] == [3]

@@ -84,6 +84,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.steps, train.eval_every and train.checkpoint_every must be >= 0, train.batch_size >= 1")
     if t.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints must be >= 1")
+    if t.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
     if cfg.data.icl_demos:
         raise ConfigError("data.icl_demos is the in-context baseline of `zotune eval`; training uses no demonstrations")
     if not (cfg.optim.lr >= 0 and cfg.optim.eps > 0 and cfg.optim.num_queries >= 1 and cfg.optim.weight_decay >= 0):

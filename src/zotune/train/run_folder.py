@@ -24,9 +24,14 @@ def _atomic_write(path: Path, text: str) -> None:
 class RunFolder:
     """Writes into ``path``; with ``writer=False`` (ranks other than 0 of a distributed run) it only knows the path."""
 
-    def __init__(self, path: Path, writer: bool = True) -> None:
+    def __init__(self, path: Path, writer: bool = True, tensorboard: bool = False) -> None:
         self.path, self.writer = path, writer
         self._log = open(path / "log.jsonl", "a", encoding="utf-8") if writer else None
+        self._board = None
+        if writer and tensorboard:  # optional: the JSONL log is the record, TensorBoard a view of it
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._board = SummaryWriter(str(path / "tensorboard"))
 
     @staticmethod
     def check(cfg: RunConfig) -> Path:
@@ -53,7 +58,7 @@ class RunFolder:
             return cls(path, writer=False)
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        return cls(path)
+        return cls(path, tensorboard=cfg.train.tensorboard)
 
     def truncate_log(self, steps: int) -> None:
         """Drop log lines of steps after ``steps`` (written after the checkpoint we resume from)."""
@@ -70,9 +75,15 @@ class RunFolder:
             return
         self._log.write(json.dumps(record) + "\n")
         self._log.flush()
+        if self._board is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._board.add_scalar(key, value, record["step"])
 
     def finish(self, results: dict) -> None:
         if not self.writer:
             return
         self._log.close()
+        if self._board is not None:
+            self._board.close()
         _atomic_write(self.path / "results.json", json.dumps(results, indent=2) + "\n")
