@@ -104,3 +104,19 @@ def test_tensorboard_logging(tiny_model_dir, tmp_path):
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
     assert [e.step for e in events.Scalars("dev_accuracy")] == [3]
+
+
+@needs_shared_data
+def test_keep_best_tests_the_best_dev_checkpoint(tiny_model_dir, tmp_path, capsys):
+    assert main(["train", "--model.name", str(tiny_model_dir), "--data.data_dir", str(SHARED_DATA),
+                 "--data.n_train", "16", "--data.n_dev", "8", "--data.n_test", "4", "--train.steps", "6",
+                 "--train.batch_size", "4", "--train.eval_every", "2", "--optim.lr", "1e-2",
+                 "--optim.trainable", "all", "--train.output_dir", str(tmp_path), "--train.run_name", "run",
+                 "--train.progress", "false", "--train.zero_shot", "false"]) == 0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    devs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if "dev_accuracy" in line]
+    best = max(devs, key=lambda r: (r["dev_accuracy"], -r["step"]))  # the first of the best
+    assert results["best_step"] == best["step"] and results["best_dev_accuracy"] == best["dev_accuracy"]
+    assert f"testing the weights of step {best['step']}" in capsys.readouterr().out
+    assert set(load_file(str(run / "best.safetensors"))) == set(load_file(str(run / "trainable.safetensors")))

@@ -103,16 +103,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
-    """Restore trainable weights and optimizer state in place; returns the manifest."""
-    manifest = verify(path)
-    weights = load_file(str(Path(path) / FILES[0]))
+def load_trainable(model: nn.Module, file: Path) -> None:
+    """Copy the tensors of a safetensors file into the model's parameters of the same names."""
+    weights = load_file(str(file))
     params = dict(model.named_parameters())
     unknown = [name for name in weights if name not in params]
     if unknown:
-        raise CheckpointError(f"{path}: weights for parameters this model does not have: {unknown[:5]}")
+        raise CheckpointError(f"{file}: weights for parameters this model does not have: {unknown[:5]}")
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
+    """Restore trainable weights and optimizer state in place; returns the manifest."""
+    manifest = verify(path)
+    load_trainable(model, Path(path) / FILES[0])
     optimizer.load_state_dict(torch.load(Path(path) / FILES[1], weights_only=True))
     return manifest

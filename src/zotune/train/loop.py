@@ -21,11 +21,14 @@ from ..eval.scoring import encode
 from ..optim import METHODS, ZOOptimizer
 from ..tasks import get_task, load_splits
 from . import trajectory
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
+from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
 from .losses import LOSSES
 from .plots import plot_run
 from .run_folder import RunFolder
 from .setup import FIRST_ORDER, adapter_config, build_guard, build_optimizer, load_configured_model, method_options, prepare_trainable
+
+
+BEST = "best.safetensors"  # trainable weights at the best dev evaluation so far (train.keep_best)
 
 
 class EpochSampler:
@@ -245,6 +248,9 @@ def _fit(cfg: RunConfig, ctx: DistContext, say: Callable[[str], None]) -> dict:
                 dev_score = evaluate("dev", "dev eval")[metric]
                 run.log(step=step + 1, **{f"dev_{metric}": dev_score})
                 note(f"step {step + 1}: dev {metric} {100 * dev_score:.1f}%")
+                if cfg.train.keep_best and ctx.is_main and dev_score > results.get(f"best_dev_{metric}", -1.0):
+                    results.update({f"best_dev_{metric}": dev_score, "best_step": step + 1})
+                    save_file(trainable_state(model), str(run.path / BEST))
             if ctx.any(stop["stop"]):  # every rank stops after the same step
                 if log is not None:
                     log.close()
@@ -257,6 +263,12 @@ def _fit(cfg: RunConfig, ctx: DistContext, say: Callable[[str], None]) -> dict:
     results["steps"] = cfg.train.steps
     results["skipped_steps"] = optimizer.num_skipped
 
+    if ctx.is_main:  # the final weights (replay rebuilds exactly these)
+        save_file(trainable_state(model), str(run.path / "trainable.safetensors"))
+    if "best_step" in results and ctx.is_main:  # the protocol tests the checkpoint with the best dev metric
+        load_trainable(model, run.path / BEST)
+        say(f"testing the weights of step {results['best_step']} (best dev {metric} "
+            f"{100 * results[f'best_dev_{metric}']:.1f}%)")
     results.update(evaluate("test", "final eval"))
     if f"zero_shot_{metric}" in results:
         say(f"zero-shot {metric}: {100 * results[f'zero_shot_{metric}']:.1f}%  ->  fine-tuned {metric}: "
@@ -264,7 +276,6 @@ def _fit(cfg: RunConfig, ctx: DistContext, say: Callable[[str], None]) -> dict:
     else:
         say(f"fine-tuned {metric}: {100 * results[metric]:.1f}% ({len(test_set)} test examples)")
     if ctx.is_main:
-        save_file(trainable_state(model), str(run.path / "trainable.safetensors"))
         plot_run(run.path)
     run.finish(results)
     return results
