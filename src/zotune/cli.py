@@ -1,4 +1,4 @@
-"""Command line: ``zotune train | eval | methods | tasks``.
+"""Command line: ``zotune train | eval | bench | replay | methods | tasks``.
 
 Configuration flags are dotted field names (``--optim.lr 1e-6`` or ``--optim.lr=1e-6``),
 applied on top of an optional ``--config FILE.yaml`` and the built-in defaults.
@@ -15,7 +15,8 @@ USAGE = """usage: zotune COMMAND [--config FILE.yaml] [--section.field VALUE ...
 
 commands:
   train     fine-tune a model with a ZO method (default: smollm2-135m on SST-2)
-  eval      accuracy of a model on a task's test split, without training
+  eval      the test metric of a model on a task (zero-shot, or in-context with --data.icl_demos K)
+  bench     step time and peak memory of the configured method against inference and backprop (AdamW)
   replay    zotune replay BASE_MODEL RUN_DIR [OUTPUT]: rebuild a run's weights from its trajectory log
   methods   list the registered ZO methods
   tasks     list the tasks
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("usage: zotune replay BASE_MODEL RUN_DIR [OUTPUT.safetensors]")
             replay(*rest)
             return 0
-        if command not in ("train", "eval"):
-            raise ConfigError(f"unknown command {command!r}; valid: train, eval, replay, methods, tasks")
+        if command not in ("train", "eval", "bench"):
+            raise ConfigError(f"unknown command {command!r}; valid: train, eval, bench, replay, methods, tasks")
         config = parse_config(rest)
         if command == "train":
             from .train import loop
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             except loop.DistributedRunError as err:
                 print(f"zotune: error: {err}", file=sys.stderr)
                 return 3
+        elif command == "bench":
+            from .bench.run import bench
+
+            bench(config)
         else:
             from .train.evaluate_only import evaluate_only
 

@@ -120,3 +120,15 @@ def test_keep_best_tests_the_best_dev_checkpoint(tiny_model_dir, tmp_path, capsy
     assert results["best_step"] == best["step"] and results["best_dev_accuracy"] == best["dev_accuracy"]
     assert f"testing the weights of step {best['step']}" in capsys.readouterr().out
     assert set(load_file(str(run / "best.safetensors"))) == set(load_file(str(run / "trainable.safetensors")))
+
+
+@needs_shared_data
+def test_bench_measures_three_phases(tiny_model_dir, tmp_path, capsys):
+    assert main(["bench", "--model.name", str(tiny_model_dir), "--data.data_dir", str(SHARED_DATA),
+                 "--optim.trainable", "all", "--train.batch_size", "2", "--train.output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for phase in ("| inference |", "| zo |", "| backprop |"):
+        assert phase in out
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert all(row["seconds"] > 0 and row["peak_mib"] > 0 for row in results.values())
+    assert main(["bench", "--optim.method", "adamw"]) == 2
