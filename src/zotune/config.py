@@ -40,6 +40,7 @@ class DataConfig:
     n_dev: typing.Optional[int] = _f(None, "development examples sampled from the training split (default 500; 100 for CB, COPA)")
     n_test: typing.Optional[int] = _f(None, "test examples sampled from the validation split (default 1000, capped by what exists)")
     seed: int = _f(0, "data sampling seed (the protocol's train_set_seed)")
+    k_shot: typing.Optional[int] = _f(None, "LM-BFF protocol: k training and k dev examples per class (data seeds 13, 21, 42, 87, 100); the whole test split")
     icl_demos: int = _f(0, "zotune eval: prepend this many training examples with their answers to every test prompt (in-context learning)")
 
 

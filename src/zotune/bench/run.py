@@ -31,18 +31,16 @@ PHASES = ("inference", "zo", "backprop")
 def _phase(config: dict, phase: str, repeats: int) -> tuple[float, float]:
     """(median seconds, peak MiB) of ``phase``; runs in a child process."""
     from ..eval.scoring import encode
-    from ..tasks import get_task, load_splits
     from ..train.losses import LOSSES
-    from ..train.setup import build_optimizer, load_configured_model, prepare_trainable
+    from ..train.setup import build_optimizer, load_configured_model, prepare_trainable, task_splits
 
     cfg = apply_overrides(RunConfig(), flatten(config))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    task = get_task(cfg.data.task)
-    splits = load_splits(task, cfg.data.data_dir, cfg.train.batch_size, 0, 0, cfg.data.seed)
+    task, splits, masked = task_splits(cfg, n_train=cfg.train.batch_size, n_dev=0, n_test=0)
     model, tokenizer = load_configured_model(cfg.model)
     prepare_trainable(model, cfg)
-    batch = encode(tokenizer, splits.train[: cfg.train.batch_size], cfg.model.max_length)
+    batch = encode(tokenizer, splits.train[: cfg.train.batch_size], cfg.model.max_length, masked)
     loss_fn = LOSSES[task.train_as]
     closure = lambda copies=None: loss_fn(model, batch, tokenizer.pad_token_id, copies)  # noqa: E731
     if phase == "inference":

@@ -30,11 +30,16 @@ class Encoded:
         return all(len(c) == 1 for c in self.candidates)
 
 
-def encode(tokenizer, examples: list[Example], max_length: int = 512) -> list[Encoded]:
+def encode(tokenizer, examples: list[Example], max_length: int = 512, masked: bool = False) -> list[Encoded]:
     """Token ids of prompts (with the tokenizer's special tokens) and candidates (without).
 
     Over-long prompts are cut from the left: the end of a prompt holds the question.
+    ``masked``: prompts for a masked LM (see :func:`zotune.eval.masked.encode_masked`).
     """
+    if masked:
+        from .masked import encode_masked
+
+        return encode_masked(tokenizer, examples, max_length)
     encoded = []
     for ex in examples:
         candidates = tuple(tuple(tokenizer(c, add_special_tokens=False).input_ids) for c in ex.candidates)
@@ -86,7 +91,14 @@ def tail_logprobs(model: nn.Module, rows: list[tuple[tuple[int, ...], int]], pad
 
 
 def candidate_scores(model: nn.Module, batch: list[Encoded], pad_id: int) -> Tensor:
-    """``(B, C)`` mean log-likelihood per token of each candidate given its prompt."""
+    """``(B, C)`` mean log-likelihood per token of each candidate given its prompt.
+
+    Masked-LM examples (:class:`~zotune.eval.masked.MaskedEncoded`) are scored at their mask instead.
+    """
+    from .masked import MaskedEncoded, masked_scores
+
+    if batch and isinstance(batch[0], MaskedEncoded):
+        return masked_scores(model, batch, pad_id)
     rows: list[tuple[tuple[int, ...], int]] = []
     where: list[tuple[int, int | None, int]] = []  # (example, candidate or None if shared, row)
     for i, ex in enumerate(batch):

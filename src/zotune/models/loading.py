@@ -110,6 +110,16 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
     return name_or_path, None  # a hub id
 
 
+def model_kind(name_or_path: str, trust_remote_code: bool = False) -> str:
+    """``causal``, ``masked`` or ``encoder``, from the alias or the config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    if name_or_path in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name_or_path].kind
+    source, implied = resolve(name_or_path)
+    return implied or detect_kind(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
+
+
 def detect_kind(config) -> str:
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") for a in archs):

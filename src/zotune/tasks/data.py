@@ -48,8 +48,9 @@ def find_data_dir(task: Task, data_dir: str | None = None) -> Path | None:
     return None
 
 
-def read_records(path: Path) -> list[dict]:
-    """Records of a ``.jsonl`` or ``.tsv`` file (TSV: header row, tab separated, no quoting)."""
+def read_records(path: Path, parse_text=None) -> list[dict]:
+    """Records of a ``.jsonl`` or ``.tsv`` file (TSV: header row, tab separated, no quoting), or of a
+    ``.txt`` file with one record per line read by ``parse_text`` (TREC)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -84,6 +85,18 @@ def read_records(path: Path) -> list[dict]:
             record["_line"] = number
             records.append(record)
         return records
+    if path.suffix == ".txt" and parse_text is not None:
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = parse_text(line.strip())
+            except ValueError as err:
+                raise DataError(f"{path}:{number}: {err}") from None
+            record["_line"] = number
+            records.append(record)
+        return records
     raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .tsv)")
 
 
@@ -101,19 +114,35 @@ def label_index(task: Task, value, where: str) -> int:
             return index
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(task.label_names):
         return value
-    raise DataError(f"{where}: field 'label' has value {value!r}; valid: {list(task.label_names)}")
+    raise DataError(f"{where}: field {task.label_field!r} has value {value!r}; valid: {list(task.label_names)}")
 
 
-def to_examples(task: Task, records: list[dict], origin: str) -> list[Example]:
+def template_of(task: Task, masked: bool):
+    template = task.mlm_template if masked else task.template
+    if template is None:
+        kind = "masked" if masked else "causal"
+        raise ValueError(f"task {task.name!r} has no prompt for {kind} LMs")
+    return template
+
+
+def usable(task: Task, records: list[dict]) -> list[dict]:
+    """Records with a gold label (SNLI marks some with -1)."""
+    if not task.drop_labels:
+        return records
+    return [r for r in records if r.get(task.label_field) not in task.drop_labels]
+
+
+def to_examples(task: Task, records: list[dict], origin: str, masked: bool = False) -> list[Example]:
     examples = []
     needs_label = task.metric == "accuracy"
+    template = template_of(task, masked)
     for position, record in enumerate(records):
         where = f"{origin}:{record.get('_line', position + 1)}"
-        for name in (*task.fields, *(("label",) if needs_label else ())):
+        for name in (*task.fields, *((task.label_field,) if needs_label else ())):
             if name not in record or record[name] is None:
                 raise DataError(f"{where}: missing field {name!r} (task {task.name} needs {list(task.fields)})")
         try:
-            example = task.template(record, label_index(task, record.get("label"), where))
+            example = template(record, label_index(task, record.get(task.label_field), where))
         except (KeyError, TypeError, AttributeError, IndexError) as err:
             raise DataError(f"{where}: malformed record for task {task.name} ({type(err).__name__}: {err})") from None
         if not 0 <= example.label < len(example.candidates):
@@ -140,7 +169,7 @@ def _local_split(task: Task, root: Path, split: str) -> tuple[list[dict], str] |
     for name in task.local_files.get(split, ()):
         path = root / task.local_dir / name
         if path.exists():
-            return read_records(path), str(path)
+            return read_records(path, task.parse_text), str(path)
     return None
 
 
@@ -159,16 +188,21 @@ def load_splits(
     n_dev: int | None = None,
     n_test: int | None = None,
     seed: int = 0,
+    masked: bool = False,
+    k_shot: int | None = None,
 ) -> Splits:
     """Sample train / dev (disjoint, both from the training split) and test (from the test split).
 
     Sizes default to the task's protocol values and are capped by what exists. A task with no
     local training file is split deterministically from its validation file (half to test),
-    and the returned notes say so.
+    and the returned notes say so. ``masked`` uses the task's masked-LM prompt. ``k_shot`` is the
+    LM-BFF protocol: k training and k dev examples per class from the training split (data seeds
+    13, 21, 42, 87, 100 in the papers), and the whole test split unless ``n_test`` is given.
     """
+    template_of(task, masked)  # fail early for a task without a prompt for this kind of model
     n_train = task.n_train if n_train is None else n_train
     n_dev = task.n_dev if n_dev is None else n_dev
-    n_test = task.n_test if n_test is None else n_test
+    n_test = (task.n_test if k_shot is None else 10**9) if n_test is None else n_test
     rng = np.random.default_rng(seed)  # a local generator: the global numpy RNG is not touched
     notes: list[str] = []
     root = find_data_dir(task, data_dir)
@@ -201,21 +235,46 @@ def load_splits(
         )
     else:
         train_rows, train_origin = train_records
-        train_rows = expand_records(task, train_rows, train_origin)
-        test_rows = expand_records(task, test_rows, test_origin)
+        train_rows = usable(task, expand_records(task, train_rows, train_origin))
+        test_rows = usable(task, expand_records(task, test_rows, test_origin))
     if len(test_rows) > n_test:
         test_rows = [test_rows[i] for i in sorted(rng.choice(len(test_rows), n_test, replace=False))]
-    order = rng.permutation(len(train_rows))
-    train_rows_sampled = [train_rows[i] for i in order[:n_train]]
-    dev_rows = [train_rows[i] for i in order[n_train : n_train + n_dev]]
+    if k_shot is not None:
+        train_rows_sampled, dev_rows = _per_class(task, train_rows, k_shot, rng, train_origin)
+        notes.append(f"{task.name}: {k_shot}-shot, data seed {seed}: {len(train_rows_sampled)} train / "
+                     f"{len(dev_rows)} dev examples")
+        n_train = n_dev = 0  # nothing more to report about the sizes
+    else:
+        order = rng.permutation(len(train_rows))
+        train_rows_sampled = [train_rows[i] for i in order[:n_train]]
+        dev_rows = [train_rows[i] for i in order[n_train : n_train + n_dev]]
     if len(train_rows_sampled) < n_train or len(dev_rows) < n_dev:
         notes.append(
             f"{task.name}: asked for {n_train} train / {n_dev} dev, only {len(train_rows)} training records exist"
         )
     return Splits(
-        train=to_examples(task, train_rows_sampled, train_origin),
-        dev=to_examples(task, dev_rows, train_origin),
-        test=to_examples(task, test_rows, test_origin),
+        train=to_examples(task, train_rows_sampled, train_origin, masked),
+        dev=to_examples(task, dev_rows, train_origin, masked),
+        test=to_examples(task, test_rows, test_origin, masked),
         source=source,
         notes=notes,
     )
+
+
+def _per_class(task: Task, rows: list[dict], k: int, rng, origin: str) -> tuple[list[dict], list[dict]]:
+    """k training and k dev records per class, disjoint, in a shuffled order."""
+    if k < 1:
+        raise ValueError(f"k_shot must be >= 1, got {k}")
+    by_class: dict[int, list[dict]] = {}
+    for position, row in enumerate(rows):
+        where = f"{origin}:{row.get('_line', position + 1)}"
+        by_class.setdefault(label_index(task, row.get(task.label_field), where), []).append(row)
+    train, dev = [], []
+    for label in sorted(by_class):
+        members = by_class[label]
+        if len(members) < 2 * k:
+            raise DataError(f"{origin}: class {label} has {len(members)} examples, fewer than 2k = {2 * k}")
+        order = rng.permutation(len(members))
+        train += [members[i] for i in order[:k]]
+        dev += [members[i] for i in order[k : 2 * k]]
+    return [train[i] for i in rng.permutation(len(train))], [dev[i] for i in rng.permutation(len(dev))]

@@ -29,6 +29,10 @@ class Task:
             the gold candidate).
         metric: ``accuracy`` (candidate scoring) or ``f1`` (greedy generation; exact match too).
         expand: turns one record of a file into the records of its examples (nested formats).
+        mlm_template: the prompt for masked LMs (LM-BFF); None: the task is for causal LMs only.
+        label_field: the record field holding the label.
+        parse_text: reads one line of a ``.txt`` task file into a record (TREC's format).
+        drop_labels: label values of records that have no gold label and are skipped (SNLI's -1).
     """
 
     name: str
@@ -46,7 +50,20 @@ class Task:
     train_as: str = "classification"
     metric: str = "accuracy"
     expand: Callable[[dict], list[dict]] | None = None
+    mlm_template: Callable[[dict, int], Example] | None = None
+    label_field: str = "label"
+    parse_text: Callable[[str], dict] | None = None
+    drop_labels: tuple = ()
     notes: str = field(default="", compare=False)
+
+
+def parse_trec_line(line: str) -> dict:
+    """``COARSE:fine question text`` (the TREC files) -> the hub's fields."""
+    label, _, text = line.partition(" ")
+    coarse, _, fine = label.partition(":")
+    if not fine or not text:
+        raise ValueError("expected 'COARSE:fine question'")
+    return {"coarse_label": coarse, "fine_label": fine, "text": text}
 
 
 _SUPERGLUE_SPLITS = {
@@ -57,11 +74,11 @@ _SUPERGLUE_SPLITS = {
 TASKS: dict[str, Task] = {
     "sst2": Task(
         "sst2", ("glue", "sst2"), "sst2", {"train": ("train.tsv",), "validation": ("validation.tsv",)},
-        ("sentence",), (0, 1), templates.sst2,
+        ("sentence",), (0, 1), templates.sst2, mlm_template=templates.sst2_mlm,
     ),
     "rte": Task(
         "rte", ("super_glue", "rte"), "rte", _SUPERGLUE_SPLITS, ("premise", "hypothesis"),
-        ("entailment", "not_entailment"), templates.rte,
+        ("entailment", "not_entailment"), templates.rte, mlm_template=templates.rte_mlm,
     ),
     "cb": Task(
         "cb", ("super_glue", "cb"), "cb", _SUPERGLUE_SPLITS, ("premise", "hypothesis"),
@@ -100,6 +117,26 @@ TASKS: dict[str, Task] = {
     "squad": Task(
         "squad", ("squad", None), "squad", _SUPERGLUE_SPLITS, ("title", "context", "question", "answers"), None,
         templates.squad, train_as="lm", metric="f1",
+    ),
+    # Masked-LM tasks of the LM-BFF k-shot protocol (with SST-2 and RTE above).
+    "sst5": Task(
+        "sst5", ("SetFit/sst5", None), "sst5", {"train": ("train.jsonl",), "test": ("test.jsonl",)}, ("text",),
+        (0, 1, 2, 3, 4), None, test_split="test", mlm_template=templates.sst5_mlm,
+    ),
+    "snli": Task(
+        "snli", ("snli", None), "snli", {"train": ("train.jsonl",), "test": ("test.jsonl",)},
+        ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), None, test_split="test",
+        mlm_template=templates.nli3_mlm, drop_labels=(-1,),
+    ),
+    "mnli": Task(
+        "mnli", ("glue", "mnli"), "mnli", {"train": ("train.jsonl",), "validation_matched": ("validation_matched.jsonl",)},
+        ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), None,
+        test_split="validation_matched", mlm_template=templates.nli3_mlm,
+    ),
+    "trec": Task(
+        "trec", ("trec", None), "trec", {"train": ("train.txt", "train.jsonl"), "test": ("test.txt", "test.jsonl")},
+        ("text",), ("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM"), None, test_split="test",
+        mlm_template=templates.trec_mlm, label_field="coarse_label", parse_text=parse_trec_line,
     ),
     "drop": Task(
         "drop", ("drop", None), "drop", _SUPERGLUE_SPLITS, ("passage", "question", "answers_spans"), None,

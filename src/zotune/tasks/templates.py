@@ -103,3 +103,30 @@ def with_demonstrations(example: Example, demonstrations: list[Example], separat
     """In-context learning: each demonstration's prompt and gold continuation, then the example's prompt."""
     context = "".join(d.prompt + d.candidates[d.label] + separator for d in demonstrations)
     return Example(context + example.prompt, example.candidates, example.label, example.answers)
+
+
+# Prompt-based fine-tuning of masked LMs (LM-BFF, Gao et al., ACL 2021, Table 1; the MeZO paper's
+# RoBERTa-large runs use the same templates). ``MASK`` marks where the label word goes; the
+# candidates are the label words, each scored at that position.
+MASK = "<mask>"
+
+
+def sst2_mlm(r: dict, label: int) -> Example:
+    return Example(f"{r['sentence'].strip()} It was {MASK} .", ("terrible", "great"), label)
+
+
+def sst5_mlm(r: dict, label: int) -> Example:
+    return Example(f"{r['text'].strip()} It was {MASK} .", ("terrible", "bad", "okay", "good", "great"), label)
+
+
+def nli3_mlm(r: dict, label: int) -> Example:  # MNLI, SNLI: entailment, neutral, contradiction
+    return Example(f"{r['premise'].strip()} ? {MASK} , {r['hypothesis'].strip()}", ("Yes", "Maybe", "No"), label)
+
+
+def rte_mlm(r: dict, label: int) -> Example:  # entailment, not_entailment
+    return Example(f"{r['premise'].strip()} ? {MASK} , {r['hypothesis'].strip()}", ("Yes", "No"), label)
+
+
+def trec_mlm(r: dict, label: int) -> Example:  # ABBR, ENTY, DESC, HUM, LOC, NUM
+    words = ("Expression", "Entity", "Description", "Human", "Location", "Number")
+    return Example(f"{MASK} : {r['text'].strip()}", words, label)

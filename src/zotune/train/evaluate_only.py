@@ -9,19 +9,17 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..eval.evaluate import evaluate_task
 from ..eval.scoring import encode
-from ..tasks import get_task, load_splits
 from ..tasks.templates import with_demonstrations
-from .setup import load_configured_model
+from .setup import load_configured_model, task_splits
 
 
 def evaluate_only(cfg: RunConfig, say: Callable[[str], None] = print) -> float:
-    task = get_task(cfg.data.task)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     k = cfg.data.icl_demos
     if k < 0:
         raise ConfigError(f"data.icl_demos must be >= 0, got {k}")
-    splits = load_splits(task, cfg.data.data_dir, k, 0, cfg.data.n_test, cfg.data.seed)
+    task, splits, masked = task_splits(cfg, n_train=k, n_dev=0)
     for note in splits.notes:
         say(f"note: {note}")
     test_examples = splits.test
@@ -30,7 +28,7 @@ def evaluate_only(cfg: RunConfig, say: Callable[[str], None] = print) -> float:
             raise ConfigError(f"data.icl_demos={k} but only {len(splits.train)} training examples exist")
         test_examples = [with_demonstrations(ex, splits.train[:k]) for ex in splits.test]
     model, tokenizer = load_configured_model(cfg.model)
-    test_set = encode(tokenizer, test_examples, cfg.model.max_length)
+    test_set = encode(tokenizer, test_examples, cfg.model.max_length, masked)
     scores = evaluate_task(model, tokenizer, task, test_examples, test_set, cfg.train.eval_batch_size,
                            cfg.model.max_length, cfg.train.progress, f"eval {task.name}")
     extra = "".join(f", {name.replace('_', ' ')} {100 * v:.1f}%" for name, v in scores.items() if name != task.metric)

@@ -19,13 +19,14 @@ from ..dist.parallel import Layout, parallelize
 from ..eval.evaluate import evaluate_task
 from ..eval.scoring import encode
 from ..optim import METHODS, ZOOptimizer
-from ..tasks import get_task, load_splits
+from ..tasks import get_task
 from . import trajectory
 from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
 from .losses import LOSSES
 from .plots import plot_run
 from .run_folder import RunFolder
-from .setup import FIRST_ORDER, adapter_config, build_guard, build_optimizer, load_configured_model, method_options, prepare_trainable
+from .setup import (FIRST_ORDER, adapter_config, build_guard, build_optimizer, load_configured_model, method_options,
+                    prepare_trainable, task_splits)
 
 
 BEST = "best.safetensors"  # trainable weights at the best dev evaluation so far (train.keep_best)
@@ -142,13 +143,13 @@ def _fit(cfg: RunConfig, ctx: DistContext, say: Callable[[str], None]) -> dict:
     progress = cfg.train.progress and ctx.is_main
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    task = get_task(cfg.data.task)
-    splits = load_splits(task, cfg.data.data_dir, cfg.data.n_train, cfg.data.n_dev, cfg.data.n_test, cfg.data.seed)
+    task, splits, masked = task_splits(cfg)
     for note in splits.notes:
         say(f"note: {note}")
     model, tokenizer = load_configured_model(cfg.model)
     n_trainable = prepare_trainable(model, cfg)
-    train_set, dev_set, test_set = (encode(tokenizer, s, cfg.model.max_length) for s in (splits.train, splits.dev, splits.test))
+    train_set, dev_set, test_set = (encode(tokenizer, s, cfg.model.max_length, masked)
+                                    for s in (splits.train, splits.dev, splits.test))
     pad_id = tokenizer.pad_token_id
     loss_fn = LOSSES[task.train_as]
     guard = build_guard(cfg)

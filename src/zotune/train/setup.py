@@ -27,6 +27,32 @@ def load_configured_model(cfg: ModelConfig, name: str | None = None):
                       trust_remote_code=cfg.trust_remote_code)
 
 
+def task_splits(cfg: RunConfig, n_train: int | None = None, n_dev: int | None = None, n_test: int | None = None):
+    """(task, splits, masked) of the configured task, with the prompts of the configured model's kind.
+
+    The kind comes from the model's config (no weights are read), so data errors surface before
+    a large model is loaded. Sizes default to the data config's.
+    """
+    from ..models.loading import model_kind
+    from ..tasks import get_task, load_splits
+
+    task = get_task(cfg.data.task)
+    kind = model_kind(cfg.model.name, cfg.model.trust_remote_code)
+    if kind == "encoder":
+        raise ConfigError(f"{cfg.model.name} has no language-model head (an encoder): prompts need a causal or "
+                          "masked LM")
+    d = cfg.data
+    pick = lambda given, configured: configured if given is None else given  # noqa: E731
+    try:
+        splits = load_splits(task, d.data_dir, pick(n_train, d.n_train), pick(n_dev, d.n_dev),
+                             pick(n_test, d.n_test), d.seed, masked=kind == "masked", k_shot=d.k_shot)
+    except ValueError as err:
+        if "has no prompt" in str(err):
+            raise ConfigError(str(err)) from None
+        raise
+    return task, splits, kind == "masked"
+
+
 def adapter_config(cfg: AdapterConfig):
     """The LoRETTA config that ``cfg`` describes, or None for ``kind: none``."""
     from ..adapters import LorettaAdpConfig, LorettaRepConfig

@@ -1,0 +1,97 @@
+"""Prompt-based masked-LM scoring (LM-BFF) and the k-shot protocol, on a tiny BERT with a word-level tokenizer."""
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, needs_shared_data
+from zotune.eval.masked import encode_masked, label_word_id
+from zotune.eval.scoring import candidate_scores
+from zotune.tasks import get_task, load_splits, templates
+
+WORDS = ["terrible", "great", "it", "was", ".", "good", "film", "bad", "Yes", "No", "?", ",", "It", ":", "Expression",
+         "Entity", "Description", "Human", "Location", "Number", "What", "is", "the", "How", "Who"]
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def tiny_mlm(tokenizer):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    return BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)).eval()
+
+
+def test_label_words_are_scored_at_the_mask():
+    tokenizer = word_tokenizer()
+    model = tiny_mlm(tokenizer)
+    examples = [templates.sst2_mlm({"sentence": "good film"}, 1), templates.sst2_mlm({"sentence": "bad"}, 0)]
+    encoded = encode_masked(tokenizer, examples)
+    assert encoded[0].ids[encoded[0].mask_index] == tokenizer.mask_token_id
+    assert encoded[0].candidates == ((label_word_id(tokenizer, "terrible"),), (label_word_id(tokenizer, "great"),))
+    scores = candidate_scores(model, encoded, tokenizer.pad_token_id)
+    with torch.no_grad():  # the same numbers from one unpadded forward per example
+        for row, ex in enumerate(encoded):
+            logits = model(input_ids=torch.tensor([ex.ids])).logits[0, ex.mask_index]
+            expected = torch.log_softmax(logits, -1)[[c[0] for c in ex.candidates]]
+            torch.testing.assert_close(scores[row], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_label_words_must_be_single_tokens():
+    with pytest.raises(ValueError, match="not a single token"):
+        label_word_id(word_tokenizer(), "magnificent")
+
+
+@needs_shared_data
+@pytest.mark.parametrize("seed", [13, 21, 42, 87, 100])
+def test_k_shot_sampling_per_class(seed):
+    trec = get_task("trec")
+    splits = load_splits(trec, SHARED_DATA, masked=True, k_shot=16, seed=seed)
+    assert sorted(ex.label for ex in splits.train) == sorted(list(range(6)) * 16)
+    assert sorted(ex.label for ex in splits.dev) == sorted(list(range(6)) * 16)
+    assert len(splits.test) == 500  # the whole test file
+    assert not {ex.prompt for ex in splits.train} & {ex.prompt for ex in splits.dev}
+    again = load_splits(trec, SHARED_DATA, masked=True, k_shot=16, seed=seed)
+    assert [ex.prompt for ex in again.train] == [ex.prompt for ex in splits.train]  # a function of the seed
+
+
+@needs_shared_data
+def test_trec_prompt_and_causal_refusal():
+    splits = load_splits(get_task("trec"), SHARED_DATA, masked=True, k_shot=4, seed=13)
+    assert all(ex.prompt.startswith("<mask> : ") for ex in splits.test)
+    assert splits.test[0].candidates == ("Expression", "Entity", "Description", "Human", "Location", "Number")
+    with pytest.raises(ValueError, match="no prompt for causal LMs"):
+        load_splits(get_task("trec"), SHARED_DATA)
+
+
+@needs_shared_data
+def test_masked_lm_trains_through_the_cli(tmp_path, capsys):
+    import json
+
+    from zotune.cli import main
+
+    tokenizer = word_tokenizer()
+    model = tiny_mlm(tokenizer)
+    model.config.architectures = ["BertForMaskedLM"]
+    model.save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    assert main(["train", "--model.name", str(tmp_path / "bert"), "--data.data_dir", str(SHARED_DATA),
+                 "--data.task", "trec", "--data.k_shot", "4", "--data.seed", "13", "--data.n_test", "20",
+                 "--train.steps", "3", "--train.batch_size", "8", "--optim.trainable", "all", "--optim.lr", "1e-3",
+                 "--train.output_dir", str(tmp_path), "--train.run_name", "run", "--train.progress", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "4-shot, data seed 13: 24 train / 24 dev" in out and "fine-tuned accuracy" in out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["test_examples"] == 20 and 0 <= results["accuracy"] <= 1
