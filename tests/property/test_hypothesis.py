@@ -38,7 +38,8 @@ def test_unknown_keys_are_always_rejected(overrides):
 
 json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                             st.dictionaries(text, inner, max_size=3)), max_leaves=8)
-field_names = st.sampled_from(sorted({f for t in TASKS.values() for f in t.fields} | {"label", "target", "idx"}))
+field_names = st.sampled_from(sorted({f for t in TASKS.values() for f in (*t.fields, t.label_field)}
+                                     | {"label", "target", "idx"}))
 
 
 @given(st.sampled_from(sorted(TASKS)), st.lists(st.dictionaries(field_names, json_values, max_size=8), min_size=1,
@@ -47,7 +48,7 @@ field_names = st.sampled_from(sorted({f for t in TASKS.values() for f in t.field
 def test_any_record_becomes_an_example_or_a_data_error(task_name, records):
     task = TASKS[task_name]
     try:
-        examples = to_examples(task, records, "fuzz.jsonl")
+        examples = to_examples(task, records, "fuzz.jsonl", masked=task.template is None)
     except DataError as err:
         assert str(err).startswith("fuzz.jsonl:")  # file and line first
         return
