@@ -130,5 +130,5 @@ def test_half_precision_base_with_float32_adapters():
     model = inject(tiny_llama(dtype=torch.bfloat16), LorettaAdpConfig(bottleneck=8, tt_rank=2))
     layer = model.model.layers[0].mlp.gate_proj
     assert layer.base_layer.weight.dtype == torch.bfloat16
-    assert layer.loretta_adapter.down.cores[0].dtype == torch.float32
+    assert layer.loretta_adapter.down.core_data.dtype == torch.float32
     assert logits(model).dtype == torch.bfloat16

@@ -37,7 +37,9 @@ def test_fast_forward_equals_dense_product(seed):
     x = torch.randn(3, 5, n_in, generator=g, dtype=torch.float64)
     expected = x @ layer.to_dense() + layer.bias
     torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-12)
-    assert sum(p.numel() for p in layer.cores) == tt_numel(layer.in_modes + layer.out_modes, rank)
+    assert layer.core_data.numel() == tt_numel(layer.in_modes + layer.out_modes, rank)
+    assert sum(c.numel() for c in layer.cores) == layer.core_data.numel()
+    assert [n for n, _ in layer.named_parameters()] == ["core_data", "bias"]  # one tensor for all cores
 
 
 def test_to_dense_matches_the_entry_formula():

@@ -80,7 +80,8 @@ class TTLinear(nn.Module):
         generator: the ``torch.Generator`` of the initialisation (the global RNG is never used).
 
     Init: G_i ~ N(0, 1)/√r_i · σ^{1/d} with σ = √(1/(N_in + N_out)), so the entries of W have
-    standard deviation ≈ σ. Parameters: ``core_0 .. core_{d-1}`` (and ``bias``).
+    standard deviation ≈ σ. Parameters: ``core_data``, all cores in one flat tensor (``cores`` are
+    views of it: one tensor per layer to perturb, draw and update instead of d), and ``bias``.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int = 5, *, in_modes: list[int] | None = None,
@@ -98,10 +99,10 @@ class TTLinear(nn.Module):
         modes = self.in_modes + self.out_modes
         ranks = [1] + [rank] * (len(modes) - 1) + [1]
         sigma = math.sqrt(1.0 / (in_features + out_features)) ** (1.0 / len(modes))
-        self.cores = nn.ParameterList()
-        for i, k in enumerate(modes):
-            core = torch.randn(ranks[i], k, ranks[i + 1], generator=generator, dtype=dtype)
-            self.cores.append(nn.Parameter((core * (sigma / math.sqrt(ranks[i + 1]))).to(device)))
+        self.core_shapes = [(ranks[i], k, ranks[i + 1]) for i, k in enumerate(modes)]
+        cores = [torch.randn(shape, generator=generator, dtype=dtype) * (sigma / math.sqrt(shape[2]))
+                 for shape in self.core_shapes]
+        self.core_data = nn.Parameter(torch.cat([c.flatten() for c in cores]).to(device))
         if bias:
             bound = 1.0 / math.sqrt(out_features)
             b = torch.rand(out_features, generator=generator, dtype=dtype) * (2 * bound) - bound
@@ -109,16 +110,26 @@ class TTLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    @property
+    def cores(self) -> list[Tensor]:
+        """G_1..G_d, each (r_{i-1}, k_i, r_i): views of ``core_data``."""
+        out, start = [], 0
+        for shape in self.core_shapes:
+            size = math.prod(shape)
+            out.append(self.core_data[start : start + size].view(shape))
+            start += size
+        return out
+
     def factors(self) -> tuple[Tensor, Tensor]:
         """A (N_in x r_m) from the input cores and B (r_m x N_out) from the output cores; W = A B."""
-        m = len(self.in_modes)
-        a = self.cores[0].reshape(self.cores[0].shape[1], -1)  # (k_1, r_1)
-        for core in self.cores[1:m]:
+        m, cores = len(self.in_modes), self.cores
+        a = cores[0].reshape(cores[0].shape[1], -1)  # (k_1, r_1)
+        for core in cores[1:m]:
             r_prev, k, r = core.shape
             a = (a @ core.reshape(r_prev, k * r)).reshape(-1, r)  # (k_1..k_i, r_i), row-major
-        last = self.cores[-1]
+        last = cores[-1]
         b = last.reshape(last.shape[0], -1)  # (r_{d-1}, k_d)
-        for core in reversed(self.cores[m:-1]):
+        for core in reversed(cores[m:-1]):
             r_prev, k, r = core.shape
             b = (core.reshape(r_prev * k, r) @ b).reshape(r_prev, -1)  # (r_{i-1}, k_i..k_d)
         return a, b
