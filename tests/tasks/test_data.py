@@ -64,3 +64,18 @@ def test_unknown_task_and_missing_folder(tmp_path):
         get_task("sst3")
     with pytest.raises(FileNotFoundError, match="no folder 'rte'"):
         load_splits(get_task("rte"), str(tmp_path))
+
+
+def test_no_local_files_and_no_hub_is_one_clear_error(tmp_path, monkeypatch):
+    import datasets
+
+    from zotune.tasks import get_task, load_splits
+
+    def offline(*args, **kwargs):  # what datasets raises without a network
+        raise ConnectionError("Couldn't reach 'glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.chdir(tmp_path)  # no ../shared/data or ./data from here
+    monkeypatch.delenv("ZOTUNE_DATA", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match=r"task 'sst2': no local folder 'sst2'.*--data.data_dir.*Couldn't reach"):
+        load_splits(get_task("sst2"))

@@ -177,7 +177,15 @@ def _hub_split(task: Task, split: str) -> tuple[list[dict], str]:
     import datasets
 
     path, name = task.hub
-    dataset = datasets.load_dataset(path, name, split=split)
+    try:
+        dataset = datasets.load_dataset(path, name, split=split)
+    except Exception as err:  # offline, unknown split, ...: say where we looked and what failed
+        where = ", ".join(_DEFAULT_DIRS if not os.environ.get("ZOTUNE_DATA") else [os.environ["ZOTUNE_DATA"]])
+        raise FileNotFoundError(
+            f"task {task.name!r}: no local folder {task.local_dir!r} (looked in {where}; set --data.data_dir or "
+            f"$ZOTUNE_DATA) and datasets.load_dataset({path!r}, {name!r}, split={split!r}) failed: "
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        ) from None
     return [dict(r) for r in dataset], f"hub:{path}/{name}[{split}]"
 
 
