@@ -41,6 +41,7 @@ def test_train_five_steps(tiny_model_dir, tmp_path, method, capsys):
     (["train", "--optim.lrr", "1"], "unknown config key"),
     (["frobnicate"], "unknown command"),
     (["train", "--model.name", "./no/such/model"], "no model folder"),
+    (["eval", "--model.name", "smolm2-135m"], "not a built-in alias (smollm2-135m, minilm-l6)"),
 ])
 def test_errors_are_one_line_messages(argv, message, capsys):
     assert main(argv) == 2

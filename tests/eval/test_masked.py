@@ -95,3 +95,19 @@ def test_masked_lm_trains_through_the_cli(tmp_path, capsys):
     assert "4-shot, data seed 13: 24 train / 24 dev" in out and "fine-tuned accuracy" in out
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["test_examples"] == 20 and 0 <= results["accuracy"] <= 1
+
+
+def test_classification_loss_on_masked_examples_is_cross_entropy_over_label_words():
+    from zotune.train.losses import classification_loss
+
+    tokenizer = word_tokenizer()
+    model = tiny_mlm(tokenizer)
+    examples = [templates.sst2_mlm({"sentence": "good film"}, 1), templates.sst2_mlm({"sentence": "bad"}, 0)]
+    batch = encode_masked(tokenizer, examples)
+    with torch.no_grad():
+        loss = classification_loss(model, batch, tokenizer.pad_token_id)
+        per_copy = classification_loss(model, batch, tokenizer.pad_token_id, copies=3)
+        scores = candidate_scores(model, batch, tokenizer.pad_token_id)
+    expected = torch.nn.functional.cross_entropy(scores, torch.tensor([1, 0]))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(per_copy, expected.repeat(3), rtol=1e-5, atol=1e-6)  # copies for the virtual path

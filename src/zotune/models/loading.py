@@ -112,12 +112,23 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
 
 def model_kind(name_or_path: str, trust_remote_code: bool = False) -> str:
     """``causal``, ``masked`` or ``encoder``, from the alias or the config alone (no weights are read)."""
-    from transformers import AutoConfig
-
     if name_or_path in BUILTIN_MODELS:
         return BUILTIN_MODELS[name_or_path].kind
     source, implied = resolve(name_or_path)
-    return implied or detect_kind(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
+    return implied or detect_kind(hub_config(source, trust_remote_code))
+
+
+def hub_config(source: str, trust_remote_code: bool = False):
+    """The model's config; a name that is no folder and no reachable hub model fails naming the aliases."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot load model {source!r}: not a built-in alias ({', '.join(BUILTIN_MODELS)}), not a local model "
+            f"folder, and not a hub model that can be reached ({str(err).splitlines()[0][:160]})"
+        ) from None
 
 
 def detect_kind(config) -> str:
@@ -155,7 +166,7 @@ def load_model(
     Returns:
         ``(model, tokenizer)``; the tokenizer has a pad token (EOS when it had none).
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     if kind not in ("auto", *KINDS):
         raise ValueError(f"unknown model kind {kind!r}; valid: auto, {', '.join(KINDS)}")
@@ -164,7 +175,7 @@ def load_model(
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     source, implied_kind = resolve(name_or_path)
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    config = hub_config(source, trust_remote_code)
     if kind == "auto":
         kind = implied_kind or detect_kind(config)
     auto_class = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM, "encoder": AutoModel}[kind]
