@@ -3,8 +3,10 @@
 Part 1, for each hidden size H in --sizes, the two TT maps of an adapter (H -> 64 and 64 -> H,
 TT rank 5) on a batch of 16 x 128 tokens, forward only (what a ZO step runs):
   * zotune: ``TTLinear`` (x A) B, never building W;
-  * reconstruct: W = to_dense() then x W + b in one fused F.linear, what the reference code does on
-    every forward (with its best dense kernel);
+  * reconstruct: W contracted from all cores in order (G_1 x G_2 x ... x G_d, as the reference
+    code does on every forward), then x W + b in one fused F.linear;
+  * A·B dense: W = A B from the two merged halves (a cheaper reconstruction than the reference's),
+    then the same F.linear: the strongest dense baseline;
   * loretta: the ``loretta`` package's ``TensorizedLinear_module`` with the same modes and rank
     (``pip install --no-deps loretta``), where it is installed.
 Part 2: one ZO step at the SmolLM2-135M shape (batch 4 x 64): AdaZeta over LoRETTA_adp adapters
@@ -38,6 +40,14 @@ def package_layer(layer: TTLinear, device: str):
     return TensorizedLinear_module(layer.in_features, layer.out_features, config).to(device)
 
 
+def reconstruct(layer: TTLinear) -> torch.Tensor:
+    """W (N_in x N_out) by contracting the cores left to right, as the reference implementation does."""
+    out = layer.cores[0]
+    for core in layer.cores[1:]:
+        out = torch.tensordot(out, core, dims=([-1], [0]))
+    return out.reshape(layer.in_features, layer.out_features)
+
+
 def median_time(fn, device: str, repeats: int) -> float:
     fn()  # warm-up
     return statistics.median(timed(fn, device) for _ in range(repeats))
@@ -46,20 +56,22 @@ def median_time(fn, device: str, repeats: int) -> float:
 @torch.no_grad()
 def forward_table(sizes: list[int], device: str, repeats: int) -> None:
     print("TT forward, batch 16 x 128 tokens, TT rank 5, float32, median of", repeats)
-    print("| map | modes | zotune ms | reconstruct ms | loretta ms | reconstruct / zotune | loretta / zotune |")
-    print("|---|---|---|---|---|---|---|")
+    print("| map | modes | zotune ms | reconstruct ms | A·B dense ms | loretta ms | reconstruct / zotune | "
+          "A·B dense / zotune | loretta / zotune |")
+    print("|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for size in sizes:
         for n_in, n_out in ((size, 64), (64, size)):
             layer = TTLinear(n_in, n_out, 5, generator=g).to(device)
             x = torch.randn(16, 128, n_in, generator=g).to(device)
             fast = median_time(lambda: layer(x), device, repeats)
+            full = median_time(lambda: F.linear(x, reconstruct(layer).T, layer.bias), device, repeats)
             dense = median_time(lambda: F.linear(x, layer.to_dense().T, layer.bias), device, repeats)
             theirs = package_layer(layer, device)
             other = median_time(lambda: theirs(x), device, repeats) if theirs is not None else float("nan")
             modes = f"{layer.in_modes} {layer.out_modes}"
-            print(f"| {n_in}x{n_out} | {modes} | {1e3 * fast:.3f} | {1e3 * dense:.3f} | {1e3 * other:.3f} | "
-                  f"{dense / fast:.2f}x | {other / fast:.2f}x |")
+            print(f"| {n_in}x{n_out} | {modes} | {1e3 * fast:.3f} | {1e3 * full:.3f} | {1e3 * dense:.3f} | "
+                  f"{1e3 * other:.3f} | {full / fast:.2f}x | {dense / fast:.2f}x | {other / fast:.2f}x |")
 
 
 def step_table(device: str, repeats: int) -> None:
