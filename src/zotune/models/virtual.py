@@ -104,9 +104,9 @@ class Virtual:
         for index, p in params:
             if p.dim() >= 2:
                 out[index] = self.perturbation.slice_factors(p, index, points)
-            else:
-                z = [self.perturbation.dense.coordinates(p, index, [(offset, key)]) for offset, key in points]
-                out[index] = (torch.stack(z).to(p.dtype),)
+            else:  # one dense draw per query, scaled for each of its points
+                unit = {key: self.perturbation.dense.coordinates(p, index, [(1.0, key)]) for _, key in points}
+                out[index] = (torch.stack([unit[key] * offset for offset, key in points]).to(p.dtype),)
         return out
 
     def measure_points(self, params, perturbation, points, closures) -> list[float]:

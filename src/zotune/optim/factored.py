@@ -70,12 +70,16 @@ class _Factored(Perturbation):
     def slice_factors(self, param: Tensor, index: int, points: Sequence[Term]) -> tuple[Tensor, Tensor]:
         """Per-point factors for the virtual path: ``(L (S, m, r), R (n, r))`` with offset_s Z_s = L_s Rᵀ.
 
-        All points belong to one step, so they share R.
+        All points belong to one step, so they share R. Each query's factors are drawn once and
+        scaled for each of its points (±ε).
         """
+        unit: dict[DrawKey, tuple[Tensor, Tensor]] = {}  # key -> (L, R) of Z(key) itself
         lefts, right = [], None
         for offset, key in points:
-            left, right = self._left_right(param, index, [(offset, key)])
-            lefts.append(left)
+            if key not in unit:
+                unit[key] = self._left_right(param, index, [(1.0, key)])
+            left, right = unit[key]
+            lefts.append(left * offset)
         return torch.stack(lefts), right
 
 
@@ -126,6 +130,8 @@ class LowRank(_Factored):
     def _left_right(self, param, index, terms):
         lefts = [self.u(param, index, key).mul_(alpha) for alpha, key in terms]
         rights = [self.v(param, index, key.run_seed, self.window(key.step)) for _, key in terms]
+        if len(terms) == 1:  # the common case: no concatenation (a copy) needed
+            return lefts[0], rights[0]
         return torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
 
     def _coords(self, param, index, terms):
