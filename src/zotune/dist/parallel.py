@@ -80,7 +80,10 @@ class Distributed:
     def measure_points(self, params: IndexedParams, perturbation: Perturbation, points: Sequence[Point],
                        closures: Sequence[Closure]) -> list[float]:
         mine = self._mine(len(points))
-        measured = self.inner.measure_points(params, perturbation, [points[i] for i in mine], closures)
+        # A query shard with no query this step (q < P) measures nothing but still joins the all-reduce.
+        measured = []
+        if mine:
+            measured = self.inner.measure_points(params, perturbation, [points[i] for i in mine], closures)
         sums = torch.zeros(2 * len(points), dtype=torch.float64)  # [losses | counts]
         for i, loss in zip(mine, measured):
             sums[i] += loss

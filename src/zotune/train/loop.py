@@ -183,7 +183,8 @@ def _fit(cfg: RunConfig, ctx: DistContext, say: Callable[[str], None]) -> dict:
         if guard is not None:
             guard.load_state_dict(manifest["extra"].get("guard", {}))
         run.truncate_log(start_step)
-        trajectory.truncate(run.path, start_step)
+        if ctx.is_main:
+            trajectory.truncate(run.path, start_step)
         say(f"resumed {run.path} from step {start_step}")
     say(
         f"{cfg.model.name} on {task.name} ({splits.source}): {len(train_set)} train / {len(dev_set)} dev / "
