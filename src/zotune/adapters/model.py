@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..optim.groups import is_norm_module
+from ..optim.groups import is_norm_module, trainable_numel  # noqa: F401  (trainable_numel: part of this API)
 from ..optim.seeding import derive_seed
 from .config import LorettaAdpConfig, LorettaRepConfig, config_from_dict, config_to_dict
 from .layers import PREFIX, LorettaAdpLayer, LorettaRepLayer, linear_shape
@@ -94,10 +94,6 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if config.train_norms:
         norms = {id(p) for m in model.modules() if is_norm_module(m) for p in m.parameters(recurse=False)}
     return {name: p.detach() for name, p in model.named_parameters() if PREFIX in name or id(p) in norms}
-
-
-def trainable_numel(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
 
 
 def save(model: nn.Module, path: str | Path) -> Path:

@@ -40,3 +40,8 @@ def param_groups(model: nn.Module, weight_decay: float, **group_options) -> list
         {"params": no_decay, "weight_decay": 0.0, **group_options},
     ]
     return [g for g in groups if g["params"]]
+
+
+def trainable_numel(model: nn.Module) -> int:
+    """Numbers in the parameters that require grad (tied parameters once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import AdapterConfig, ConfigError, ModelConfig, OptimConfig, RunConfig
 from ..optim import METHODS, param_groups
-from ..optim.groups import is_norm_module
+from ..optim.groups import is_norm_module, trainable_numel
 from .first_order import FirstOrder
 
 FIRST_ORDER = ("adamw",)
@@ -100,21 +100,20 @@ def inject_lora(model: nn.Module, cfg: AdapterConfig) -> None:
 
 def prepare_trainable(model: nn.Module, cfg: RunConfig) -> int:
     """Insert the configured adapters, then choose the trainable parameters; returns their count."""
-    adapters = None if cfg.adapter.kind == "lora" else adapter_config(cfg.adapter)
-    if adapters is not None:
-        from ..adapters import inject
+    from ..adapters import inject
 
-        inject(model, adapters)
-    elif cfg.adapter.kind == "lora":
+    kind = cfg.adapter.kind
+    if kind == "lora":
         inject_lora(model, cfg.adapter)
-        adapters = cfg.adapter
+    elif kind != "none":
+        inject(model, adapter_config(cfg.adapter))
     spec = cfg.optim.trainable
     if spec == "auto":
-        spec = "adapters" if adapters is not None else FINAL_NORM
+        spec = "adapters" if kind != "none" else FINAL_NORM
     if spec == "adapters":
-        if adapters is None:
+        if kind == "none":
             raise ConfigError("optim.trainable=adapters needs adapter.kind adp, rep or lora")
-        return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+        return trainable_numel(model)  # what the injection left trainable
     return select_trainable(model, spec)
 
 
@@ -135,7 +134,7 @@ def select_trainable(model: nn.Module, spec: str) -> int:
         raise ConfigError(f"optim.trainable={spec!r} selects no parameter of this model")
     for p in chosen:
         p.requires_grad_(True)
-    return sum(p.numel() for p in {id(p): p for p in chosen}.values())
+    return trainable_numel(model)
 
 
 def method_options(cfg: OptimConfig) -> dict:
