@@ -60,7 +60,7 @@ class Virtual:
     """Execution path that measures every point of a step in one batched forward."""
 
     def __init__(self, model: nn.Module, params: IndexedParams, perturbation) -> None:
-        if not hasattr(perturbation, "slice_factors"):
+        if not hasattr(perturbation, "point_factors"):
             raise ValueError(
                 f"the virtual path needs a factored perturbation (LOZO, TeZO); {type(perturbation).__name__} "
                 "directions are full-rank: use the in-place or drift-safe path"
@@ -98,24 +98,13 @@ class Virtual:
     def take_restore_terms(self) -> list:
         return []
 
-    def _factors(self, params: IndexedParams, points: Sequence[Point]) -> dict[int, tuple[Tensor, ...]]:
-        """Per parameter: (L (S, m, r), R (n, r)) for matrices, (Z (S, d),) for 1-D parameters."""
-        out = {}
-        for index, p in params:
-            if p.dim() >= 2:
-                out[index] = self.perturbation.slice_factors(p, index, points)
-            else:  # one dense draw per query, scaled for each of its points
-                unit = {key: self.perturbation.dense.coordinates(p, index, [(1.0, key)]) for _, key in points}
-                out[index] = (torch.stack([unit[key] * offset for offset, key in points]).to(p.dtype),)
-        return out
-
     def measure_points(self, params, perturbation, points, closures) -> list[float]:
         copies = len(points)
-        factors = self._factors(params, points)
+        factors = self.perturbation.point_factors(params, points)
         handles = []
         try:
             for module, owned in self._owned:
-                hook = _make_hook(module, [(name, factors[index]) for name, index in owned], copies)
+                hook = _make_hook(module, {name: factors[index] for name, index in owned}, copies)
                 handles.append(module.register_forward_hook(hook))
             return per_copy_losses(closures, copies)
         finally:
@@ -123,43 +112,72 @@ class Virtual:
                 handle.remove()
 
 
-def _make_hook(module: nn.Module, owned: list[tuple[str, tuple[Tensor, ...]]], copies: int) -> Callable:
-    """Forward hook adding every copy's perturbation of ``module``'s parameters to its output."""
-    by_name = dict(owned)
+def _by_copy(output: Tensor, copies: int, x: Tensor) -> Tensor:
+    """``output`` as a (S, N, features) view: the hooks add to it in place."""
+    if output.shape[0] % copies:
+        raise ValueError(
+            f"a perturbed module received inputs without the repeated batch dimension (shape {tuple(x.shape)} "
+            f"for {copies} copies), e.g. position ids shared across the batch; pass them per row "
+            "(position_ids of shape (batch, length)) or freeze this module's parameters"
+        )
+    return output.view(copies, -1, output.shape[-1])
 
-    def hook(mod, args, output):
-        x = args[0]
-        if output.shape[0] % copies:
-            raise ValueError(
-                f"{type(mod).__name__} received inputs without the repeated batch dimension (shape "
-                f"{tuple(x.shape)} for {copies} copies), e.g. position ids shared across the batch; pass them "
-                "per row (position_ids of shape (batch, length)) or freeze this module's parameters"
-            )
-        out = output.reshape(copies, -1, output.shape[-1])  # (S, N, out_features), N = B·T
-        deltas = []
-        if "weight" in by_name and isinstance(mod, nn.Embedding):
-            left, right = by_name["weight"]  # (S, vocab, r), (d, r)
-            ids = x.reshape(copies, -1)  # (S, N)
-            rows = torch.gather(left, 1, ids.unsqueeze(-1).expand(-1, -1, left.shape[-1]))  # (S, N, r)
-            deltas.append(rows @ right.T)
-        elif "weight" in by_name and isinstance(mod, nn.Linear):
-            left, right = by_name["weight"]  # (S, m, r), (n, r)
-            xr = x.reshape(copies, -1, x.shape[-1]) @ right  # (S, N, r)
-            deltas.append(torch.bmm(xr, left.transpose(1, 2)))
-        elif "weight" in by_name and _is_conv1d(mod):
-            left, right = by_name["weight"]  # W is (n_in, n_out): L (S, n_in, r), R (n_out, r)
-            xl = torch.bmm(x.reshape(copies, -1, x.shape[-1]), left)  # (S, N, r)
-            deltas.append(xl @ right.T)
-        if isinstance(mod, nn.LayerNorm):
-            normalized = F.layer_norm(x, mod.normalized_shape, None, None, mod.eps).reshape(out.shape)
-            if "weight" in by_name:
-                deltas.append(normalized * by_name["weight"][0].unsqueeze(1))
-            if "bias" in by_name:
-                deltas.append(by_name["bias"][0].unsqueeze(1))
-        elif "bias" in by_name:
-            deltas.append(by_name["bias"][0].unsqueeze(1))  # (S, 1, m)
-        for delta in deltas:
-            out = out + delta
-        return out.view(output.shape)
+
+def _make_hook(module: nn.Module, owned: dict[str, tuple[Tensor, ...]], copies: int) -> Callable:
+    """Forward hook adding every copy's perturbation of ``module``'s parameters to its output.
+
+    Runs under ``no_grad`` (inside the optimizer's step) and adds in place to the module's
+    fresh, contiguous output: two or three kernels per module whatever the number of copies.
+    Everything that does not depend on the input is prepared here, once per step.
+    """
+    weight, bias = owned.get("weight"), owned.get("bias")
+    bias_z = None if bias is None else bias[0].unsqueeze(1)  # (S, 1, m)
+
+    if isinstance(module, nn.LayerNorm):
+        weight_z = None if weight is None else weight[0].unsqueeze(1)  # (S, 1, d)
+
+        def hook(mod, args, output):
+            out = _by_copy(output, copies, args[0])
+            if weight_z is not None:
+                normalized = F.layer_norm(args[0], mod.normalized_shape, None, None, mod.eps).view(out.shape)
+                out.addcmul_(normalized, weight_z)  # x̂_s ∘ z_s
+            if bias_z is not None:
+                out.add_(bias_z)
+            return output
+
+    elif isinstance(module, nn.Embedding):
+        left, right = weight  # (S, vocab, r), (d, r)
+        right_t = right.T.expand(copies, -1, -1)  # (S, r, d)
+
+        def hook(mod, args, output):
+            out = _by_copy(output, copies, args[0])
+            ids = args[0].reshape(copies, -1, 1).expand(-1, -1, left.shape[-1])  # (S, N, r)
+            out.baddbmm_(torch.gather(left, 1, ids), right_t)  # += L_s[ids_s] Rᵀ
+            return output
+
+    elif _is_conv1d(module):  # W: n_in×n_out, y = x W; L (S, n_in, r), R (n_out, r)
+        if weight is not None:
+            left, right = weight
+            right_t = right.T.expand(copies, -1, -1)  # (S, r, n_out)
+
+        def hook(mod, args, output):
+            out = _by_copy(output, copies, args[0])
+            if weight is not None:  # += (x_s L_s) Rᵀ
+                out.baddbmm_(torch.bmm(args[0].reshape(copies, -1, args[0].shape[-1]), left), right_t)
+            if bias_z is not None:
+                out.add_(bias_z)
+            return output
+
+    else:  # nn.Linear, W: m×n, y = x Wᵀ; L (S, m, r), R (n, r)
+        if weight is not None:
+            left_t, right = weight[0].transpose(1, 2), weight[1]  # (S, r, m), (n, r)
+
+        def hook(mod, args, output):
+            out = _by_copy(output, copies, args[0])
+            if weight is not None:  # += (x_s R) L_sᵀ, x R shared by all copies
+                out.baddbmm_(args[0].reshape(copies, -1, args[0].shape[-1]) @ right, left_t)
+            if bias_z is not None:
+                out.add_(bias_z)
+            return output
 
     return hook

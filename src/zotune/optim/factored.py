@@ -5,22 +5,31 @@ Every parameter with two or more dimensions is treated as a matrix W ∈ R^{m×n
 One-dimensional parameters (norms, biases) get dense Gaussian directions.
 
 A matrix direction is always applied as ``W.addmm_(L, Rᵀ)`` with thin factors: no m×n
-temporary is ever formed. A list of terms Σ_k α_k Z_k folds into one product of rank
-r·K (LOZO) or r (TeZO, whose terms share U and V).
+temporary is ever formed. A list of terms Σ_k α_k Z_k of one V window folds into one
+product of rank r.
+
+The numbers a query draws fresh (LOZO's U, TeZO's τ, the dense z of a 1-D parameter) are
+drawn for all parameters at once: one ``randn`` per (device, dtype) group and query, laid
+out in parameter-index order when the optimizer calls :meth:`prepare`, each parameter
+reading its slice. A step then costs a handful of RNG launches instead of one per
+parameter, which is what bounds small and medium models on a GPU. The draws are still a
+pure function of (run seed, step, query, parameter layout): resume and replay regenerate
+them exactly. A parameter outside the prepared layout draws its own numbers.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .perturbations import DrawKey, Gaussian, Perturbation, Term, merge_terms
+from .perturbations import DrawKey, Perturbation, Term, merge_terms
 from .seeding import DeviceGenerators
 
-# Domain tags keep the factor streams apart from each other and from Gaussian chunks.
-_TAG_U, _TAG_V, _TAG_TAU, _TAG_CP_U, _TAG_CP_V = 101, 102, 103, 104, 105
+# Domain tags keep the streams apart from each other and from Gaussian chunks.
+_TAG_V, _TAG_CP_U, _TAG_CP_V, _TAG_FRESH, _TAG_PACK = 102, 104, 105, 106, 107
 
 
 def as_matrix(param: Tensor) -> Tensor:
@@ -28,59 +37,137 @@ def as_matrix(param: Tensor) -> Tensor:
 
 
 class _Factored(Perturbation):
-    """Shared machinery; subclasses say how the factors of one term are drawn."""
+    """Shared machinery; subclasses say what a query draws fresh and how it becomes factors."""
 
-    def __init__(self, scale: float, chunk_numel: int | None) -> None:
+    def __init__(self, scale: float) -> None:
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")
         self.kappa = float(scale)
-        self.dense = Gaussian(chunk_numel)
         self._generators = DeviceGenerators()
+        self._prepared: list[tuple[int, Tensor]] = []  # the parameters the per-query draw covers
+        # index -> (group, start, shape) in the per-query draw; group = (device, dtype)
+        self._layout: dict[int, tuple[tuple[torch.device, torch.dtype], int, tuple[int, ...]]] = {}
+        self._groups: dict[tuple[torch.device, torch.dtype], tuple[int, int]] = {}  # group -> (first index, numel)
+        self._packs: dict[tuple[int, tuple], Tensor] = {}  # (query, group) -> flat draw of the current step
+        self._packs_of: tuple[int, int] | None = None  # (run seed, step) the packs belong to
 
-    def _randn(self, shape: tuple[int, ...], like: Tensor, *address: int) -> Tensor:
-        gen = self._generators.seeded(like.device, *address)
-        return torch.randn(shape, generator=gen, device=like.device, dtype=like.dtype)
+    def _randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, *address: int) -> Tensor:
+        gen = self._generators.seeded(device, *address)
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype)
 
-    # Subclasses provide: _left_right(param, index, terms) -> (L (m, k), R (n, k)) with Σ α Z = L Rᵀ;
-    # _coords(param, index, terms); _expand(param, index, coords, key) -> (L, R).
+    # Subclasses provide: _fresh_shape(param, index); _left_right(param, index, terms) -> (L, R, α)
+    # with Σ α_k Z_k = α L Rᵀ; _matrix_coords(param, index, terms); _expand(param, index, coords, key)
+    # -> (L, R); _point_left(param, index, fresh (S, *fresh_shape), key) -> L (S, m, r);
+    # _right(param, index, key) -> R (n, r).
 
+    # ------------------------------------------------------------ fresh numbers of a query
+    def prepare(self, params) -> None:
+        """Lay out the per-query draw over ``params`` (once: the optimizer's first call fixes it)."""
+        if not self._prepared:
+            self._prepared = sorted(params, key=lambda item: item[0])
+            self._build_layout()
+
+    def _build_layout(self) -> None:
+        self._layout.clear()
+        self._groups.clear()
+        self._packs.clear()
+        for index, p in self._prepared:
+            group = (p.device, p.dtype)
+            first, start = self._groups.get(group, (index, 0))
+            shape = self._fresh_shape(p, index)
+            self._layout[index] = (group, start, shape)
+            self._groups[group] = (first, start + math.prod(shape))
+
+    def _pack(self, key: DrawKey, group) -> Tensor:
+        if self._packs_of != (key.run_seed, key.step):  # keep only the current step's draws
+            self._packs.clear()
+            self._packs_of = (key.run_seed, key.step)
+        flat = self._packs.get((key.query, group))
+        if flat is None:
+            first, numel = self._groups[group]
+            flat = self._randn((numel,), *group, key.run_seed, _TAG_PACK, key.step, key.query, first)
+            self._packs[(key.query, group)] = flat
+        return flat
+
+    def _fresh(self, param: Tensor, index: int, key: DrawKey) -> Tensor:
+        """What query ``key`` draws fresh for this parameter: U (LOZO), τ (TeZO), z (1-D)."""
+        slot = self._layout.get(index)
+        if slot is None:
+            shape = self._fresh_shape(param, index)
+            return self._randn(shape, param.device, param.dtype, key.run_seed, _TAG_FRESH, key.step, key.query, index)
+        group, start, shape = slot
+        fresh = self._pack(key, group)[start : start + math.prod(shape)].view(shape)
+        return fresh if fresh.dtype == param.dtype else fresh.to(param.dtype)  # (dtype changed after prepare)
+
+    def _fresh_shape(self, param: Tensor, index: int) -> tuple[int, ...]:
+        return tuple(param.shape)  # 1-D parameters: a dense z; subclasses handle matrices
+
+    # ------------------------------------------------------------ the Perturbation contract
     def add_(self, param: Tensor, index: int, terms: Sequence[Term]) -> None:
         terms = merge_terms(terms)
         if not terms:
             return
         if param.dim() < 2:
-            return self.dense.add_(param, index, terms)
-        left, right = self._left_right(param, index, terms)
-        as_matrix(param).addmm_(left, right.T)
+            for alpha, key in terms:
+                param.add_(self._fresh(param, index, key), alpha=alpha)
+            return
+        left, right, alpha = self._left_right(param, index, terms)
+        (param if param.dim() == 2 else as_matrix(param)).addmm_(left, right.T, alpha=alpha)
 
     def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
+        dtype = torch.promote_types(param.dtype, torch.float32)
         if param.dim() < 2:
-            return self.dense.coordinates(param, index, terms)
-        return self._coords(param, index, terms).to(torch.promote_types(param.dtype, torch.float32))
+            return sum(self._fresh(param, index, key).to(dtype) * alpha for alpha, key in terms)
+        return self._matrix_coords(param, index, terms).to(dtype)
 
     def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float, key: DrawKey) -> None:
         if param.dim() < 2:
-            return self.dense.add_coordinates_(param, index, coords, alpha, key)
+            param.add_(coords.to(param.dtype), alpha=alpha)
+            return
         left, right = self._expand(param, index, coords.to(param.dtype), key)
         as_matrix(param).addmm_(left, right.T, alpha=alpha)
 
     def scale(self, param: Tensor) -> float:
         return self.kappa if param.dim() >= 2 else 1.0
 
-    def slice_factors(self, param: Tensor, index: int, points: Sequence[Term]) -> tuple[Tensor, Tensor]:
-        """Per-point factors for the virtual path: ``(L (S, m, r), R (n, r))`` with offset_s Z_s = L_s Rᵀ.
+    def add_each_(self, params, terms, scaled) -> None:
+        # The 1-D parameters of the layout move together: one foreach kernel per term (κ is 1 for them).
+        vectors = [(index, p) for index, p in params if p.dim() < 2 and index in self._layout]
+        if vectors:
+            tensors = [p for _, p in vectors]
+            for alpha, key in merge_terms([*terms, *scaled]):
+                torch._foreach_add_(tensors, [self._fresh(p, index, key) for index, p in vectors], alpha=alpha)
+        others = [(index, p) for index, p in params if not (p.dim() < 2 and index in self._layout)]
+        super().add_each_(others, terms, scaled)
 
-        All points belong to one step, so they share R. Each query's factors are drawn once and
-        scaled for each of its points (±ε).
+    # ------------------------------------------------------------ the virtual path
+    def point_factors(self, params, points: Sequence[Term]) -> dict[int, tuple[Tensor, ...]]:
+        """Every point's offset·Z of every parameter, as the virtual path applies them.
+
+        Per parameter index: ``(L (S, m, r), R (n, r))`` for a matrix, with offset_s Z_s = L_s Rᵀ
+        (all points belong to one step, so they share R), or ``(Z (S, d),)`` for a 1-D parameter.
+        The scaling by each point's offset is one multiplication per parameter group.
         """
-        unit: dict[DrawKey, tuple[Tensor, Tensor]] = {}  # key -> (L, R) of Z(key) itself
-        lefts, right = [], None
-        for offset, key in points:
-            if key not in unit:
-                unit[key] = self._left_right(param, index, [(1.0, key)])
-            left, right = unit[key]
-            lefts.append(left * offset)
-        return torch.stack(lefts), right
+        copies = len(points)
+        scaled: dict[tuple, Tensor] = {}  # group -> (S, numel): row s = offset_s · draw(key_s)
+        for group in self._groups:
+            draws = torch.stack([self._pack(key, group) for _, key in points])
+            offsets = torch.tensor([offset for offset, _ in points], dtype=draws.dtype).to(draws.device)
+            scaled[group] = draws.mul_(offsets.unsqueeze(1))
+        out = {}
+        for index, p in params:
+            slot = self._layout.get(index)
+            if slot is None:
+                fresh = torch.stack([self._fresh(p, index, key) * offset for offset, key in points])
+            else:
+                group, start, shape = slot
+                fresh = scaled[group][:, start : start + math.prod(shape)].view(copies, *shape).to(p.dtype)
+            if p.dim() < 2:
+                out[index] = (fresh,)
+            else:
+                key = points[0][1]
+                out[index] = (self._point_left(p, index, fresh, key), self._right(p, index, key))
+        return out
 
 
 class LowRank(_Factored):
@@ -90,7 +177,7 @@ class LowRank(_Factored):
 
     V comes from its own stream (run seed, window, parameter), so the U of an update is always
     the U of its measurement (the reference code draws V from the same stream as U on window
-    starts, shifting every later U). V is regenerated, not stored: O(n r) RNG per use.
+    starts, shifting every later U). V is cached for its window (Σ n r numbers).
 
     Args:
         rank: r.
@@ -100,12 +187,12 @@ class LowRank(_Factored):
     Coordinates of a matrix are U-space: ĝ = (κ Σ_i g_i/q U_i) Vᵀ, an m×r matrix.
     """
 
-    def __init__(self, rank: int = 2, nu: int = 50, scale: float = 1.0, chunk_numel: int | None = None) -> None:
+    def __init__(self, rank: int = 2, nu: int = 50, scale: float = 1.0) -> None:
         if int(rank) != rank or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank}")
         if int(nu) != nu or nu < 1:
             raise ValueError(f"nu must be a positive integer, got {nu}")
-        super().__init__(scale, chunk_numel)
+        super().__init__(scale)
         self.rank, self.nu = int(rank), int(nu)
         self.changes_basis = True  # V changes every nu steps: moments must be re-projected
         self._v_cache: dict[int, tuple[int, int, Tensor]] = {}  # index -> (seed, window, V)
@@ -116,31 +203,44 @@ class LowRank(_Factored):
     def window(self, step: int) -> int:
         return step // self.nu
 
+    def _fresh_shape(self, param, index):
+        return (param.shape[0], self.rank) if param.dim() >= 2 else super()._fresh_shape(param, index)
+
     def u(self, param: Tensor, index: int, key: DrawKey) -> Tensor:
-        return self._randn((param.shape[0], self.rank), param, key.run_seed, _TAG_U, key.step, key.query, index)
+        """U (m, r) of query ``key`` (read-only: a view of the query's draw)."""
+        return self._fresh(param, index, key)
 
     def v(self, param: Tensor, index: int, run_seed: int, window: int) -> Tensor:
         cached = self._v_cache.get(index)
         if cached is not None and cached[:2] == (run_seed, window) and cached[2].dtype == param.dtype:
             return cached[2]
-        v = self._randn((as_matrix(param).shape[1], self.rank), param, run_seed, _TAG_V, window, index)
+        v = self._randn((as_matrix(param).shape[1], self.rank), param.device, param.dtype, run_seed, _TAG_V, window, index)
         self._v_cache[index] = (run_seed, window, v)
         return v
 
-    def _left_right(self, param, index, terms):
-        lefts = [self.u(param, index, key).mul_(alpha) for alpha, key in terms]
-        rights = [self.v(param, index, key.run_seed, self.window(key.step)) for _, key in terms]
-        if len(terms) == 1:  # the common case: no concatenation (a copy) needed
-            return lefts[0], rights[0]
-        return torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
+    def _right(self, param, index, key):
+        return self.v(param, index, key.run_seed, self.window(key.step))
 
-    def _coords(self, param, index, terms):
+    def _left_right(self, param, index, terms):
+        if len(terms) == 1:  # the common case: U Vᵀ scaled by α inside addmm_
+            alpha, key = terms[0]
+            return self.u(param, index, key), self._right(param, index, key), alpha
+        if len({self.window(key.step) for _, key in terms}) == 1:  # one V: Σ α_k U_k Vᵀ = (Σ α_k U_k) Vᵀ
+            return self._matrix_coords(param, index, terms), self._right(param, index, terms[0][1]), 1.0
+        lefts = [self.u(param, index, key) * alpha for alpha, key in terms]
+        rights = [self._right(param, index, key) for _, key in terms]
+        return torch.cat(lefts, dim=1), torch.cat(rights, dim=1), 1.0
+
+    def _matrix_coords(self, param, index, terms):
         windows = {self.window(key.step) for _, key in terms}
         assert len(windows) == 1, "coordinates of one call must share a V window"
         return sum(self.u(param, index, key) * alpha for alpha, key in terms)
 
     def _expand(self, param, index, coords, key):
-        return coords, self.v(param, index, key.run_seed, self.window(key.step))
+        return coords, self._right(param, index, key)
+
+    def _point_left(self, param, index, fresh, key):
+        return fresh  # (S, m, r): offset_s U_s
 
     def transport(self, coords: Tensor, param: Tensor, index: int, old: DrawKey, new: DrawKey) -> Tensor:
         """LOZO-M's projection N ← N (V_oldᵀ V_new) / n onto the new window's row space."""

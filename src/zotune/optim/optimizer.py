@@ -250,11 +250,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             q = len(keys)
             for (_, weight_decay, members), lr in zip(self._groups(), lrs):
                 decay = 1.0 - lr * weight_decay
-                for index, p in members:
-                    kappa = self.perturbation.scale(p)
-                    self.perturbation.add_(p, index, [(lr * kappa * g / q, key) for g, key in zip(record.projected_grads, keys)])
-                    if decay != 1.0:
-                        p.div_(decay)
+                self.perturbation.add_each_(members, [], [(lr * g / q, key) for g, key in zip(record.projected_grads, keys)])
+                if decay != 1.0 and members:
+                    torch._foreach_div_([p for _, p in members], decay)
 
     def _restore(self) -> None:
         restore = self.execution.take_restore_terms()
@@ -272,14 +270,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             # Scaling the perturbed weights by `decay` also scales the offset still in them,
             # so the restore terms are scaled to match: (θ + εZ)·d − εd·Z = θ·d.
             restore_terms = [(alpha * decay, key) for alpha, key in restore]
+            if decay != 1.0 and members:
+                torch._foreach_mul_([p for _, p in members], decay)
+            if self.rule.linear:  # θ += restore − η ĝ, ĝ = κ Σ_i (g_i/q) Z_i
+                self.perturbation.add_each_(members, restore_terms, [(-lr * g / q, key) for g, key in zip(grads, keys)])
+                continue
             for index, p in members:
                 kappa = self.perturbation.scale(p)
-                estimate_terms = [(kappa * g / q, key) for g, key in zip(grads, keys)]  # ĝ = κ Σ_i (g_i/q) Z_i
-                if decay != 1.0:
-                    p.mul_(decay)
-                if self.rule.linear:
-                    self.perturbation.add_(p, index, restore_terms + [(-lr * a, key) for a, key in estimate_terms])
-                    continue
+                estimate_terms = [(kappa * g / q, key) for g, key in zip(grads, keys)]
                 if restore_terms:
                     self.perturbation.add_(p, index, restore_terms)
                 coords = self.perturbation.coordinates(p, index, estimate_terms)

@@ -70,6 +70,12 @@ class Perturbation(ABC):
         """κ in ĝ = κ · g · Z for this parameter (1 unless the method normalises)."""
         return 1.0
 
+    def add_each_(self, params: Sequence[tuple[int, Tensor]], terms: Sequence[Term], scaled: Sequence[Term]) -> None:
+        """For every ``(index, p)``: ``p += Σ terms + scale(p) · Σ scaled`` in one pass (the update pass)."""
+        for index, p in params:
+            kappa = self.scale(p)
+            self.add_(p, index, [*terms, *((kappa * alpha, key) for alpha, key in scaled)])
+
     def transport(self, coords: Tensor, param: Tensor, index: int, old: DrawKey, new: DrawKey) -> Tensor:
         """Coordinates in the basis of step ``old.step`` re-expressed in the basis of ``new.step``."""
         return coords

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .factored import _TAG_CP_U, _TAG_CP_V, _TAG_TAU, _Factored, as_matrix
+from .factored import _TAG_CP_U, _TAG_CP_V, _Factored, as_matrix
 from .perturbations import DrawKey
 
 
@@ -32,28 +32,29 @@ class TemporalCP(_Factored):
             draw of U and V).
     """
 
-    def __init__(self, rank: int | str = 32, r_th: float = 0.5, r_max: int = 64, scale: float = 1.0,
-                 chunk_numel: int | None = None) -> None:
+    def __init__(self, rank: int | str = 32, r_th: float = 0.5, r_max: int = 64, scale: float = 1.0) -> None:
         if rank != "auto" and (int(rank) != rank or rank < 1):
             raise ValueError(f"rank must be a positive integer or 'auto', got {rank!r}")
         if not 0.0 < r_th <= 1.0 or r_max < 1:
             raise ValueError(f"need 0 < r_th <= 1 and r_max >= 1, got r_th={r_th}, r_max={r_max}")
-        super().__init__(scale, chunk_numel)
+        super().__init__(scale)
         self.rank, self.r_th, self.r_max = rank, float(r_th), int(r_max)
         self.ranks: dict[int, int] = {}  # parameter index -> r_l (part of the state: chosen once)
         self._factors: dict[int, tuple[int, Tensor, Tensor]] = {}  # index -> (seed, U, V)
 
     def prepare(self, params) -> None:
+        params = list(params)
         for index, p in params:
-            if p.dim() < 2 or index in self.ranks:
-                continue
-            matrix = as_matrix(p)
-            if self.rank == "auto":
-                sigma = torch.linalg.svdvals(matrix.detach().float())
-                chosen = int((sigma >= self.r_th * sigma[0]).sum())
-                self.ranks[index] = max(1, min(chosen, self.r_max, *matrix.shape))
-            else:
-                self.ranks[index] = min(int(self.rank), *matrix.shape)
+            if p.dim() >= 2 and index not in self.ranks:
+                self.ranks[index] = self._choose_rank(as_matrix(p))
+        super().prepare(params)  # the per-query draw holds each matrix's τ
+
+    def _choose_rank(self, matrix: Tensor) -> int:
+        if self.rank == "auto":
+            sigma = torch.linalg.svdvals(matrix.detach().float())
+            chosen = int((sigma >= self.r_th * sigma[0]).sum())
+            return max(1, min(chosen, self.r_max, *matrix.shape))
+        return min(int(self.rank), *matrix.shape)
 
     def persistent_numel(self) -> int:
         return sum(u.numel() + v.numel() for _, u, v in self._factors.values())
@@ -64,30 +65,41 @@ class TemporalCP(_Factored):
     def load_state_dict(self, state: dict) -> None:
         self.ranks = {int(k): int(v) for k, v in state.get("ranks", {}).items()}
         self._factors.clear()
+        self._build_layout()  # the saved ranks size each matrix's τ
 
     def factors(self, param: Tensor, index: int, run_seed: int) -> tuple[Tensor, Tensor]:
         cached = self._factors.get(index)
         if cached is not None and cached[0] == run_seed and cached[1].dtype == param.dtype:
             return cached[1], cached[2]
-        if index not in self.ranks:
-            self.prepare([(index, param)])
-        r = self.ranks[index]
         matrix = as_matrix(param)
-        u = self._randn((matrix.shape[0], r), param, run_seed, _TAG_CP_U, index)
-        v = self._randn((matrix.shape[1], r), param, run_seed, _TAG_CP_V, index)
+        r = self.ranks.setdefault(index, self._choose_rank(matrix))
+        u = self._randn((matrix.shape[0], r), param.device, param.dtype, run_seed, _TAG_CP_U, index)
+        v = self._randn((matrix.shape[1], r), param.device, param.dtype, run_seed, _TAG_CP_V, index)
         self._factors[index] = (run_seed, u, v)
         return u, v
 
-    def tau(self, param: Tensor, index: int, key: DrawKey) -> Tensor:
-        u, _ = self.factors(param, index, key.run_seed)
-        return self._randn((u.shape[1],), param, key.run_seed, _TAG_TAU, key.step, key.query, index)
+    def _fresh_shape(self, param, index):
+        if param.dim() < 2:
+            return super()._fresh_shape(param, index)
+        return (self.ranks.setdefault(index, self._choose_rank(as_matrix(param))),)
 
-    def _coords(self, param, index, terms):
+    def tau(self, param: Tensor, index: int, key: DrawKey) -> Tensor:
+        """τ (r,) of query ``key`` (read-only: a view of the query's draw)."""
+        return self._fresh(param, index, key)
+
+    def _matrix_coords(self, param, index, terms):
         return sum(self.tau(param, index, key) * alpha for alpha, key in terms)
 
     def _left_right(self, param, index, terms):
         u, v = self.factors(param, index, terms[0][1].run_seed)
-        return u * self._coords(param, index, terms), v  # (m, r) ⊙ (r,) broadcasts over rows
+        return u * self._matrix_coords(param, index, terms), v, 1.0  # (m, r) ⊙ (r,) broadcasts over rows
+
+    def _right(self, param, index, key):
+        return self.factors(param, index, key.run_seed)[1]
+
+    def _point_left(self, param, index, fresh, key):
+        u, _ = self.factors(param, index, key.run_seed)
+        return u * fresh.unsqueeze(1)  # (m, r) ⊙ (S, 1, r) -> (S, m, r): offset_s U diag(τ_s)
 
     def _expand(self, param, index, coords, key):
         u, v = self.factors(param, index, key.run_seed)
