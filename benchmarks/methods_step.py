@@ -59,8 +59,8 @@ def speed(args, model, batch: int, variants: list[str]) -> dict[str, float]:
         for fn in steps.values():  # warm-up
             fn()
         for _ in range(args.repeats):
-            for v, fn in steps.items():
-                times[v].append(timed(fn, args.device))
+            for v, fn in steps.items():  # a block of consecutive steps per variant, blocks interleaved
+                times[v].append(statistics.mean(timed(fn, args.device) for _ in range(args.block)))
     return {v: statistics.median(t) for v, t in times.items()}
 
 
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--block", type=int, default=1, help="consecutive steps per timing sample")
     parser.add_argument("--all-at", type=int, default=4, help="batch size at which every variant is timed")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
@@ -111,7 +112,8 @@ def main() -> None:
             peak = None if args.no_memory or batch != args.all_at else memory(args, v, batch)
             rows.append((batch, v, times[v], times[v] / times["mezo"], peak))
         print(f"batch {batch} done", file=sys.stderr, flush=True)
-    print(f"\nZO step time and peak memory ({where}; median of {args.repeats}, interleaved)")
+    sample = f"blocks of {args.block} steps" if args.block > 1 else "steps"
+    print(f"\nZO step time and peak memory ({where}; median of {args.repeats} {sample}, interleaved)")
     print("| batch | method | path | s / step | vs in-place MeZO | peak MiB |\n|---|---|---|---|---|---|")
     for batch, v, seconds, ratio, peak in rows:
         name, _, path = v.partition("+")

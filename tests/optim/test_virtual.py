@@ -84,3 +84,31 @@ def test_shared_position_ids_are_reported(batch):
     opt = zotune.lozo(model.parameters(), lr=1e-3, virtual=True, model=model)
     with pytest.raises(ValueError, match="without the repeated batch dimension"):
         opt.step(per_copy_lm_closure(model, batch))
+
+
+def test_linear_bias_rides_in_the_low_rank_product(batch, monkeypatch):
+    # LOZO lays each Linear's Uᵀ and its bias's z out next to each other, so the virtual hook adds
+    # the bias perturbation inside the same batched product. It must fire on OPT's biased
+    # Linears and measure what the separate bias addition measures.
+    from zotune.models import virtual as virtual_module
+
+    fused_calls = []
+    original = virtual_module._with_bias_row
+
+    def spy(left_t, bias_z):
+        fused = original(left_t, bias_z)
+        fused_calls.append(fused is not None)
+        return fused
+
+    losses = {}
+    for mode in ("fused", "separate"):
+        monkeypatch.setattr(virtual_module, "_with_bias_row", spy if mode == "fused" else lambda *a: None)
+        model = tiny_opt().double()
+        trainable(model, ("embed_positions",))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = zotune.lozo(params, lr=1e-3, eps=1e-2, num_queries=2, seed=3, virtual=True, model=model)
+        opt.step(per_copy_lm_closure(model, batch))
+        losses[mode] = torch.tensor(opt.last_record.losses)
+    linears_with_bias = sum(1 for m in tiny_opt().modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+    assert fused_calls.count(True) == linears_with_bias > 0
+    torch.testing.assert_close(losses["fused"], losses["separate"], rtol=1e-12, atol=1e-12)

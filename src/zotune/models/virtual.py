@@ -94,6 +94,7 @@ class Virtual:
         if missing:
             raise ValueError(f"parameters at indices {missing[:5]} do not belong to a module of the model")
         self.perturbation = perturbation
+        self._cache: dict[int, tuple] = {}  # id(module) -> what its hook derived from this step's factors
 
     def take_restore_terms(self) -> list:
         return []
@@ -104,7 +105,7 @@ class Virtual:
         handles = []
         try:
             for module, owned in self._owned:
-                hook = _make_hook(module, {name: factors[index] for name, index in owned}, copies)
+                hook = _make_hook(module, {name: factors[index] for name, index in owned}, copies, self._cache)
                 handles.append(module.register_forward_hook(hook))
             return per_copy_losses(closures, copies)
         finally:
@@ -123,7 +124,49 @@ def _by_copy(output: Tensor, copies: int, x: Tensor) -> Tensor:
     return output.view(copies, -1, output.shape[-1])
 
 
-def _make_hook(module: nn.Module, owned: dict[str, tuple[Tensor, ...]], copies: int) -> Callable:
+def _with_bias_row(left_t: Tensor, bias_z: Tensor) -> Tensor | None:
+    """[L_sᵀ; z_sᵀ] (S, r+1, m) as a view, when the draw laid z (S, m) right after Lᵀ (S, r, m).
+
+    LOZO draws a Linear's Uᵀ and its bias's z next to each other (parameters in index
+    order), so the bias perturbation needs no kernel of its own; otherwise None. (Adjacent
+    addresses inside one storage: ``as_strided`` refuses to reach past the storage's end.)
+    """
+    copies, rank, m = left_t.shape
+    row = left_t.stride(0)
+    if (
+        bias_z.shape != (copies, m)
+        or left_t.stride() != (row, m, 1)
+        or bias_z.stride() != (row, 1)
+        or bias_z.data_ptr() != left_t.data_ptr() + rank * m * left_t.element_size()
+        or bias_z.dtype != left_t.dtype
+    ):
+        return None
+    try:
+        return left_t.as_strided((copies, rank + 1, m), (row, m, 1))
+    except RuntimeError:  # a different storage that merely ends where z begins
+        return None
+
+
+def _fused_bias(left_t: Tensor, right: Tensor, bias_z: Tensor | None, cache: dict, slot: int):
+    """(``[L_sᵀ; z_sᵀ]``, ``[R | 0]`` (n, r+1), e_{r+1}) when the bias can ride in the product, else Nones.
+
+    addmm(e, x, [R | 0]) = [x R, 1]. The factors are views of buffers the perturbation reuses,
+    so the result is kept while they are the same tensors (R changes with LOZO's V window).
+    """
+    hit = cache.get(slot)
+    if hit is not None and hit[0] is left_t and hit[1] is right and hit[2] is bias_z:
+        return hit[3:]
+    fused = None if bias_z is None else _with_bias_row(left_t, bias_z)
+    padded = ones = None
+    if fused is not None:
+        padded = F.pad(right, (0, 1))
+        ones = torch.zeros(right.shape[1] + 1, device=right.device, dtype=right.dtype)
+        ones[-1] = 1
+    cache[slot] = (left_t, right, bias_z, fused, padded, ones)
+    return fused, padded, ones
+
+
+def _make_hook(module: nn.Module, owned: dict[str, tuple[Tensor, ...]], copies: int, cache: dict) -> Callable:
     """Forward hook adding every copy's perturbation of ``module``'s parameters to its output.
 
     Runs under ``no_grad`` (inside the optimizer's step) and adds in place to the module's
@@ -132,6 +175,7 @@ def _make_hook(module: nn.Module, owned: dict[str, tuple[Tensor, ...]], copies: 
     """
     weight, bias = owned.get("weight"), owned.get("bias")
     bias_z = None if bias is None else bias[0].unsqueeze(1)  # (S, 1, m)
+    # A matrix's factors come as (Lᵀ (S, r, m), R (n, r)): offset_s Z_s = L_s Rᵀ.
 
     if isinstance(module, nn.LayerNorm):
         weight_z = None if weight is None else weight[0].unsqueeze(1)  # (S, 1, d)
@@ -146,7 +190,7 @@ def _make_hook(module: nn.Module, owned: dict[str, tuple[Tensor, ...]], copies: 
             return output
 
     elif isinstance(module, nn.Embedding):
-        left, right = weight  # (S, vocab, r), (d, r)
+        left, right = weight[0].transpose(1, 2), weight[1]  # (S, vocab, r), (d, r)
         right_t = right.T.expand(copies, -1, -1)  # (S, r, d)
 
         def hook(mod, args, output):
@@ -157,7 +201,7 @@ def _make_hook(module: nn.Module, owned: dict[str, tuple[Tensor, ...]], copies: 
 
     elif _is_conv1d(module):  # W: n_in×n_out, y = x W; L (S, n_in, r), R (n_out, r)
         if weight is not None:
-            left, right = weight
+            left, right = weight[0].transpose(1, 2), weight[1]
             right_t = right.T.expand(copies, -1, -1)  # (S, r, n_out)
 
         def hook(mod, args, output):
@@ -170,12 +214,17 @@ def _make_hook(module: nn.Module, owned: dict[str, tuple[Tensor, ...]], copies: 
 
     else:  # nn.Linear, W: m×n, y = x Wᵀ; L (S, m, r), R (n, r)
         if weight is not None:
-            left_t, right = weight[0].transpose(1, 2), weight[1]  # (S, r, m), (n, r)
+            left_t, right = weight  # (S, r, m), (n, r)
+            fused, right_padded, ones = _fused_bias(left_t, right, None if bias is None else bias[0], cache, id(module))
+            if fused is not None:  # [x R, 1] [L_s, z_s]ᵀ = (x R) L_sᵀ + z_s: the bias rides in the product
+                left_t, right, bias_z = fused, right_padded, None
+            right_t = right.T  # (r[+1], n): F.linear(x, Rᵀ, e) = [x R, 1]
 
         def hook(mod, args, output):
             out = _by_copy(output, copies, args[0])
             if weight is not None:  # += (x_s R) L_sᵀ, x R shared by all copies
-                out.baddbmm_(args[0].reshape(copies, -1, args[0].shape[-1]) @ right, left_t)
+                xr = F.linear(args[0], right_t, ones)  # (..., r[+1])
+                out.baddbmm_(xr.view(copies, -1, xr.shape[-1]), left_t)
             if bias_z is not None:
                 out.add_(bias_z)
             return output

@@ -48,8 +48,13 @@ class _Factored(Perturbation):
         # index -> (group, start, shape) in the per-query draw; group = (device, dtype)
         self._layout: dict[int, tuple[tuple[torch.device, torch.dtype], int, tuple[int, ...]]] = {}
         self._groups: dict[tuple[torch.device, torch.dtype], tuple[int, int]] = {}  # group -> (first index, numel)
-        self._packs: dict[tuple[int, tuple], Tensor] = {}  # (query, group) -> flat draw of the current step
-        self._packs_of: tuple[int, int] | None = None  # (run seed, step) the packs belong to
+        # Buffers refilled in place, so that views into them are made once: a step's Python work
+        # does not grow with the number of parameters. A view is valid until its query's next draw.
+        self._packs: dict[tuple[int, tuple], Tensor] = {}  # (query, group) -> flat draw
+        self._packs_of: dict[tuple[int, tuple], tuple[int, int]] = {}  # (query, group) -> (run seed, step) held
+        self._views: dict[tuple[int, int], Tensor] = {}  # (query, index) -> the parameter's view of its pack
+        self._points: dict[int, tuple[dict, dict]] = {}  # S -> ({group: (S, numel)}, {index: (S, *shape) view})
+        self._offsets: dict[tuple, Tensor] = {}  # (offsets, device, dtype) -> (S, 1) tensor
 
     def _randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, *address: int) -> Tensor:
         gen = self._generators.seeded(device, *address)
@@ -57,7 +62,7 @@ class _Factored(Perturbation):
 
     # Subclasses provide: _fresh_shape(param, index); _left_right(param, index, terms) -> (L, R, α)
     # with Σ α_k Z_k = α L Rᵀ; _matrix_coords(param, index, terms); _expand(param, index, coords, key)
-    # -> (L, R); _point_left(param, index, fresh (S, *fresh_shape), key) -> L (S, m, r);
+    # -> (L, R); _point_left_t(param, index, fresh (S, *fresh_shape), key) -> Lᵀ (S, r, m);
     # _right(param, index, key) -> R (n, r).
 
     # ------------------------------------------------------------ fresh numbers of a query
@@ -68,9 +73,8 @@ class _Factored(Perturbation):
             self._build_layout()
 
     def _build_layout(self) -> None:
-        self._layout.clear()
-        self._groups.clear()
-        self._packs.clear()
+        for cache in (self._layout, self._groups, self._packs, self._packs_of, self._views, self._points):
+            cache.clear()
         for index, p in self._prepared:
             group = (p.device, p.dtype)
             first, start = self._groups.get(group, (index, 0))
@@ -79,40 +83,54 @@ class _Factored(Perturbation):
             self._groups[group] = (first, start + math.prod(shape))
 
     def _pack(self, key: DrawKey, group) -> Tensor:
-        if self._packs_of != (key.run_seed, key.step):  # keep only the current step's draws
-            self._packs.clear()
-            self._packs_of = (key.run_seed, key.step)
-        flat = self._packs.get((key.query, group))
+        """Query ``key``'s draw for one (device, dtype) group: one RNG launch, refilled in place."""
+        slot = (key.query, group)
+        flat = self._packs.get(slot)
         if flat is None:
-            first, numel = self._groups[group]
-            flat = self._randn((numel,), *group, key.run_seed, _TAG_PACK, key.step, key.query, first)
-            self._packs[(key.query, group)] = flat
+            flat = self._packs[slot] = torch.empty(self._groups[group][1], device=group[0], dtype=group[1])
+        if self._packs_of.get(slot) != (key.run_seed, key.step):
+            first = self._groups[group][0]
+            flat.normal_(generator=self._generators.seeded(group[0], key.run_seed, _TAG_PACK, key.step, key.query, first))
+            self._packs_of[slot] = (key.run_seed, key.step)
         return flat
 
     def _fresh(self, param: Tensor, index: int, key: DrawKey) -> Tensor:
-        """What query ``key`` draws fresh for this parameter: U (LOZO), τ (TeZO), z (1-D)."""
+        """What query ``key`` draws fresh for this parameter: Uᵀ (LOZO), τ (TeZO), z (1-D).
+
+        A view, valid until this query's next draw (callers use it within the step)."""
         slot = self._layout.get(index)
         if slot is None:
             shape = self._fresh_shape(param, index)
             return self._randn(shape, param.device, param.dtype, key.run_seed, _TAG_FRESH, key.step, key.query, index)
         group, start, shape = slot
-        fresh = self._pack(key, group)[start : start + math.prod(shape)].view(shape)
-        return fresh if fresh.dtype == param.dtype else fresh.to(param.dtype)  # (dtype changed after prepare)
+        flat = self._pack(key, group)
+        view = self._views.get((key.query, index))
+        if view is None:
+            view = self._views[(key.query, index)] = flat[start : start + math.prod(shape)].view(shape)
+        return view if view.dtype == param.dtype else view.to(param.dtype)  # (dtype changed after prepare)
 
     def _fresh_shape(self, param: Tensor, index: int) -> tuple[int, ...]:
         return tuple(param.shape)  # 1-D parameters: a dense z; subclasses handle matrices
 
     # ------------------------------------------------------------ the Perturbation contract
     def add_(self, param: Tensor, index: int, terms: Sequence[Term]) -> None:
-        terms = merge_terms(terms)
-        if not terms:
-            return
-        if param.dim() < 2:
-            for alpha, key in terms:
-                param.add_(self._fresh(param, index, key), alpha=alpha)
-            return
-        left, right, alpha = self._left_right(param, index, terms)
-        (param if param.dim() == 2 else as_matrix(param)).addmm_(left, right.T, alpha=alpha)
+        self.add_each_([(index, param)], terms, ())
+
+    def add_each_(self, params, terms, scaled) -> None:
+        # κ scales matrices only, so every matrix gets the same merged terms and every 1-D
+        # parameter the same others; the 1-D ones move together in one foreach kernel per term.
+        matrix_terms = merge_terms([*terms, *((self.kappa * alpha, key) for alpha, key in scaled)])
+        vectors = []
+        for index, p in params:
+            if p.dim() < 2:
+                vectors.append((index, p))
+            elif matrix_terms:
+                left, right, alpha = self._left_right(p, index, matrix_terms)
+                (p if p.dim() == 2 else as_matrix(p)).addmm_(left, right.T, alpha=alpha)
+        if vectors:
+            tensors = [p for _, p in vectors]
+            for alpha, key in merge_terms([*terms, *scaled]):
+                torch._foreach_add_(tensors, [self._fresh(p, index, key) for index, p in vectors], alpha=alpha)
 
     def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
         dtype = torch.promote_types(param.dtype, torch.float32)
@@ -130,44 +148,45 @@ class _Factored(Perturbation):
     def scale(self, param: Tensor) -> float:
         return self.kappa if param.dim() >= 2 else 1.0
 
-    def add_each_(self, params, terms, scaled) -> None:
-        # The 1-D parameters of the layout move together: one foreach kernel per term (κ is 1 for them).
-        vectors = [(index, p) for index, p in params if p.dim() < 2 and index in self._layout]
-        if vectors:
-            tensors = [p for _, p in vectors]
-            for alpha, key in merge_terms([*terms, *scaled]):
-                torch._foreach_add_(tensors, [self._fresh(p, index, key) for index, p in vectors], alpha=alpha)
-        others = [(index, p) for index, p in params if not (p.dim() < 2 and index in self._layout)]
-        super().add_each_(others, terms, scaled)
-
     # ------------------------------------------------------------ the virtual path
     def point_factors(self, params, points: Sequence[Term]) -> dict[int, tuple[Tensor, ...]]:
         """Every point's offset·Z of every parameter, as the virtual path applies them.
 
-        Per parameter index: ``(L (S, m, r), R (n, r))`` for a matrix, with offset_s Z_s = L_s Rᵀ
+        Per parameter index: ``(Lᵀ (S, r, m), R (n, r))`` for a matrix, with offset_s Z_s = L_s Rᵀ
         (all points belong to one step, so they share R), or ``(Z (S, d),)`` for a 1-D parameter.
         The scaling by each point's offset is one multiplication per parameter group.
         """
         copies = len(points)
-        scaled: dict[tuple, Tensor] = {}  # group -> (S, numel): row s = offset_s · draw(key_s)
-        for group in self._groups:
-            draws = torch.stack([self._pack(key, group) for _, key in points])
-            offsets = torch.tensor([offset for offset, _ in points], dtype=draws.dtype).to(draws.device)
-            scaled[group] = draws.mul_(offsets.unsqueeze(1))
+        if copies not in self._points:
+            scaled = {group: torch.empty(copies, numel, device=group[0], dtype=group[1])
+                      for group, (_, numel) in self._groups.items()}
+            views = {index: scaled[group][:, start : start + math.prod(shape)].view(copies, *shape)
+                     for index, (group, start, shape) in self._layout.items()}
+            self._points[copies] = (scaled, views)
+        scaled, views = self._points[copies]
+        for group, buffer in scaled.items():  # row s = offset_s · draw(key_s)
+            torch.stack([self._pack(key, group) for _, key in points], out=buffer)
+            buffer.mul_(self._offset_column(points, buffer))
         out = {}
         for index, p in params:
-            slot = self._layout.get(index)
-            if slot is None:
+            fresh = views.get(index)
+            if fresh is None:
                 fresh = torch.stack([self._fresh(p, index, key) * offset for offset, key in points])
-            else:
-                group, start, shape = slot
-                fresh = scaled[group][:, start : start + math.prod(shape)].view(copies, *shape).to(p.dtype)
+            elif fresh.dtype != p.dtype:
+                fresh = fresh.to(p.dtype)
             if p.dim() < 2:
                 out[index] = (fresh,)
             else:
                 key = points[0][1]
-                out[index] = (self._point_left(p, index, fresh, key), self._right(p, index, key))
+                out[index] = (self._point_left_t(p, index, fresh, key), self._right(p, index, key))
         return out
+
+    def _offset_column(self, points, like: Tensor) -> Tensor:
+        slot = (tuple(offset for offset, _ in points), like.device, like.dtype)
+        column = self._offsets.get(slot)
+        if column is None:
+            column = self._offsets[slot] = torch.tensor(slot[0], dtype=like.dtype).view(-1, 1).to(like.device)
+        return column
 
 
 class LowRank(_Factored):
@@ -204,11 +223,13 @@ class LowRank(_Factored):
         return step // self.nu
 
     def _fresh_shape(self, param, index):
-        return (param.shape[0], self.rank) if param.dim() >= 2 else super()._fresh_shape(param, index)
+        # U is drawn as Uᵀ (r, m): each copy's factor is then one contiguous block of the draw,
+        # and a Linear's bias z (m,), next in the layout, extends it to [Uᵀ; zᵀ] (see virtual.py).
+        return (self.rank, param.shape[0]) if param.dim() >= 2 else super()._fresh_shape(param, index)
 
     def u(self, param: Tensor, index: int, key: DrawKey) -> Tensor:
-        """U (m, r) of query ``key`` (read-only: a view of the query's draw)."""
-        return self._fresh(param, index, key)
+        """U (m, r) of query ``key`` (a copy)."""
+        return self._fresh(param, index, key).T.clone()
 
     def v(self, param: Tensor, index: int, run_seed: int, window: int) -> Tensor:
         cached = self._v_cache.get(index)
@@ -224,23 +245,23 @@ class LowRank(_Factored):
     def _left_right(self, param, index, terms):
         if len(terms) == 1:  # the common case: U Vᵀ scaled by α inside addmm_
             alpha, key = terms[0]
-            return self.u(param, index, key), self._right(param, index, key), alpha
+            return self._fresh(param, index, key).T, self._right(param, index, key), alpha
         if len({self.window(key.step) for _, key in terms}) == 1:  # one V: Σ α_k U_k Vᵀ = (Σ α_k U_k) Vᵀ
             return self._matrix_coords(param, index, terms), self._right(param, index, terms[0][1]), 1.0
-        lefts = [self.u(param, index, key) * alpha for alpha, key in terms]
+        lefts = [self._fresh(param, index, key).T * alpha for alpha, key in terms]
         rights = [self._right(param, index, key) for _, key in terms]
         return torch.cat(lefts, dim=1), torch.cat(rights, dim=1), 1.0
 
     def _matrix_coords(self, param, index, terms):
         windows = {self.window(key.step) for _, key in terms}
         assert len(windows) == 1, "coordinates of one call must share a V window"
-        return sum(self.u(param, index, key) * alpha for alpha, key in terms)
+        return sum(self._fresh(param, index, key).T * alpha for alpha, key in terms)
 
     def _expand(self, param, index, coords, key):
         return coords, self._right(param, index, key)
 
-    def _point_left(self, param, index, fresh, key):
-        return fresh  # (S, m, r): offset_s U_s
+    def _point_left_t(self, param, index, fresh, key):
+        return fresh  # (S, r, m): offset_s U_sᵀ, drawn transposed
 
     def transport(self, coords: Tensor, param: Tensor, index: int, old: DrawKey, new: DrawKey) -> Tensor:
         """LOZO-M's projection N ← N (V_oldᵀ V_new) / n onto the new window's row space."""

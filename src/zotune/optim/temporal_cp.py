@@ -84,11 +84,11 @@ class TemporalCP(_Factored):
         return (self.ranks.setdefault(index, self._choose_rank(as_matrix(param))),)
 
     def tau(self, param: Tensor, index: int, key: DrawKey) -> Tensor:
-        """τ (r,) of query ``key`` (read-only: a view of the query's draw)."""
-        return self._fresh(param, index, key)
+        """τ (r,) of query ``key`` (a copy)."""
+        return self._fresh(param, index, key).clone()
 
     def _matrix_coords(self, param, index, terms):
-        return sum(self.tau(param, index, key) * alpha for alpha, key in terms)
+        return sum(self._fresh(param, index, key) * alpha for alpha, key in terms)
 
     def _left_right(self, param, index, terms):
         u, v = self.factors(param, index, terms[0][1].run_seed)
@@ -97,9 +97,9 @@ class TemporalCP(_Factored):
     def _right(self, param, index, key):
         return self.factors(param, index, key.run_seed)[1]
 
-    def _point_left(self, param, index, fresh, key):
+    def _point_left_t(self, param, index, fresh, key):
         u, _ = self.factors(param, index, key.run_seed)
-        return u * fresh.unsqueeze(1)  # (m, r) ⊙ (S, 1, r) -> (S, m, r): offset_s U diag(τ_s)
+        return u.T * fresh.unsqueeze(2)  # (r, m) ⊙ (S, r, 1) -> (S, r, m): offset_s (U diag(τ_s))ᵀ
 
     def _expand(self, param, index, coords, key):
         u, v = self.factors(param, index, key.run_seed)
