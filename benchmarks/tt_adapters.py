@@ -9,7 +9,9 @@ TT rank 5) on a batch of 16 x 128 tokens, forward only (what a ZO step runs):
     then the same F.linear: the strongest dense baseline;
   * loretta: the ``loretta`` package's ``TensorizedLinear_module`` with the same modes and rank
     (``pip install --no-deps loretta``), where it is installed.
-Part 2: one ZO step at the SmolLM2-135M shape (batch 4 x 64): AdaZeta over LoRETTA_adp adapters
+The last column is the floor of any map that returns a new output: allocating and writing it.
+Part 2: the whole adapter (both maps, ReLU, residual sum), zotune's fused up-projection against
+the reference's reconstruct-then-multiply. Part 3: one ZO step at the SmolLM2-135M shape (batch 4 x 64): AdaZeta over LoRETTA_adp adapters
 (q = 1 and q = 4) against full-parameter MeZO.
 
     python benchmarks/tt_adapters.py [--device cuda]
@@ -27,6 +29,7 @@ from common import build_model, loss_of, make_batch, timed
 
 import zotune
 from zotune.adapters import LorettaAdpConfig, TTLinear, inject, trainable_numel
+from zotune.adapters.layers import TTAdapter
 
 
 def package_layer(layer: TTLinear, device: str):
@@ -57,8 +60,8 @@ def median_time(fn, device: str, repeats: int) -> float:
 def forward_table(sizes: list[int], device: str, repeats: int) -> None:
     print("TT forward, batch 16 x 128 tokens, TT rank 5, float32, median of", repeats)
     print("| map | modes | zotune ms | reconstruct ms | A·B dense ms | loretta ms | reconstruct / zotune | "
-          "A·B dense / zotune | loretta / zotune |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "A·B dense / zotune | loretta / zotune | fresh output ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for size in sizes:
         for n_in, n_out in ((size, 64), (64, size)):
@@ -69,9 +72,33 @@ def forward_table(sizes: list[int], device: str, repeats: int) -> None:
             dense = median_time(lambda: F.linear(x, layer.to_dense().T, layer.bias), device, repeats)
             theirs = package_layer(layer, device)
             other = median_time(lambda: theirs(x), device, repeats) if theirs is not None else float("nan")
+            # The floor of any map that returns a new output: allocating and writing it once.
+            floor = median_time(lambda: torch.zeros(16, 128, n_out, device=device), device, repeats)
             modes = f"{layer.in_modes} {layer.out_modes}"
             print(f"| {n_in}x{n_out} | {modes} | {1e3 * fast:.3f} | {1e3 * full:.3f} | {1e3 * dense:.3f} | "
-                  f"{1e3 * other:.3f} | {full / fast:.2f}x | {dense / fast:.2f}x | {other / fast:.2f}x |")
+                  f"{1e3 * other:.3f} | {full / fast:.2f}x | {dense / fast:.2f}x | {other / fast:.2f}x | "
+                  f"{1e3 * floor:.3f} |")
+
+
+@torch.no_grad()
+def adapter_table(sizes: list[int], device: str, repeats: int) -> None:
+    """The whole adapter h + s·up(relu(down(h))) as LoRETTA_adp runs it, against the reference's way."""
+    print("\nTT adapter h + up(relu(down(h))), bottleneck 64, TT rank 5, batch 16 x 128 tokens, float32, median of",
+          repeats)
+    print("| hidden | zotune ms | reconstruct ms | reconstruct / zotune |\n|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for size in sizes:
+        adapter = TTAdapter(size, 64, 5, "relu", 1.0, 16, g).to(device)
+        h = torch.randn(16, 128, size, generator=g).to(device)
+
+        def rebuilt():
+            down, up = adapter.down, adapter.up
+            hidden = F.relu(F.linear(h, reconstruct(down).T, down.bias))
+            return h + adapter.scale * F.linear(hidden, reconstruct(up).T, up.bias)
+
+        fast = median_time(lambda: adapter.add_to(h), device, repeats)
+        full = median_time(rebuilt, device, repeats)
+        print(f"| {size} | {1e3 * fast:.3f} | {1e3 * full:.3f} | {full / fast:.2f}x |")
 
 
 def step_table(device: str, repeats: int) -> None:
@@ -103,7 +130,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-step", action="store_true")
     args = parser.parse_args()
-    forward_table([int(s) for s in args.sizes.split(",")], args.device, args.repeats)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    forward_table(sizes, args.device, args.repeats)
+    adapter_table(sizes, args.device, args.repeats)
     if not args.skip_step:
         step_table(args.device, max(3, args.repeats // 2))
 

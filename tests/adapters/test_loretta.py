@@ -58,6 +58,21 @@ def test_adp_function_preserving_option():
     assert (logits(plain) - before).abs().max() > 1e-4  # the paper's init: not the identity
 
 
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_adp_layer_output_is_input_plus_adapter(position):
+    # The float32 path fuses the residual sum into the up-projection; it must equal h + adapter(h).
+    model = inject(tiny_opt(), LorettaAdpConfig(bottleneck=8, tt_rank=2))
+    layer = next(m for m in model.modules() if isinstance(m, LorettaAdpLayer) and m.position == position)
+    x = torch.randn(2, 5, layer.base_layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if position == "pre":
+            expected = layer.base_layer(x + layer.loretta_adapter(x))
+        else:
+            h = layer.base_layer(x)
+            expected = h + layer.loretta_adapter(h)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_train_norms_unfreezes_every_norm_and_nothing_else():
     model = inject(tiny_llama(), LorettaAdpConfig(bottleneck=8, tt_rank=2, train_norms=True))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

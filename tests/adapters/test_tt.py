@@ -42,6 +42,20 @@ def test_fast_forward_equals_dense_product(seed):
     assert [n for n, _ in layer.named_parameters()] == ["core_data", "bias"]  # one tensor for all cores
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_add_fuses_the_residual_sum(bias):
+    g = torch.Generator().manual_seed(7)
+    layer = TTLinear(24, 96, 3, bias=bias, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 5, 24, generator=g, dtype=torch.float64)
+    residual = torch.randn(2, 5, 96, generator=g, dtype=torch.float64)
+    expected = residual + 0.25 * (x @ layer.to_dense() + (layer.bias if bias else 0))
+    torch.testing.assert_close(layer.forward_add(residual, x, 0.25), expected, rtol=1e-10, atol=1e-12)
+    # Another dtype than the cores': the unfused sum, in the residual's dtype.
+    half = layer.forward_add(residual.float(), x, 0.25)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, expected.float(), rtol=1e-5, atol=1e-5)
+
+
 def test_to_dense_matches_the_entry_formula():
     """W[(a_1..a_m), (a_{m+1}..a_d)] = G_1[:, a_1, :] ... G_d[:, a_d, :], input modes first, row-major."""
     g = torch.Generator().manual_seed(3)

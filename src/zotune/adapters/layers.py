@@ -47,6 +47,10 @@ class TTAdapter(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         return self.scale * self.up(self.act(self.down(h.float())))  # (..., H) -> (..., b) -> (..., H)
 
+    def add_to(self, h: Tensor) -> Tensor:
+        """h + forward(h), the sum fused into the up-projection's GEMM (for float32 h)."""
+        return self.up.forward_add(h, self.act(self.down(h.float())), self.scale)
+
 
 class LorettaAdpLayer(nn.Module):
     """A frozen layer with a tensorized adapter on its input ("pre") or its output ("post")."""
@@ -65,6 +69,10 @@ class LorettaAdpLayer(nn.Module):
             self.initial_adapter = copy.deepcopy(self.loretta_adapter).requires_grad_(False)
 
     def _adapt(self, h: Tensor) -> Tensor:
+        if self.initial_adapter is None and h.dtype == torch.float32:
+            return self.loretta_adapter.add_to(h)
+        # Function-preserving: the two adapters' outputs are subtracted first, so that at
+        # initialisation the difference is exactly zero and h comes back bit-identical.
         delta = self.loretta_adapter(h)
         if self.initial_adapter is not None:
             delta = delta - self.initial_adapter(h)

@@ -146,6 +146,24 @@ class TTLinear(nn.Module):
         hidden = F.linear(x.to(a.dtype), a.T.contiguous())  # (..., N_in) -> (..., r_m)
         return F.linear(hidden, b.T, self.bias)  # (..., r_m) -> (..., N_out), bias fused
 
+    def forward_add(self, residual: Tensor, x: Tensor, alpha: float = 1.0) -> Tensor:
+        """``residual + alpha · self(x)``, writing the output once.
+
+        An adapter's up-projection always lands on a residual stream: one GEMM with the sum (and
+        the bias, as a row of B against a column of ones) fused in replaces three passes over an
+        (..., N_out) tensor, which dominate the map when N_out is wide. ``residual`` must have
+        the cores' dtype (otherwise the unfused sum is returned).
+        """
+        if residual.dtype != self.core_data.dtype:
+            return residual + alpha * self(x).to(residual.dtype)
+        a, b = self.factors()
+        hidden = F.linear(x.to(a.dtype), a.T.contiguous())  # (..., r_m)
+        if self.bias is not None:  # [t, 1] [B; bias] = t B + bias
+            hidden = F.pad(hidden, (0, 1), value=1.0)
+            b = torch.cat([b, self.bias.unsqueeze(0)])
+        out = torch.addmm(residual.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]), b, alpha=alpha)
+        return out.view(residual.shape)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"modes={self.in_modes}|{self.out_modes}, bias={self.bias is not None}")
