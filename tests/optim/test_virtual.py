@@ -112,3 +112,49 @@ def test_linear_bias_rides_in_the_low_rank_product(batch, monkeypatch):
     linears_with_bias = sum(1 for m in tiny_opt().modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
     assert fused_calls.count(True) == linears_with_bias > 0
     torch.testing.assert_close(losses["fused"], losses["separate"], rtol=1e-12, atol=1e-12)
+
+
+def test_sibling_linears_reading_one_input_share_one_product(batch, monkeypatch):
+    # LLaMA's q, k, v read the same hidden states, and so do gate and up: their x R products
+    # come from one GEMM. Same losses as one product per module, and 3 GEMMs fewer per layer.
+    import torch.nn.functional as functional
+
+    linear = functional.linear
+    calls = {"n": 0}
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return linear(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "linear", counting)
+    results = {}
+    for mode in ("shared", "apart"):
+        model = tiny_llama().double()
+        trainable(model, ("norm",))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = zotune.lozo(params, lr=1e-3, eps=1e-2, seed=5, virtual=True, model=model)
+        if mode == "apart":
+            opt.execution._groups = []
+        calls["n"] = 0
+        opt.step(per_copy_lm_closure(model, batch))
+        results[mode] = (torch.tensor(opt.last_record.losses), calls["n"])
+    torch.testing.assert_close(results["shared"][0], results["apart"][0], rtol=1e-12, atol=1e-12)
+    layers = tiny_llama().config.num_hidden_layers
+    assert results["apart"][1] - results["shared"][1] == 3 * layers  # k, v and up reuse q's and gate's GEMM
+
+
+@pytest.mark.parametrize("nu", [1, 2])
+def test_virtual_follows_the_v_windows(nu, batch):
+    # Within a V window the virtual path reuses its factor views and hooks; across windows it
+    # must rebuild them. Same projected gradients as in place over several windows.
+    records = {}
+    for virtual in (False, True):
+        model = tiny_opt()
+        trainable(model, ("embed_positions",))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = zotune.lozo(params, lr=1e-2, eps=1e-2, nu=nu, seed=2, virtual=virtual, model=model)
+        records[virtual] = []
+        for _ in range(5):
+            opt.step(per_copy_lm_closure(model, batch))
+            records[virtual].append(opt.last_record.projected_grads)
+    torch.testing.assert_close(torch.tensor(records[True]), torch.tensor(records[False]), rtol=2e-3, atol=2e-3)

@@ -68,6 +68,7 @@ class Virtual:
         index_of = {id(p): i for i, p in params}
         self._owned: list[tuple[nn.Module, list[tuple[str, int]]]] = []
         found, unsupported = set(), {}
+        siblings: dict[tuple[str, int], list[nn.Module]] = {}
         for module_name, module in model.named_modules():
             mine = []
             for name, p in module._parameters.items():
@@ -80,6 +81,8 @@ class Virtual:
                 found.add(id(p))
             if mine:
                 self._owned.append((module, mine))
+                if isinstance(module, nn.Linear) and any(name == "weight" for name, _ in mine):
+                    siblings.setdefault((module_name.rpartition(".")[0], module.in_features), []).append(module)
         # A tied parameter is fine when one of its owners is supported (BERT's decoder bias is
         # registered on both the prediction head and its decoder Linear, which is what uses it).
         unsupported = [where for pid, where in unsupported.items() if pid not in found]
@@ -94,7 +97,11 @@ class Virtual:
         if missing:
             raise ValueError(f"parameters at indices {missing[:5]} do not belong to a module of the model")
         self.perturbation = perturbation
-        self._cache: dict[int, tuple] = {}  # id(module) -> what its hook derived from this step's factors
+        # Linears of one parent with one input width (q, k, v, o): those that read the same tensor
+        # get their x R products from one GEMM.
+        self._groups = [tuple(group) for group in siblings.values() if len(group) > 1]
+        self._shared: dict[tuple, SharedInput] = {}  # group -> its concatenated R (kept while the Rs are)
+        self._hooks: tuple | None = None  # (factors, copies, hooks, shared inputs) of the last step
 
     def take_restore_terms(self) -> list:
         return []
@@ -102,15 +109,40 @@ class Virtual:
     def measure_points(self, params, perturbation, points, closures) -> list[float]:
         copies = len(points)
         factors = self.perturbation.point_factors(params, points)
+        if self._hooks is None or self._hooks[0] is not factors or self._hooks[1] != copies:
+            self._hooks = (factors, copies, *self._make_hooks(factors, copies))
+        _, _, hooks, shared = self._hooks
         handles = []
         try:
-            for module, owned in self._owned:
-                hook = _make_hook(module, {name: factors[index] for name, index in owned}, copies, self._cache)
+            for module, hook in hooks:
                 handles.append(module.register_forward_hook(hook))
             return per_copy_losses(closures, copies)
         finally:
             for handle in handles:
                 handle.remove()
+            for group in shared:
+                group.forget()  # drop the last input held for the identity check
+
+    def _make_hooks(self, factors, copies):
+        """Every owned module's hook for these factors (kept while the factors are the same)."""
+        owned_factors = {id(module): {name: factors[index] for name, index in owned} for module, owned in self._owned}
+        products = {}  # id(Linear) -> its (left_t, x -> [x R, (1)], separate bias or None)
+        for module, owned in self._owned:
+            if isinstance(module, nn.Linear) and "weight" in owned_factors[id(module)]:
+                products[id(module)] = _linear_product(owned_factors[id(module)])
+        shared = []
+        for group in self._groups:
+            rights = tuple(products[id(m)][1] for m in group)
+            hit = self._shared.get(group)
+            if hit is None or not hit.serves(rights):
+                hit = self._shared[group] = SharedInput(rights)
+            shared.append(hit)
+            for i, module in enumerate(group):
+                left_t, _, bias_z = products[id(module)]
+                products[id(module)] = (left_t, hit.reader(i), bias_z)
+        hooks = [(module, _make_hook(module, owned_factors[id(module)], copies, products.get(id(module))))
+                 for module, _ in self._owned]
+        return hooks, shared
 
 
 def _by_copy(output: Tensor, copies: int, x: Tensor) -> Tensor:
@@ -147,26 +179,69 @@ def _with_bias_row(left_t: Tensor, bias_z: Tensor) -> Tensor | None:
         return None
 
 
-def _fused_bias(left_t: Tensor, right: Tensor, bias_z: Tensor | None, cache: dict, slot: int):
+def _fused_bias(left_t: Tensor, right: Tensor, bias_z: Tensor | None):
     """(``[L_sᵀ; z_sᵀ]``, ``[R | 0]`` (n, r+1), e_{r+1}) when the bias can ride in the product, else Nones.
 
-    addmm(e, x, [R | 0]) = [x R, 1]. The factors are views of buffers the perturbation reuses,
-    so the result is kept while they are the same tensors (R changes with LOZO's V window).
+    addmm(e, x, [R | 0]) = [x R, 1].
     """
-    hit = cache.get(slot)
-    if hit is not None and hit[0] is left_t and hit[1] is right and hit[2] is bias_z:
-        return hit[3:]
     fused = None if bias_z is None else _with_bias_row(left_t, bias_z)
-    padded = ones = None
-    if fused is not None:
-        padded = F.pad(right, (0, 1))
-        ones = torch.zeros(right.shape[1] + 1, device=right.device, dtype=right.dtype)
-        ones[-1] = 1
-    cache[slot] = (left_t, right, bias_z, fused, padded, ones)
-    return fused, padded, ones
+    if fused is None:
+        return None, None, None
+    ones = torch.zeros(right.shape[1] + 1, device=right.device, dtype=right.dtype)
+    ones[-1] = 1
+    return fused, F.pad(right, (0, 1)), ones
 
 
-def _make_hook(module: nn.Module, owned: dict[str, tuple[Tensor, ...]], copies: int, cache: dict) -> Callable:
+class SharedInput:
+    """One GEMM x [R_1 | R_2 | ...] for sibling Linears reading the same tensor x (q, k, v).
+
+    Member i's columns are ``x R_i`` (with a ones column when its bias rides in its product).
+    The first member called with a new x computes all members' columns; the others reuse them
+    while x is the same object. A member called with another tensor (an output projection)
+    recomputes: a few extra columns, never a wrong result.
+    """
+
+    def __init__(self, rights: tuple[tuple[Tensor, Tensor | None], ...]) -> None:
+        self._rights = rights  # per member: (Rᵀ (w_i, n), bias of the product (w_i,) or None)
+        self.weight = torch.cat([right_t for right_t, _ in rights])  # (Σ w_i, n)
+        self.bias = None
+        if any(ones is not None for _, ones in rights):
+            self.bias = torch.cat([ones if ones is not None else right_t.new_zeros(right_t.shape[0])
+                                   for right_t, ones in rights])
+        ends = torch.tensor([right_t.shape[0] for right_t, _ in rights]).cumsum(0).tolist()
+        self._spans = list(zip([0] + ends[:-1], ends))
+        self._x: Tensor | None = None
+        self._xr: Tensor | None = None
+
+    def serves(self, rights) -> bool:
+        return len(rights) == len(self._rights) and all(
+            a[0] is b[0] and a[1] is b[1] for a, b in zip(rights, self._rights))
+
+    def reader(self, i: int) -> Callable[[Tensor], Tensor]:
+        start, end = self._spans[i]
+
+        def read(x: Tensor) -> Tensor:
+            if x is not self._x:
+                self._x, self._xr = x, F.linear(x, self.weight, self.bias)
+            return self._xr[..., start:end]
+
+        return read
+
+    def forget(self) -> None:
+        self._x = self._xr = None
+
+
+def _linear_product(owned: dict[str, tuple[Tensor, ...]]):
+    """(Lᵀ (S, r[+1], m), (Rᵀ (r[+1], n), e or None), the bias's z (S, 1, m) if it is added apart)."""
+    left_t, right = owned["weight"]  # (S, r, m), (n, r)
+    bias = owned.get("bias")
+    fused, right_padded, ones = _fused_bias(left_t, right, None if bias is None else bias[0])
+    if fused is not None:  # [x R, 1] [L_s, z_s]ᵀ = (x R) L_sᵀ + z_s: the bias rides in the product
+        return fused, (right_padded.T, ones), None
+    return left_t, (right.T, None), None if bias is None else bias[0].unsqueeze(1)
+
+
+def _make_hook(module: nn.Module, owned: dict[str, tuple[Tensor, ...]], copies: int, product) -> Callable:
     """Forward hook adding every copy's perturbation of ``module``'s parameters to its output.
 
     Runs under ``no_grad`` (inside the optimizer's step) and adds in place to the module's
@@ -214,16 +289,15 @@ def _make_hook(module: nn.Module, owned: dict[str, tuple[Tensor, ...]], copies: 
 
     else:  # nn.Linear, W: m×n, y = x Wᵀ; L (S, m, r), R (n, r)
         if weight is not None:
-            left_t, right = weight  # (S, r, m), (n, r)
-            fused, right_padded, ones = _fused_bias(left_t, right, None if bias is None else bias[0], cache, id(module))
-            if fused is not None:  # [x R, 1] [L_s, z_s]ᵀ = (x R) L_sᵀ + z_s: the bias rides in the product
-                left_t, right, bias_z = fused, right_padded, None
-            right_t = right.T  # (r[+1], n): F.linear(x, Rᵀ, e) = [x R, 1]
+            left_t, read, bias_z = product
+            if not callable(read):  # (Rᵀ, e): F.linear(x, Rᵀ, e) = [x R, (1)]
+                right_t, ones = read
+                read = lambda x: F.linear(x, right_t, ones)  # noqa: E731
 
         def hook(mod, args, output):
             out = _by_copy(output, copies, args[0])
             if weight is not None:  # += (x_s R) L_sᵀ, x R shared by all copies
-                xr = F.linear(args[0], right_t, ones)  # (..., r[+1])
+                xr = read(args[0])  # (..., r[+1])
                 out.baddbmm_(xr.view(copies, -1, xr.shape[-1]), left_t)
             if bias_z is not None:
                 out.add_(bias_z)
