@@ -61,7 +61,7 @@ class _Factored(Perturbation):
         gen = self._generators.seeded(device, *address)
         return torch.randn(shape, generator=gen, device=device, dtype=dtype)
 
-    # Subclasses provide: _fresh_shape(param, index); _left_right(param, index, terms) -> (L, R, α)
+    # Subclasses provide: _fresh_shape(param, index); _left_right(param, index, terms) -> (L, Rᵀ, α)
     # with Σ α_k Z_k = α L Rᵀ; _matrix_coords(param, index, terms); _expand(param, index, coords, key)
     # -> (L, R); _point_left_t(param, index, fresh (S, *fresh_shape), key) -> Lᵀ (S, r, m);
     # _right(param, index, key) -> R (n, r).
@@ -96,19 +96,22 @@ class _Factored(Perturbation):
             self._packs_of[slot] = (key.run_seed, key.step)
         return flat
 
-    def _fresh(self, param: Tensor, index: int, key: DrawKey) -> Tensor:
-        """What query ``key`` draws fresh for this parameter: Uᵀ (LOZO), τ (TeZO), z (1-D).
+    def _fresh(self, param: Tensor, index: int, key: DrawKey, transposed: bool = False) -> Tensor:
+        """What query ``key`` draws fresh for this parameter: Uᵀ (LOZO), τ (TeZO), z (1-D);
+        with ``transposed``, its transpose (U for LOZO).
 
         A view, valid until this query's next draw (callers use it within the step)."""
         slot = self._layout.get(index)
         if slot is None:
             shape = self._fresh_shape(param, index)
-            return self._randn(shape, param.device, param.dtype, key.run_seed, _TAG_FRESH, key.step, key.query, index)
+            fresh = self._randn(shape, param.device, param.dtype, key.run_seed, _TAG_FRESH, key.step, key.query, index)
+            return fresh.T if transposed else fresh
         group, start, shape = slot
         flat = self._pack(key, group)
-        view = self._views.get((key.query, index))
+        view = self._views.get((key.query, index, transposed))
         if view is None:
-            view = self._views[(key.query, index)] = flat[start : start + math.prod(shape)].view(shape)
+            view = flat[start : start + math.prod(shape)].view(shape)
+            view = self._views[(key.query, index, transposed)] = view.T if transposed else view
         return view if view.dtype == param.dtype else view.to(param.dtype)  # (dtype changed after prepare)
 
     def _fresh_shape(self, param: Tensor, index: int) -> tuple[int, ...]:
@@ -127,8 +130,8 @@ class _Factored(Perturbation):
             if p.dim() < 2:
                 vectors.append((index, p))
             elif matrix_terms:
-                left, right, alpha = self._left_right(p, index, matrix_terms)
-                (p if p.dim() == 2 else as_matrix(p)).addmm_(left, right.T, alpha=alpha)
+                left, right_t, alpha = self._left_right(p, index, matrix_terms)
+                (p if p.dim() == 2 else as_matrix(p)).addmm_(left, right_t, alpha=alpha)
         if vectors:
             tensors = [p for _, p in vectors]
             for alpha, key in merge_terms([*terms, *scaled]):
@@ -229,10 +232,10 @@ class LowRank(_Factored):
         super().__init__(scale)
         self.rank, self.nu = int(rank), int(nu)
         self.changes_basis = True  # V changes every nu steps: moments must be re-projected
-        self._v_cache: dict[int, tuple[int, int, Tensor]] = {}  # index -> (seed, window, V)
+        self._v_cache: dict[int, tuple[int, int, Tensor, Tensor]] = {}  # index -> (seed, window, V, Vᵀ)
 
     def persistent_numel(self) -> int:
-        return sum(v.numel() for _, _, v in self._v_cache.values())
+        return sum(v.numel() for _, _, v, _ in self._v_cache.values())
 
     def window(self, step: int) -> int:
         return step // self.nu
@@ -244,33 +247,39 @@ class LowRank(_Factored):
 
     def u(self, param: Tensor, index: int, key: DrawKey) -> Tensor:
         """U (m, r) of query ``key`` (a copy)."""
-        return self._fresh(param, index, key).T.clone()
+        return self._fresh(param, index, key, transposed=True).clone()
 
     def v(self, param: Tensor, index: int, run_seed: int, window: int) -> Tensor:
+        return self._v_and_t(param, index, run_seed, window)[0]
+
+    def _v_and_t(self, param: Tensor, index: int, run_seed: int, window: int) -> tuple[Tensor, Tensor]:
         cached = self._v_cache.get(index)
         if cached is not None and cached[:2] == (run_seed, window) and cached[2].dtype == param.dtype:
-            return cached[2]
+            return cached[2], cached[3]
         v = self._randn((as_matrix(param).shape[1], self.rank), param.device, param.dtype, run_seed, _TAG_V, window, index)
-        self._v_cache[index] = (run_seed, window, v)
-        return v
+        self._v_cache[index] = (run_seed, window, v, v.T)
+        return v, v.T
 
     def _right(self, param, index, key):
-        return self.v(param, index, key.run_seed, self.window(key.step))
+        return self._v_and_t(param, index, key.run_seed, self.window(key.step))[0]
+
+    def _right_t(self, param, index, key):
+        return self._v_and_t(param, index, key.run_seed, self.window(key.step))[1]
 
     def _left_right(self, param, index, terms):
         if len(terms) == 1:  # the common case: U Vᵀ scaled by α inside addmm_
             alpha, key = terms[0]
-            return self._fresh(param, index, key).T, self._right(param, index, key), alpha
+            return self._fresh(param, index, key, transposed=True), self._right_t(param, index, key), alpha
         if len({self.window(key.step) for _, key in terms}) == 1:  # one V: Σ α_k U_k Vᵀ = (Σ α_k U_k) Vᵀ
-            return self._matrix_coords(param, index, terms), self._right(param, index, terms[0][1]), 1.0
-        lefts = [self._fresh(param, index, key).T * alpha for alpha, key in terms]
+            return self._matrix_coords(param, index, terms), self._right_t(param, index, terms[0][1]), 1.0
+        lefts = [self._fresh(param, index, key, transposed=True) * alpha for alpha, key in terms]
         rights = [self._right(param, index, key) for _, key in terms]
-        return torch.cat(lefts, dim=1), torch.cat(rights, dim=1), 1.0
+        return torch.cat(lefts, dim=1), torch.cat(rights, dim=1).T, 1.0
 
     def _matrix_coords(self, param, index, terms):
         windows = {self.window(key.step) for _, key in terms}
         assert len(windows) == 1, "coordinates of one call must share a V window"
-        return sum(self._fresh(param, index, key).T * alpha for alpha, key in terms)
+        return sum(self._fresh(param, index, key, transposed=True) * alpha for alpha, key in terms)
 
     def _expand(self, param, index, coords, key):
         return coords, self._right(param, index, key)

@@ -92,7 +92,7 @@ class TemporalCP(_Factored):
 
     def _left_right(self, param, index, terms):
         u, v = self.factors(param, index, terms[0][1].run_seed)
-        return u * self._matrix_coords(param, index, terms), v, 1.0  # (m, r) ⊙ (r,) broadcasts over rows
+        return u * self._matrix_coords(param, index, terms), v.T, 1.0  # (m, r) ⊙ (r,) broadcasts over rows
 
     def _right(self, param, index, key):
         return self.factors(param, index, key.run_seed)[1]
