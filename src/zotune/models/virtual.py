@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..optim.execution import Closure, IndexedParams, Point
+from ..optim.execution import Closure, IndexedParams
 
 
 def _is_conv1d(module: nn.Module) -> bool:
