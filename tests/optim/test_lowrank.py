@@ -152,14 +152,17 @@ def test_lowrank_with_adam_is_rejected():
 def test_state_sizes_match_the_memory_table():
     W, closure, _ = matrix_problem(m=12, n=9)
     b = torch.nn.Parameter(torch.zeros(12, dtype=torch.float64))
-    for method, moments, factors in [("lozo", 0, 9 * 2), ("lozo_m", 12 * 2 + 12, 9 * 2),
-                                     ("tezo", 0, (12 + 9) * 3), ("tezo_m", 3 + 12, (12 + 9) * 3),
-                                     ("tezo_adam", 2 * 3 + 2 * 12, (12 + 9) * 3), ("mezo_adam", 2 * (108 + 12), 0)]:
+    # scratch: one query's draw, Uᵀ (r x m) or τ (r) for W plus z for b; MeZO's chunk buffer (W's size).
+    for method, moments, factors, scratch in [
+        ("lozo", 0, 9 * 2, 2 * 12 + 12), ("lozo_m", 12 * 2 + 12, 9 * 2, 2 * 12 + 12),
+        ("tezo", 0, (12 + 9) * 3, 3 + 12), ("tezo_m", 3 + 12, (12 + 9) * 3, 3 + 12),
+        ("tezo_adam", 2 * 3 + 2 * 12, (12 + 9) * 3, 3 + 12), ("mezo_adam", 2 * (108 + 12), 0, 108),
+    ]:
         kwargs = {"rank": 2} if method.startswith("lozo") else {"rank": 3} if method.startswith("tezo") else {}
         opt = zotune.METHODS[method]([W, b], lr=1e-4, **kwargs)
         opt.step(lambda: closure() + b.sum())
         sizes = opt.state_numel()
-        assert sizes == {"moments": moments, "factors": factors}, (method, sizes)
+        assert sizes == {"moments": moments, "factors": factors, "scratch": scratch}, (method, sizes)
 
 
 @pytest.mark.parametrize("bad", [dict(rank=0), dict(nu=0), dict(scale=0.0)])

@@ -153,6 +153,11 @@ class _Factored(Perturbation):
     def scale(self, param: Tensor) -> float:
         return self.kappa if param.dim() >= 2 else 1.0
 
+    def scratch_numel(self) -> int:
+        # One draw per query (q x the layout), and the virtual path's S scaled copies.
+        points = sum(buf.numel() for scaled, _ in self._points.values() for buf in scaled.values())
+        return sum(buf.numel() for buf in self._packs.values()) + points
+
     # ------------------------------------------------------------ the virtual path
     def point_factors(self, params, points: Sequence[Term]) -> dict[int, tuple[Tensor, ...]]:
         """Every point's offset·Z of every parameter, as the virtual path applies them.

@@ -293,11 +293,13 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self.rule.update_(p, index, self.perturbation, coords, state, step + 1, lr, basis)
 
     def state_numel(self) -> dict[str, int]:
-        """Numbers held beyond the weights: the rule's moments and the perturbation's factors."""
+        """Numbers held beyond the weights: the rule's moments, the perturbation's cached factors,
+        and its reusable draw buffers (scratch)."""
         moments = sum(
             t.numel() for key, st in self.state.items() if key != _STATE_KEY for t in st.values() if isinstance(t, Tensor)
         )
-        return {"moments": moments, "factors": self.perturbation.persistent_numel()}
+        return {"moments": moments, "factors": self.perturbation.persistent_numel(),
+                "scratch": self.perturbation.scratch_numel()}
 
     # ----------------------------------------------------------------- state
     def load_state_dict(self, state_dict: dict) -> None:

@@ -87,6 +87,10 @@ class Perturbation(ABC):
         """Numbers the perturbation holds between steps (cached factors)."""
         return 0
 
+    def scratch_numel(self) -> int:
+        """Numbers in reusable draw buffers (refilled every step, never saved)."""
+        return 0
+
     def state_dict(self) -> dict:
         """What must be saved to regenerate the same directions after a resume."""
         return {}
@@ -164,3 +168,6 @@ class Gaussian(Perturbation):
 
     def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float, key: DrawKey) -> None:
         param.add_(coords.to(param.dtype), alpha=alpha)
+
+    def scratch_numel(self) -> int:
+        return sum(buf.numel() for buf in self._scratch.values())
