@@ -1,7 +1,7 @@
 """The virtual batched perturbation path: all ±ε points of a step in one forward pass.
 
 For a factored perturbation (LOZO's U Vᵀ, TeZO's U diag(τ) Vᵀ) the perturbed layers never
-need the perturbed weights. The batch is repeated S times (S = 2q, plus one copy for the
+need the perturbed weights. The batch is repeated S times (S = 2q two-sided, q + 1 with the
 one-sided base point) and forward hooks add each copy's own perturbation to the outputs:
 
 * ``nn.Linear`` (W: m×n, offset·Z = L_s Rᵀ):   y_s = x_s Wᵀ + (x_s R) L_sᵀ

@@ -52,7 +52,7 @@ class _Factored(Perturbation):
         # does not grow with the number of parameters. A view is valid until its query's next draw.
         self._packs: dict[tuple[int, tuple], Tensor] = {}  # (query, group) -> flat draw
         self._packs_of: dict[tuple[int, tuple], tuple[int, int]] = {}  # (query, group) -> (run seed, step) held
-        self._views: dict[tuple[int, int], Tensor] = {}  # (query, index) -> the parameter's view of its pack
+        self._views: dict[tuple[int, int, bool], Tensor] = {}  # (query, index, transposed) -> view of the pack
         self._points: dict[int, tuple[dict, dict]] = {}  # S -> ({group: (S, numel)}, {index: (S, *shape) view})
         self._offsets: dict[tuple, Tensor] = {}  # (offsets, device, dtype) -> (S, 1) tensor
         self._last_factors: dict[int, tuple] = {}  # S -> (reuse key, params, factors) of the last call
