@@ -1,7 +1,8 @@
 """Tensor-train adapters: TTLinear's fast forward against dense reconstruction, and AdaZeta's step.
 
 Part 1, for each hidden size H in --sizes, the two TT maps of an adapter (H -> 64 and 64 -> H,
-TT rank 5) on a batch of 16 x 128 tokens, forward only (what a ZO step runs):
+TT rank 5) on a batch of 16 x 128 tokens (--tokens changes the 128), forward only (what a ZO
+step runs):
   * zotune: ``TTLinear`` (x A) B, never building W;
   * reconstruct: W contracted from all cores in order (G_1 x G_2 x ... x G_d, as the reference
     code does on every forward), then x W + b in one fused F.linear;
@@ -11,8 +12,9 @@ TT rank 5) on a batch of 16 x 128 tokens, forward only (what a ZO step runs):
     (``pip install --no-deps loretta``), where it is installed.
 The last column is the floor of any map that returns a new output: allocating and writing it.
 Part 2: the whole adapter (both maps, ReLU, residual sum), zotune's fused up-projection against
-the reference's reconstruct-then-multiply. Part 3: one ZO step at the SmolLM2-135M shape (batch 4 x 64): AdaZeta over LoRETTA_adp adapters
-(q = 1 and q = 4) against full-parameter MeZO.
+the reference's reconstruct-then-multiply. Part 3: one ZO step at the SmolLM2-135M shape
+(batch 4 x 64 unless --step-batch / --step-tokens say otherwise): AdaZeta over LoRETTA_adp
+adapters (q = 1 and q = 4) against full-parameter MeZO.
 
     python benchmarks/tt_adapters.py [--device cuda]
 """
@@ -57,8 +59,8 @@ def median_time(fn, device: str, repeats: int) -> float:
 
 
 @torch.no_grad()
-def forward_table(sizes: list[int], device: str, repeats: int) -> None:
-    print("TT forward, batch 16 x 128 tokens, TT rank 5, float32, median of", repeats)
+def forward_table(sizes: list[int], device: str, repeats: int, tokens: int) -> None:
+    print(f"TT forward, batch 16 x {tokens} tokens, TT rank 5, float32, median of", repeats)
     print("| map | modes | zotune ms | reconstruct ms | A·B dense ms | loretta ms | reconstruct / zotune | "
           "A·B dense / zotune | loretta / zotune | fresh output ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -66,14 +68,14 @@ def forward_table(sizes: list[int], device: str, repeats: int) -> None:
     for size in sizes:
         for n_in, n_out in ((size, 64), (64, size)):
             layer = TTLinear(n_in, n_out, 5, generator=g).to(device)
-            x = torch.randn(16, 128, n_in, generator=g).to(device)
+            x = torch.randn(16, tokens, n_in, generator=g).to(device)
             fast = median_time(lambda: layer(x), device, repeats)
             full = median_time(lambda: F.linear(x, reconstruct(layer).T, layer.bias), device, repeats)
             dense = median_time(lambda: F.linear(x, layer.to_dense().T, layer.bias), device, repeats)
             theirs = package_layer(layer, device)
             other = median_time(lambda: theirs(x), device, repeats) if theirs is not None else float("nan")
             # The floor of any map that returns a new output: allocating and writing it once.
-            floor = median_time(lambda: torch.zeros(16, 128, n_out, device=device), device, repeats)
+            floor = median_time(lambda: torch.zeros(16, tokens, n_out, device=device), device, repeats)
             modes = f"{layer.in_modes} {layer.out_modes}"
             print(f"| {n_in}x{n_out} | {modes} | {1e3 * fast:.3f} | {1e3 * full:.3f} | {1e3 * dense:.3f} | "
                   f"{1e3 * other:.3f} | {full / fast:.2f}x | {dense / fast:.2f}x | {other / fast:.2f}x | "
@@ -81,15 +83,15 @@ def forward_table(sizes: list[int], device: str, repeats: int) -> None:
 
 
 @torch.no_grad()
-def adapter_table(sizes: list[int], device: str, repeats: int) -> None:
+def adapter_table(sizes: list[int], device: str, repeats: int, tokens: int) -> None:
     """The whole adapter h + s·up(relu(down(h))) as LoRETTA_adp runs it, against the reference's way."""
-    print("\nTT adapter h + up(relu(down(h))), bottleneck 64, TT rank 5, batch 16 x 128 tokens, float32, median of",
+    print(f"\nTT adapter h + up(relu(down(h))), bottleneck 64, TT rank 5, batch 16 x {tokens} tokens, float32, median of",
           repeats)
     print("| hidden | zotune ms | reconstruct ms | reconstruct / zotune |\n|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for size in sizes:
         adapter = TTAdapter(size, 64, 5, "relu", 1.0, 16, g).to(device)
-        h = torch.randn(16, 128, size, generator=g).to(device)
+        h = torch.randn(16, tokens, size, generator=g).to(device)
 
         def rebuilt():
             down, up = adapter.down, adapter.up
@@ -101,12 +103,12 @@ def adapter_table(sizes: list[int], device: str, repeats: int) -> None:
         print(f"| {size} | {1e3 * fast:.3f} | {1e3 * full:.3f} | {full / fast:.2f}x |")
 
 
-def step_table(device: str, repeats: int) -> None:
-    print("\nZO step, SmolLM2-135M shape, batch 4 x 64 tokens, float32, median of", repeats)
+def step_table(device: str, repeats: int, batch: int, tokens: int) -> None:
+    print(f"\nZO step, SmolLM2-135M shape, batch {batch} x {tokens} tokens, float32, median of", repeats)
     results = {}
     for name in ("mezo (all parameters)", "adazeta q=1", "adazeta q=4"):
         model = build_model("smollm2-135m", device, torch.float32)
-        ids = make_batch(model, 4, 64, device)
+        ids = make_batch(model, batch, tokens, device)
         if name.startswith("mezo"):
             opt = zotune.mezo(model.parameters(), lr=1e-7)
             count = sum(p.numel() for p in model.parameters())
@@ -128,13 +130,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", default="576,1536,2048,3072,4096,5120")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per sequence in parts 1 and 2 (16 sequences)")
     parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--step-batch", type=int, default=4, help="sequences per ZO step in part 3")
+    parser.add_argument("--step-tokens", type=int, default=64, help="tokens per sequence in part 3")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    forward_table(sizes, args.device, args.repeats)
-    adapter_table(sizes, args.device, args.repeats)
+    forward_table(sizes, args.device, args.repeats, args.tokens)
+    adapter_table(sizes, args.device, args.repeats, args.tokens)
     if not args.skip_step:
-        step_table(args.device, max(3, args.repeats // 2))
+        step_table(args.device, max(3, args.repeats // 2), args.step_batch, args.step_tokens)
 
 
 if __name__ == "__main__":
