@@ -29,7 +29,7 @@ LOW_RANK = {"lozo": {"rank": 2}, "lozo_m": {"rank": 2}, "tezo": {"rank": 32}, "t
 VARIANTS = ["mezo", "mezo_momentum", "mezo_adam"] + [
     f"{name}{suffix}" for name in LOW_RANK for suffix in ("", "+virtual")
 ]
-QUICK = ["mezo", "lozo", "lozo+virtual", "tezo", "tezo+virtual"]  # timed at every batch size
+QUICK = ["mezo", "lozo", "lozo+virtual", "tezo", "tezo+virtual"]  # timed at batch sizes outside --all-at
 
 
 def make_optimizer(variant: str, model):
@@ -91,7 +91,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block", type=int, default=1, help="consecutive steps per timing sample")
-    parser.add_argument("--all-at", type=int, default=4, help="batch size at which every variant is timed")
+    parser.add_argument("--all-at", default="1,4,16",
+                        help="batch sizes at which every variant is timed and its peak memory measured (others: "
+                             "MeZO, LOZO and TeZO, time only)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-batch", type=int, default=4, help=argparse.SUPPRESS)
@@ -105,11 +107,12 @@ def main() -> None:
     if args.device == "cpu":
         where += f", {torch.get_num_threads()} threads"
     rows = []
+    all_at = {int(b) for b in args.all_at.split(",") if b}
     for batch in [int(b) for b in args.batches.split(",")]:
-        variants = VARIANTS if batch == args.all_at else QUICK
+        variants = VARIANTS if batch in all_at else QUICK
         times = speed(args, model, batch, variants)
         for v in variants:
-            peak = None if args.no_memory or batch != args.all_at else memory(args, v, batch)
+            peak = None if args.no_memory or batch not in all_at else memory(args, v, batch)
             rows.append((batch, v, times[v], times[v] / times["mezo"], peak))
         print(f"batch {batch} done", file=sys.stderr, flush=True)
     sample = f"blocks of {args.block} steps" if args.block > 1 else "steps"
