@@ -85,8 +85,8 @@ def forward_table(sizes: list[int], device: str, repeats: int, tokens: int) -> N
 @torch.no_grad()
 def adapter_table(sizes: list[int], device: str, repeats: int, tokens: int) -> None:
     """The whole adapter h + s·up(relu(down(h))) as LoRETTA_adp runs it, against the reference's way."""
-    print(f"\nTT adapter h + up(relu(down(h))), bottleneck 64, TT rank 5, batch 16 x {tokens} tokens, float32, median of",
-          repeats)
+    print(f"\nTT adapter h + up(relu(down(h))), bottleneck 64, TT rank 5, batch 16 x {tokens} tokens, float32, "
+          f"median of {repeats}")
     print("| hidden | zotune ms | reconstruct ms | reconstruct / zotune |\n|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for size in sizes:
