@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from zotune.adapters import TTLinear, factorize, tt_numel
+from zotune.adapters import tt as tt_module
 
 SIZES = [576, 1536, 2048, 3072, 4096, 5120, 64, 8, 4098, 5155, 7919]
 
@@ -40,6 +41,26 @@ def test_fast_forward_equals_dense_product(seed):
     assert layer.core_data.numel() == tt_numel(layer.in_modes + layer.out_modes, rank)
     assert sum(c.numel() for c in layer.cores) == layer.core_data.numel()
     assert [n for n, _ in layer.named_parameters()] == ["core_data", "bias"]  # one tensor for all cores
+
+
+@pytest.fixture(params=["cpu layout", "gpu layout"])
+def layout(request, monkeypatch):
+    """Both arrangements of the thin GEMMs, on the CPU: the GPU one is chosen by the device alone,
+    so the test switches that choice (the arithmetic that runs is the real one either way)."""
+    if request.param == "gpu layout":
+        monkeypatch.setattr(tt_module, "_host_layout", lambda device: False)
+    return request.param
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_both_layouts_compute_the_same_map(layout, bias):
+    g = torch.Generator().manual_seed(3)
+    layer = TTLinear(48, 160, 4, bias=bias, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 7, 48, generator=g, dtype=torch.float64)
+    residual = torch.randn(2, 7, 160, generator=g, dtype=torch.float64)
+    dense = x @ layer.to_dense() + (layer.bias if bias else 0)
+    torch.testing.assert_close(layer(x), dense, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.forward_add(residual, x, -0.5), residual - 0.5 * dense, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("bias", [True, False])

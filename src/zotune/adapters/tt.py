@@ -63,6 +63,25 @@ def factorize(n: int, max_mode: int = 16) -> list[int]:
     return sorted(modes, reverse=True) + sorted(large)
 
 
+def _host_layout(device: torch.device) -> bool:
+    """Whether to arrange the thin GEMMs for a CPU BLAS (True) or for a GPU (False).
+
+    On a CPU the layout decides the speed: a contiguous long dimension, and the bias folded into
+    the GEMM instead of a second pass over the output. On a GPU these maps are bound by kernel
+    launches, and the copies that arrange the layout would be launches of their own.
+    """
+    return device.type == "cpu"
+
+
+def _input_side(x: Tensor, a: Tensor) -> Tensor:
+    """x A for the thin A (N_in x r_m): (..., N_in) -> (..., r_m)."""
+    if _host_layout(x.device):
+        # F.linear takes (out, in) weights: with A given as (r_m, N_in) the GEMM's long dimension
+        # is contiguous, about 3x faster on a CPU than x @ A with A (N_in, r_m).
+        return F.linear(x, a.T.contiguous())
+    return x @ a
+
+
 def tt_numel(modes: list[int], rank: int) -> int:
     """Σ_i r_{i-1} k_i r_i with r_0 = r_d = 1 and every inner rank equal to ``rank``."""
     ranks = [1] + [rank] * (len(modes) - 1) + [1]
@@ -141,27 +160,28 @@ class TTLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.factors()
-        # F.linear takes (out, in) weights: with the thin A given as (r_m, N_in) the GEMM's long
-        # dimension is contiguous, about 3x faster on a CPU than x @ A with A (N_in, r_m).
-        hidden = F.linear(x.to(a.dtype), a.T.contiguous())  # (..., N_in) -> (..., r_m)
+        hidden = _input_side(x.to(a.dtype), a)  # (..., N_in) -> (..., r_m)
         return F.linear(hidden, b.T, self.bias)  # (..., r_m) -> (..., N_out), bias fused
 
     def forward_add(self, residual: Tensor, x: Tensor, alpha: float = 1.0) -> Tensor:
         """``residual + alpha · self(x)``, writing the output once.
 
-        An adapter's up-projection always lands on a residual stream: one GEMM with the sum (and
-        the bias, as a row of B against a column of ones) fused in replaces three passes over an
-        (..., N_out) tensor, which dominate the map when N_out is wide. ``residual`` must have
+        An adapter's up-projection always lands on a residual stream: one GEMM with the sum (and,
+        on a CPU, the bias, as a row of B against a column of ones) fused in replaces three passes
+        over an (..., N_out) tensor, which dominate the map when N_out is wide. ``residual`` must have
         the cores' dtype (otherwise the unfused sum is returned).
         """
         if residual.dtype != self.core_data.dtype:
             return residual + alpha * self(x).to(residual.dtype)
         a, b = self.factors()
-        hidden = F.linear(x.to(a.dtype), a.T.contiguous())  # (..., r_m)
-        if self.bias is not None:  # [t, 1] [B; bias] = t B + bias
+        hidden = _input_side(x.to(a.dtype), a)  # (..., r_m)
+        bias_as_row = self.bias is not None and _host_layout(residual.device)
+        if bias_as_row:  # [t, 1] [B; bias] = t B + bias
             hidden = F.pad(hidden, (0, 1), value=1.0)
             b = torch.cat([b, self.bias.unsqueeze(0)])
         out = torch.addmm(residual.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]), b, alpha=alpha)
+        if self.bias is not None and not bias_as_row:
+            out.add_(self.bias, alpha=alpha)
         return out.view(residual.shape)
 
     def extra_repr(self) -> str:
