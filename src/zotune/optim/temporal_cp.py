@@ -45,9 +45,15 @@ class TemporalCP(_Factored):
     def prepare(self, params) -> None:
         params = list(params)
         for index, p in params:
-            if p.dim() >= 2 and index not in self.ranks:
-                self.ranks[index] = self._choose_rank(as_matrix(p))
+            if p.dim() >= 2:
+                self._rank_of(p, index)
         super().prepare(params)  # the per-query draw holds each matrix's τ
+
+    def _rank_of(self, param: Tensor, index: int) -> int:
+        """r_l of a matrix, chosen on first sight (an SVD for ``rank="auto"``) and kept."""
+        if index not in self.ranks:
+            self.ranks[index] = self._choose_rank(as_matrix(param))
+        return self.ranks[index]
 
     def _choose_rank(self, matrix: Tensor) -> int:
         if self.rank == "auto":
@@ -72,7 +78,7 @@ class TemporalCP(_Factored):
         if cached is not None and cached[0] == run_seed and cached[1].dtype == param.dtype:
             return cached[1], cached[2]
         matrix = as_matrix(param)
-        r = self.ranks.setdefault(index, self._choose_rank(matrix))
+        r = self._rank_of(param, index)
         u = self._randn((matrix.shape[0], r), param.device, param.dtype, run_seed, _TAG_CP_U, index)
         v = self._randn((matrix.shape[1], r), param.device, param.dtype, run_seed, _TAG_CP_V, index)
         self._factors[index] = (run_seed, u, v)
@@ -81,7 +87,7 @@ class TemporalCP(_Factored):
     def _fresh_shape(self, param, index):
         if param.dim() < 2:
             return super()._fresh_shape(param, index)
-        return (self.ranks.setdefault(index, self._choose_rank(as_matrix(param))),)
+        return (self._rank_of(param, index),)
 
     def tau(self, param: Tensor, index: int, key: DrawKey) -> Tensor:
         """τ (r,) of query ``key`` (a copy)."""
