@@ -44,7 +44,7 @@ def loss_of(model, ids, copies: int | None = None):
     """LM loss of the batch; with ``copies`` the per-copy losses of the batch repeated (virtual path)."""
     batch = ids.repeat(copies or 1, 1)
     positions = torch.arange(batch.shape[1], device=batch.device).expand_as(batch)  # per row: see virtual.py
-    logits = model(input_ids=batch, position_ids=positions).logits[:, :-1]
+    logits = model(input_ids=batch, position_ids=positions, use_cache=False).logits[:, :-1]  # as training does
     losses = F.cross_entropy(logits.transpose(1, 2).float(), batch[:, 1:], reduction="none").mean(dim=1)
     return losses.mean() if copies is None else losses.view(copies, -1).mean(dim=1)
 

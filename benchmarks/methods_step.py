@@ -51,7 +51,13 @@ def step_fn(variant: str, model, ids):
     return lambda: optimizer.step(lambda copies=None: loss_of(model, ids, copies))
 
 
-def speed(args, model, batch: int, variants: list[str]) -> dict[str, float]:
+def speed(args, model, batch: int, variants: list[str]) -> dict[str, tuple[float, float]]:
+    """Per variant: (median seconds per step, median over rounds of its time / MeZO's in that round).
+
+    Each round times a block of consecutive steps of every variant, back to back; the ratio is
+    taken within a round, so that a host whose speed drifts during the run (shared machines,
+    GPU hosts whose launch rate wanders) moves both sides of each ratio together.
+    """
     ids = make_batch(model, batch, args.tokens, args.device)
     steps = {v: step_fn(v, model, ids) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -61,7 +67,8 @@ def speed(args, model, batch: int, variants: list[str]) -> dict[str, float]:
         for _ in range(args.repeats):
             for v, fn in steps.items():  # a block of consecutive steps per variant, blocks interleaved
                 times[v].append(statistics.mean(timed(fn, args.device) for _ in range(args.block)))
-    return {v: statistics.median(t) for v, t in times.items()}
+    return {v: (statistics.median(t), statistics.median(a / b for a, b in zip(t, times["mezo"])))
+            for v, t in times.items()}
 
 
 def memory_child(args) -> float:
@@ -113,10 +120,11 @@ def main() -> None:
         times = speed(args, model, batch, variants)
         for v in variants:
             peak = None if args.no_memory or batch not in all_at else memory(args, v, batch)
-            rows.append((batch, v, times[v], times[v] / times["mezo"], peak))
+            rows.append((batch, v, *times[v], peak))
         print(f"batch {batch} done", file=sys.stderr, flush=True)
     sample = f"blocks of {args.block} steps" if args.block > 1 else "steps"
-    print(f"\nZO step time and peak memory ({where}; median of {args.repeats} {sample}, interleaved)")
+    print(f"\nZO step time and peak memory ({where}; median of {args.repeats} {sample}, interleaved; "
+          "ratio: median of the per-round ratios)")
     print("| batch | method | path | s / step | vs in-place MeZO | peak MiB |\n|---|---|---|---|---|---|")
     for batch, v, seconds, ratio, peak in rows:
         name, _, path = v.partition("+")

@@ -49,3 +49,14 @@ def test_gold_lm_loss_is_token_mean_over_gold_candidates():
         loss = gold_lm_loss(model, EXAMPLES, pad_id=0)
     logps = torch.cat([unpadded_logprob(model, ex.prompt, ex.candidates[ex.label]) for ex in EXAMPLES])
     torch.testing.assert_close(loss, -logps.mean(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt, tiny_gpt2])
+def test_scoring_builds_no_key_value_cache(make):
+    # Training and scoring never decode; a cache would hold keys and values of every layer.
+    model = make()
+    outputs = []
+    model.register_forward_hook(lambda module, args, output: outputs.append(output))
+    with torch.no_grad():
+        gold_lm_loss(model, EXAMPLES, pad_id=0)
+    assert outputs and all(out.past_key_values is None for out in outputs)

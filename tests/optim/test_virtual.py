@@ -158,3 +158,39 @@ def test_virtual_follows_the_v_windows(nu, batch):
             opt.step(per_copy_lm_closure(model, batch))
             records[virtual].append(opt.last_record.projected_grads)
     torch.testing.assert_close(torch.tensor(records[True]), torch.tensor(records[False]), rtol=2e-3, atol=2e-3)
+
+
+def test_hooks_wrap_an_instance_forward_and_put_everything_back(batch):
+    # The perturbation is installed as an instance `forward` for the step only. A module that
+    # already had one (as accelerate gives it) keeps it: it runs inside the wrapper during the
+    # step, with the repeated batch, and is the module's forward again afterwards, also when
+    # the closure fails.
+    model = tiny_llama()
+    trainable(model, ("norm",))
+    proj = model.model.layers[0].mlp.down_proj
+    seen = []
+
+    def own_forward(x):
+        seen.append(x.shape[0])
+        return F.linear(x, proj.weight, proj.bias)
+
+    proj.forward = own_forward
+    opt = zotune.lozo([p for p in model.parameters() if p.requires_grad], lr=1e-3, seed=0, virtual=True, model=model)
+    opt.step(per_copy_lm_closure(model, batch))
+    assert seen == [2 * batch.shape[0]]  # two copies (±ε) of the batch went through it
+    assert proj.__dict__["forward"] is own_forward
+    others = [name for name, m in model.named_modules() if "forward" in m.__dict__ and m is not proj]
+    assert others == []
+
+    def failing(copies=None):
+        model(input_ids=batch.repeat(copies or 1, 1))
+        raise RuntimeError("closure failed")
+
+    with pytest.raises(RuntimeError, match="closure failed"):
+        opt.step(failing)
+    assert proj.__dict__["forward"] is own_forward
+    assert [name for name, m in model.named_modules() if "forward" in m.__dict__ and m is not proj] == []
+    with torch.no_grad():  # and the model computes its plain function again
+        reference = per_copy_lm_closure(model, batch)()
+        del proj.forward
+        assert torch.equal(per_copy_lm_closure(model, batch)(), reference)

@@ -86,6 +86,8 @@ def tail_logprobs(model: nn.Module, rows: list[tuple[tuple[int, ...], int]], pad
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
     if "logits_to_keep" in accepted:
         kwargs["logits_to_keep"] = keep
+    if "use_cache" in accepted:  # scoring and training never decode: a key/value cache is wasted memory
+        kwargs["use_cache"] = False
     logits = model(**kwargs).logits[:, -keep:]  # (rows, K, vocab)
     return F.log_softmax(logits.float(), dim=-1)
 

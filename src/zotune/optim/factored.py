@@ -56,6 +56,7 @@ class _Factored(Perturbation):
         self._points: dict[int, tuple[dict, dict]] = {}  # S -> ({group: (S, numel)}, {index: (S, *shape) view})
         self._offsets: dict[tuple, Tensor] = {}  # (offsets, device, dtype) -> (S, 1) tensor
         self._last_factors: dict[int, tuple] = {}  # S -> (reuse key, params, factors) of the last call
+        self._plans: dict[tuple, tuple] = {}  # (params, query) -> (reuse key, groups, one-direction plan)
 
     def _randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, *address: int) -> Tensor:
         gen = self._generators.seeded(device, *address)
@@ -75,7 +76,7 @@ class _Factored(Perturbation):
 
     def _build_layout(self) -> None:
         for cache in (self._layout, self._groups, self._packs, self._packs_of, self._views, self._points,
-                      self._last_factors):
+                      self._last_factors, self._plans):
             cache.clear()
         for index, p in self._prepared:
             group = (p.device, p.dtype)
@@ -125,6 +126,17 @@ class _Factored(Perturbation):
         # κ scales matrices only, so every matrix gets the same merged terms and every 1-D
         # parameter the same others; the 1-D ones move together in one foreach kernel per term.
         matrix_terms = merge_terms([*terms, *((self.kappa * alpha, key) for alpha, key in scaled)])
+        vector_terms = merge_terms([*terms, *scaled])
+        plan = None
+        if len(matrix_terms) == 1 and [key for _, key in vector_terms] == [matrix_terms[0][1]]:
+            plan = self._one_term_plan(params, matrix_terms[0][1])
+        if plan is not None:  # one direction (LOZO's SGD update with q = 1): a tight loop of addmm_
+            matrices, vectors, zs = plan
+            for matrix, left, right_t in matrices:
+                matrix.addmm_(left, right_t, alpha=matrix_terms[0][0])
+            if vectors:
+                torch._foreach_add_(vectors, zs, alpha=vector_terms[0][0])
+            return
         vectors = []
         for index, p in params:
             if p.dim() < 2:
@@ -134,8 +146,38 @@ class _Factored(Perturbation):
                 (p if p.dim() == 2 else as_matrix(p)).addmm_(left, right_t, alpha=alpha)
         if vectors:
             tensors = [p for _, p in vectors]
-            for alpha, key in merge_terms([*terms, *scaled]):
+            for alpha, key in vector_terms:
                 torch._foreach_add_(tensors, [self._fresh(p, index, key) for index, p in vectors], alpha=alpha)
+
+    def _one_term_plan(self, params, key: DrawKey):
+        """([(matrix, L, Rᵀ)], 1-D tensors, their z) of direction ``key``, kept while they stay valid.
+
+        The factors are views of the refilled draw buffers and of cached right factors, so
+        while the reuse key holds (LOZO: one V window) the same plan serves every step: the
+        Python work of an update no longer grows with the number of parameters. None when a
+        factor is computed per step (TeZO's U diag(τ)) or a parameter is outside the layout.
+        """
+        reuse = self._reuse_key([(1.0, key)])
+        if reuse is None:
+            return None
+        slot = (tuple((index, id(p)) for index, p in params), key.query)
+        hit = self._plans.get(slot)
+        if hit is None or hit[0] != reuse:
+            if any(index not in self._layout or self._layout[index][0][1] != p.dtype for index, p in params):
+                return None
+            matrices, vectors, zs = [], [], []
+            for index, p in params:
+                if p.dim() < 2:
+                    vectors.append(p)
+                    zs.append(self._fresh(p, index, key))
+                else:
+                    left, right_t, _ = self._left_right(p, index, [(1.0, key)])
+                    matrices.append((p if p.dim() == 2 else as_matrix(p), left, right_t))
+            groups = {self._layout[index][0] for index, _ in params}
+            hit = self._plans[slot] = (reuse, groups, (matrices, vectors, zs))
+        for group in hit[1]:
+            self._pack(key, group)  # this step's numbers into the buffers the plan's views read
+        return hit[2]
 
     def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
         dtype = torch.promote_types(param.dtype, torch.float32)
