@@ -179,3 +179,20 @@ def test_tezo_auto_rank_follows_the_spectrum():
     pert = TemporalCP(rank="auto", r_th=0.05, r_max=4)
     pert.prepare([(0, W)])
     assert pert.ranks[0] == 4  # capped
+
+
+def test_a_parameter_given_new_storage_gets_its_updates_there():
+    # A 3-D parameter is updated through a matrix view that LOZO keeps for its V window; giving
+    # the parameter new storage (as module.to() does) must not leave the updates going to the old one.
+    def run(swap: bool) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(4, 3, 2, generator=g, dtype=torch.float64))
+        target = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+        opt = zotune.lozo([weight], lr=1e-2, rank=2, nu=10, seed=3)
+        for step in range(4):
+            if swap and step == 2:
+                weight.data = weight.data.clone()
+            opt.step(lambda: ((weight - target) ** 2).sum())
+        return weight.detach()
+
+    assert torch.equal(run(swap=True), run(swap=False))

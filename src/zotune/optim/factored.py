@@ -56,7 +56,8 @@ class _Factored(Perturbation):
         self._points: dict[int, tuple[dict, dict]] = {}  # S -> ({group: (S, numel)}, {index: (S, *shape) view})
         self._offsets: dict[tuple, Tensor] = {}  # (offsets, device, dtype) -> (S, 1) tensor
         self._last_factors: dict[int, tuple] = {}  # S -> (reuse key, params, factors) of the last call
-        self._plans: dict[tuple, tuple] = {}  # (params, query) -> (reuse key, groups, one-direction plan)
+        # (params, query) -> (reuse key, groups, one-direction plan, the parameters' storage addresses)
+        self._plans: dict[tuple, tuple] = {}
 
     def _randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, *address: int) -> Tensor:
         gen = self._generators.seeded(device, *address)
@@ -162,7 +163,9 @@ class _Factored(Perturbation):
             return None
         slot = (tuple((index, id(p)) for index, p in params), key.query)
         hit = self._plans.get(slot)
-        if hit is None or hit[0] != reuse:
+        # A parameter given new storage (module.to()) would leave the plan's matrix views on the old one.
+        if hit is None or hit[0] != reuse or any(p.data_ptr() != ptr for (_, p), ptr in zip(params, hit[3])):
+            self._plans.pop(slot, None)
             if any(index not in self._layout or self._layout[index][0][1] != p.dtype for index, p in params):
                 return None
             matrices, vectors, zs = [], [], []
@@ -174,7 +177,8 @@ class _Factored(Perturbation):
                     left, right_t, _ = self._left_right(p, index, [(1.0, key)])
                     matrices.append((p if p.dim() == 2 else as_matrix(p), left, right_t))
             groups = {self._layout[index][0] for index, _ in params}
-            hit = self._plans[slot] = (reuse, groups, (matrices, vectors, zs))
+            pointers = [p.data_ptr() for _, p in params]
+            hit = self._plans[slot] = (reuse, groups, (matrices, vectors, zs), pointers)
         for group in hit[1]:
             self._pack(key, group)  # this step's numbers into the buffers the plan's views read
         return hit[2]
