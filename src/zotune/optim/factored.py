@@ -165,7 +165,7 @@ class _Factored(Perturbation):
         hit = self._plans.get(slot)
         # A parameter given new storage (module.to()) would leave the plan's matrix views on the old one.
         if hit is None or hit[0] != reuse or any(p.data_ptr() != ptr for (_, p), ptr in zip(params, hit[3])):
-            self._plans.pop(slot, None)
+            self._plans.pop(slot, None)  # a stale plan would keep the old storage alive
             if any(index not in self._layout or self._layout[index][0][1] != p.dtype for index, p in params):
                 return None
             matrices, vectors, zs = [], [], []
