@@ -196,3 +196,18 @@ def test_a_parameter_given_new_storage_gets_its_updates_there():
         return weight.detach()
 
     assert torch.equal(run(swap=True), run(swap=False))
+
+
+def test_a_dtype_change_within_a_window_is_followed():
+    # module.double() between steps gives every parameter new storage of another dtype; the
+    # window's kept plan must not be replayed with float32 factors against float64 weights.
+    lin = torch.nn.Linear(5, 3)
+    opt = zotune.lozo(list(lin.parameters()), lr=1e-2, rank=2, nu=10, seed=1)
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    for step in range(4):
+        if step == 2:
+            lin.double()
+            x = x.double()
+        before = lin.weight.detach().clone()
+        loss = opt.step(lambda: (lin(x) ** 2).mean())
+        assert lin.weight.dtype == x.dtype and not torch.equal(lin.weight, before) and loss == loss
