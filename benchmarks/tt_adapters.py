@@ -17,11 +17,19 @@ the reference's reconstruct-then-multiply. Part 3: one ZO step at the SmolLM2-13
 adapters (q = 1 and q = 4) against full-parameter MeZO.
 
     python benchmarks/tt_adapters.py [--device cuda]
+
+On a CPU, outputs of 32 MiB and more (16 x 128 x 4096 float32 and wider) may come from memory
+glibc maps afresh on each call, page faults included, or from its heap: which one depends on
+the allocation history, so a side's time can change by 10 ms between runs. For stable numbers
+let glibc keep freed memory in the heap (both sides alike):
+
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 python benchmarks/tt_adapters.py
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -61,6 +69,8 @@ def median_time(fn, device: str, repeats: int) -> float:
 @torch.no_grad()
 def forward_table(sizes: list[int], device: str, repeats: int, tokens: int) -> None:
     print(f"TT forward, batch 16 x {tokens} tokens, TT rank 5, float32, median of", repeats)
+    if device == "cpu" and os.environ.get("MALLOC_MMAP_MAX_") != "0":
+        print("(glibc may map outputs of 32 MiB and more afresh on each call: see this script's docstring)")
     print("| map | modes | zotune ms | reconstruct ms | A·B dense ms | loretta ms | reconstruct / zotune | "
           "A·B dense / zotune | loretta / zotune | fresh output ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")

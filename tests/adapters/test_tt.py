@@ -77,6 +77,28 @@ def test_forward_add_fuses_the_residual_sum(bias):
     torch.testing.assert_close(half, expected.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_float32_forwards_without_and_with_autograd_compute_the_same_map(bias, monkeypatch):
+    """On a CPU a float32 forward without autograd (a ZO step) writes its output through oneDNN, one
+    with autograd through F.linear; the threshold is lowered so a small map takes the first path.
+    Tolerance: float32 sums of 40 products, against a float64 reference."""
+    monkeypatch.setattr(tt_module, "_ONEDNN_MIN_OUTPUT", 0)
+    g = torch.Generator().manual_seed(11)
+    layer = TTLinear(40, 300, 5, bias=bias, generator=g)
+    x = torch.randn(3, 7, 40, generator=g)
+    dense = layer.to_dense().double()
+    expected = x.double() @ dense + (layer.bias.double() if bias else 0)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-6)
+    out = layer(x)  # with autograd: the gradient reaches the cores
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    reference = TTLinear(40, 300, 5, bias=bias, generator=torch.Generator().manual_seed(0))
+    reference.load_state_dict(layer.state_dict())
+    (x @ reference.to_dense() + (reference.bias if bias else 0)).square().sum().backward()
+    torch.testing.assert_close(layer.core_data.grad, reference.core_data.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_to_dense_matches_the_entry_formula():
     """W[(a_1..a_m), (a_{m+1}..a_d)] = G_1[:, a_1, :] ... G_d[:, a_d, :], input modes first, row-major."""
     g = torch.Generator().manual_seed(3)
