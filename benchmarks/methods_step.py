@@ -8,6 +8,7 @@ parameters are the same for every variant: all weights except norms and position
 Usage:
   python benchmarks/methods_step.py                       # SmolLM2-135M shape, CPU, batches 1, 4, 16
   python benchmarks/methods_step.py --device cuda --shape opt-1.3b --batches 1,4,16
+  python benchmarks/methods_step.py --batches 16 --copies-per-forward 1   # + virtual LOZO/TeZO, k copies a forward
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ QUICK = ["mezo", "lozo", "lozo+virtual", "tezo", "tezo+virtual"]  # timed at bat
 def make_optimizer(variant: str, model):
     import zotune
 
-    name, _, path = variant.partition("+")
+    name, _, path = variant.partition("+")  # path: "", "virtual" or "virtual/k" (k copies per forward)
     for pname, p in model.named_parameters():
         p.requires_grad_(not ("norm" in pname or "embed_positions" in pname))
     params = [p for p in model.parameters() if p.requires_grad]
     lr = 1e-5 if "adam" in name else 1e-7
     options = dict(LOW_RANK.get(name, {}))
-    if path == "virtual":
-        options.update(virtual=True, model=model)
+    if path.startswith("virtual"):
+        per = path.partition("/")[2]
+        options.update(virtual=True, model=model, copies_per_forward=int(per) if per else None)
     return zotune.METHODS[name](params, lr=lr, eps=1e-3, seed=0, **options)
 
 
@@ -105,6 +107,8 @@ def main() -> None:
                         help="batch sizes at which every variant is timed and its peak memory measured (others: "
                              "MeZO, LOZO and TeZO, time only)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--copies-per-forward", type=int, default=None,
+                        help="also time virtual LOZO and TeZO with at most this many of the step's copies per forward")
     parser.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-batch", type=int, default=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,8 +122,9 @@ def main() -> None:
         where += f", {torch.get_num_threads()} threads"
     rows = []
     all_at = {int(b) for b in args.all_at.split(",") if b}
+    split = [] if args.copies_per_forward is None else [f"{n}+virtual/{args.copies_per_forward}" for n in ("lozo", "tezo")]
     for batch in [int(b) for b in args.batches.split(",")]:
-        variants = VARIANTS if batch in all_at else QUICK
+        variants = (VARIANTS if batch in all_at else QUICK) + split
         times = speed(args, model, batch, variants)
         for v in variants:
             peak = None if args.no_memory or batch not in all_at else memory(args, v, batch)
@@ -131,6 +136,7 @@ def main() -> None:
     print("| batch | method | path | s / step | vs in-place MeZO | peak MiB |\n|---|---|---|---|---|---|")
     for batch, v, seconds, ratio, peak in rows:
         name, _, path = v.partition("+")
+        path = path.replace("/", ", copies per forward: ")
         print(f"| {batch} | {name} | {path or 'in place'} | {seconds:.3f} | {ratio:.2f}x | "
               f"{'' if peak is None else f'{peak:.0f}'} |")
 

@@ -67,6 +67,7 @@ class OptimConfig:
     trainable: str = _f("auto", "parameters to tune: auto (the adapters when adapter.kind is set, else the final norm: regex:^model\\.norm\\.weight$), all, norms, adapters, or regex:<pattern> over parameter names")
     drift_safe: typing.Optional[bool] = _f(None, "perturb at use instead of in place (default: on for float16/bfloat16)")
     virtual: bool = _f(False, "measure all ±ε points in one batched forward, never writing the weights (lozo*, tezo*)")
+    copies_per_forward: typing.Optional[int] = _f(None, "virtual: at most this many of a step's ±ε copies of the batch per forward (default: all; lower it to bound activation memory)")
     nan_policy: str = _f("raise", "on a NaN/inf loss: raise, or skip the update")
 
 

@@ -35,6 +35,32 @@ def test_train_five_steps(tiny_model_dir, tmp_path, method, capsys):
     assert (run / "checkpoints" / "step-000000005" / "manifest.json").exists()
 
 
+@needs_shared_data
+def test_virtual_training_measures_the_in_place_losses(tiny_model_dir, tmp_path):
+    """The loop's closure serves the virtual path (closure(copies=S)), whole or one copy per forward.
+
+    Same seeds, so the same directions. g = (L+ - L-) / 2ε with ε = 1e-3: float32 losses near 0.7
+    that differ by a few 1e-7 (perturbed weights in place against perturbed outputs) move g by
+    about 1e-4, hence atol 1e-3 against in place; split forwards compute the same rows.
+    """
+    grads, losses = {}, {}
+    for name, extra in [("in_place", []), ("virtual", ["--optim.virtual", "true"]),
+                        ("one_copy", ["--optim.virtual", "true", "--optim.copies_per_forward", "1"])]:
+        assert main(["train", "--model.name", str(tiny_model_dir), "--data.data_dir", str(SHARED_DATA),
+                     "--data.n_train", "16", "--data.n_dev", "4", "--data.n_test", "4", "--train.steps", "3",
+                     "--train.batch_size", "2", "--train.eval_every", "0", "--optim.method", "lozo",
+                     "--optim.num_queries", "2", "--optim.lr", "1e-3", "--optim.trainable", "regex:mlp",
+                     "--train.output_dir", str(tmp_path), "--train.run_name", name,
+                     "--train.progress", "false", *extra]) == 0
+        log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        grads[name] = [g for s in log if "loss" in s for g in s["projected_grads"]]
+        losses[name] = [s["loss"] for s in log if "loss" in s]
+    assert len(grads["in_place"]) == 3 * 2 and max(map(abs, grads["in_place"])) > 1e-2
+    assert grads["one_copy"] == pytest.approx(grads["virtual"], abs=1e-5)
+    assert grads["virtual"] == pytest.approx(grads["in_place"], abs=1e-3)
+    assert losses["one_copy"] == pytest.approx(losses["in_place"], rel=1e-5)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--optim.method", "sgd0"], "unknown method 'sgd0'; valid: adazeta, lozo, lozo_m, mezo"),
     (["train", "--data.task", "nope"], "unknown task 'nope'"),
@@ -64,6 +90,8 @@ def test_methods_and_tasks(capsys):
     (["--optim.method", "mezo", "--optim.rank", "4"], "takes no option optim.rank"),
     (["--optim.method", "mezo", "--optim.virtual", "true"], "needs a low-rank method"),
     (["--optim.method", "lozo", "--optim.virtual", "true", "--optim.drift_safe", "true"], "exclude each other"),
+    (["--optim.method", "lozo", "--optim.copies_per_forward", "2"], "set optim.virtual true"),
+    (["--optim.method", "lozo", "--optim.virtual", "true", "--optim.copies_per_forward", "0"], "positive integer"),
     (["--optim.method", "mezo_adam", "--train.guard_spike", "3", "--train.guard_action", "rollback"], "keeps moments"),
     (["--train.guard_spike", "3", "--train.guard_action", "reset"], "guard action"),
     (["--optim.eps", "0"], "optim.eps > 0"),

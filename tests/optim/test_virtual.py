@@ -194,3 +194,42 @@ def test_hooks_wrap_an_instance_forward_and_put_everything_back(batch):
         reference = per_copy_lm_closure(model, batch)()
         del proj.forward
         assert torch.equal(per_copy_lm_closure(model, batch)(), reference)
+
+
+@pytest.mark.parametrize("method", ["lozo", "tezo"])
+@pytest.mark.parametrize("per", [1, 3])
+def test_copies_split_over_forwards_measure_what_one_forward_does(method, per, batch):
+    # copies_per_forward=k runs the S = 2q = 4 copies as forwards of at most k copies (k=3: 3 then
+    # 1, so a pass's factor slices start mid-buffer). In float64 the losses agree with one
+    # forward to rounding, over two steps (the second reuses the cached passes).
+    results = {}
+    for split in (None, per):
+        model = tiny_opt().double()
+        trainable(model, ("embed_positions",))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = zotune.METHODS[method](params, lr=1e-2, eps=1e-2, num_queries=2, seed=6, rank=2, virtual=True,
+                                     copies_per_forward=split, model=model)
+        closure = per_copy_lm_closure(model, batch)
+        sizes = []
+
+        def recording(copies=None):
+            sizes.append(copies)
+            return closure(copies)
+
+        losses = []
+        for _ in range(2):
+            opt.step(recording)
+            losses.append(opt.last_record.losses)
+        results[split] = (torch.tensor(losses), sizes)
+    torch.testing.assert_close(results[per][0], results[None][0], rtol=1e-10, atol=1e-12)
+    assert results[None][1] == [4, 4]
+    assert results[per][1] == ([1, 1, 1, 1] * 2 if per == 1 else [3, 1] * 2)
+
+
+def test_copies_per_forward_is_checked():
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="virtual path only"):
+        zotune.lozo(model.parameters(), lr=1e-3, copies_per_forward=2)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            zotune.lozo(model.parameters(), lr=1e-3, virtual=True, copies_per_forward=bad, model=model)

@@ -13,7 +13,10 @@ each copy's own perturbation to the outputs:
   ``nn.LayerNorm``'s weight and bias add x̂_s ∘ z_s and z_s.
 
 The weights are read once per step for all 2q evaluations and written only by the update,
-so half precision does not drift. It works on stock ``transformers`` models through hooks;
+so half precision does not drift. ``copies_per_forward=k`` splits the S copies over
+ceil(S / k) forwards of at most k copies each (same losses): the activations of one forward
+grow with its copies, and once a forward has enough rows to keep the device busy (a CPU at
+batch 16 x 64 tokens) one forward over S·B rows is no faster than S over B. It works on stock ``transformers`` models through hooks;
 trainable parameters owned by other kinds of module are rejected with a clear message
 (freeze them, or use the in-place path).
 """
@@ -60,7 +63,12 @@ def per_copy_losses(closures: Sequence[Closure], copies: int) -> list[float]:
 class Virtual:
     """Execution path that measures every point of a step in one batched forward."""
 
-    def __init__(self, model: nn.Module, params: IndexedParams, perturbation) -> None:
+    def __init__(self, model: nn.Module, params: IndexedParams, perturbation,
+                 copies_per_forward: int | None = None) -> None:
+        if copies_per_forward is not None and (isinstance(copies_per_forward, bool)
+                                               or int(copies_per_forward) != copies_per_forward
+                                               or copies_per_forward < 1):
+            raise ValueError(f"copies_per_forward must be a positive integer or None, got {copies_per_forward!r}")
         if not hasattr(perturbation, "point_factors"):
             raise ValueError(
                 f"the virtual path needs a factored perturbation (LOZO, TeZO); {type(perturbation).__name__} "
@@ -98,11 +106,12 @@ class Virtual:
         if missing:
             raise ValueError(f"parameters at indices {missing[:5]} do not belong to a module of the model")
         self.perturbation = perturbation
+        self.copies_per_forward = None if copies_per_forward is None else int(copies_per_forward)
         # Linears of one parent with one input width (q, k, v, o): those that read the same tensor
         # get their x R products from one GEMM.
         self._groups = [tuple(group) for group in siblings.values() if len(group) > 1]
         self._shared: dict[tuple, SharedInput] = {}  # group -> its concatenated R (kept while the Rs are)
-        self._hooks: tuple | None = None  # (factors, copies, hooks, shared inputs) of the last step
+        self._passes: tuple | None = None  # (factors, copies, [(copies of a forward, hooks, shared inputs)])
 
     def take_restore_terms(self) -> list:
         return []
@@ -110,19 +119,36 @@ class Virtual:
     def measure_points(self, params, perturbation, points, closures) -> list[float]:
         copies = len(points)
         factors = self.perturbation.point_factors(params, points)
-        if self._hooks is None or self._hooks[0] is not factors or self._hooks[1] != copies:
-            self._hooks = (factors, copies, *self._make_hooks(factors, copies))
-        _, _, hooks, shared = self._hooks
-        installed = []
-        try:
-            for module, hook in hooks:
-                installed.append((module, _install(module, hook)))
-            return per_copy_losses(closures, copies)
-        finally:
-            for module, previous in installed:
-                _uninstall(module, previous)
-            for group in shared:
-                group.forget()  # drop the last input held for the identity check
+        if self._passes is None or self._passes[0] is not factors or self._passes[1] != copies:
+            self._passes = (factors, copies, self._make_passes(factors, copies))
+        losses = []
+        for size, hooks, shared in self._passes[2]:
+            installed = []
+            try:
+                for module, hook in hooks:
+                    installed.append((module, _install(module, hook)))
+                losses += per_copy_losses(closures, size)
+            finally:
+                for module, previous in installed:
+                    _uninstall(module, previous)
+                for group in shared:
+                    group.forget()  # drop the last input held for the identity check
+        return losses
+
+    def _make_passes(self, factors, copies):
+        """[(k, hooks, shared inputs)] per forward: consecutive runs of at most ``copies_per_forward`` copies.
+
+        Every factor's first tensor has the copies first (Lᵀ (S, r, m), z (S, d)); a pass's hooks
+        see the slice [start, start + k) of it, a view.
+        """
+        per = self.copies_per_forward or copies
+        passes = []
+        for start in range(0, copies, per):
+            size = min(per, copies - start)
+            part = factors if size == copies else {
+                index: (tensors[0][start : start + size], *tensors[1:]) for index, tensors in factors.items()}
+            passes.append((size, *self._make_hooks(part, size)))
+        return passes
 
     def _make_hooks(self, factors, copies):
         """Every owned module's hook for these factors (kept while the factors are the same)."""

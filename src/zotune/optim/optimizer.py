@@ -64,6 +64,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             perturbation into the weights (low-rank and CP perturbations; see
             :mod:`zotune.models.virtual`). The closure is then called as ``closure(copies=S)``
             and must return the S losses of the batch repeated S times (copy-major). Needs ``model``.
+        copies_per_forward: with ``virtual``, at most this many of the S copies per forward
+            (the closure is then called once per group of copies, e.g. ``closure(copies=2)``
+            twice for S = 4 and 2); bounds the activation memory. Default: all S in one forward.
         model: the module owning the parameters (needed for ``drift_safe`` and ``virtual``).
         query_schedule: a :class:`~zotune.optim.schedules.QuerySchedule` setting q per data
             epoch (AdaZeta); the training loop calls :meth:`start_epoch`.
@@ -82,6 +85,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         nan_policy: str = "raise",
         drift_safe: bool = False,
         virtual: bool = False,
+        copies_per_forward: int | None = None,
         model: nn.Module | None = None,
         query_schedule: QuerySchedule | None = None,
     ) -> None:
@@ -116,10 +120,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError("drift_safe=True and virtual=True need model= (the module that owns the parameters)")
         if drift_safe and virtual:
             raise ValueError("choose one of drift_safe and virtual (the virtual path never writes the weights either)")
+        if copies_per_forward is not None and not virtual:
+            raise ValueError("copies_per_forward applies to the virtual path only: pass virtual=True as well")
         if virtual:
             from ..models.virtual import Virtual
 
-            self.execution: ExecutionPath = Virtual(model, self._indexed, self.perturbation)
+            self.execution: ExecutionPath = Virtual(model, self._indexed, self.perturbation, copies_per_forward)
         elif drift_safe:
             self.execution = AtUse(model, self._indexed)
         else:

@@ -166,6 +166,10 @@ def method_options(cfg: OptimConfig) -> dict:
         raise ConfigError(f"optim.virtual needs a low-rank method (lozo*, tezo*), not {cfg.method!r}")
     if cfg.virtual and cfg.drift_safe:
         raise ConfigError("optim.virtual and optim.drift_safe exclude each other (virtual never writes the weights)")
+    if cfg.copies_per_forward is not None and not cfg.virtual:
+        raise ConfigError("optim.copies_per_forward applies to the virtual path: set optim.virtual true as well")
+    if cfg.copies_per_forward is not None and cfg.copies_per_forward < 1:
+        raise ConfigError(f"optim.copies_per_forward must be a positive integer, got {cfg.copies_per_forward}")
     if cfg.nan_policy not in ("raise", "skip"):
         raise ConfigError(f"optim.nan_policy must be raise or skip, got {cfg.nan_policy!r}")
     return options
@@ -194,6 +198,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int, nan_policy: s
         nan_policy=nan_policy or cfg.nan_policy,
         drift_safe=drift_safe,
         virtual=cfg.virtual,
+        copies_per_forward=cfg.copies_per_forward,
         model=model,
         **options,
     )
