@@ -13,12 +13,14 @@ each copy's own perturbation to the outputs:
   ``nn.LayerNorm``'s weight and bias add x̂_s ∘ z_s and z_s.
 
 The weights are read once per step for all 2q evaluations and written only by the update,
-so half precision does not drift. ``copies_per_forward=k`` splits the S copies over
-ceil(S / k) forwards of at most k copies each (same losses): the activations of one forward
-grow with its copies, and once a forward has enough rows to keep the device busy (a CPU at
-batch 16 x 64 tokens) one forward over S·B rows is no faster than S over B. It works on stock ``transformers`` models through hooks;
+so half precision does not drift. It works on stock ``transformers`` models through hooks;
 trainable parameters owned by other kinds of module are rejected with a clear message
 (freeze them, or use the in-place path).
+
+``copies_per_forward=k`` splits the S copies over ceil(S / k) forwards of at most k copies
+each, for the same losses: a forward's activations grow with its copies, and once it has
+enough rows to keep the device busy (a CPU at batch 16 x 64 tokens) one forward over S·B
+rows is no faster than S forwards over B.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def per_copy_losses(closures: Sequence[Closure], copies: int) -> list[float]:
 
 
 class Virtual:
-    """Execution path that measures every point of a step in one batched forward."""
+    """Execution path that measures every point of a step in one batched forward (or k copies at a time)."""
 
     def __init__(self, model: nn.Module, params: IndexedParams, perturbation,
                  copies_per_forward: int | None = None) -> None:
@@ -110,7 +112,6 @@ class Virtual:
         # Linears of one parent with one input width (q, k, v, o): those that read the same tensor
         # get their x R products from one GEMM.
         self._groups = [tuple(group) for group in siblings.values() if len(group) > 1]
-        self._shared: dict[tuple, SharedInput] = {}  # group -> its concatenated R (kept while the Rs are)
         self._passes: tuple | None = None  # (factors, copies, [(copies of a forward, hooks, shared inputs)])
 
     def take_restore_terms(self) -> list:
@@ -160,9 +161,7 @@ class Virtual:
         shared = []
         for group in self._groups:
             rights = tuple(products[id(m)][1] for m in group)
-            hit = self._shared.get(group)
-            if hit is None or not hit.serves(rights):
-                hit = self._shared[group] = SharedInput(rights)
+            hit = SharedInput(rights)
             shared.append(hit)
             for i, module in enumerate(group):
                 left_t, _, bias_z = products[id(module)]
@@ -258,7 +257,7 @@ class SharedInput:
     """
 
     def __init__(self, rights: tuple[tuple[Tensor, Tensor | None], ...]) -> None:
-        self._rights = rights  # per member: (Rᵀ (w_i, n), bias of the product (w_i,) or None)
+        # rights, per member: (Rᵀ (w_i, n), bias of the product (w_i,) or None)
         self.weight = torch.cat([right_t for right_t, _ in rights])  # (Σ w_i, n)
         self.bias = None
         if any(ones is not None for _, ones in rights):
@@ -268,10 +267,6 @@ class SharedInput:
         self._spans = list(zip([0] + ends[:-1], ends))
         self._x: Tensor | None = None
         self._xr: Tensor | None = None
-
-    def serves(self, rights) -> bool:
-        return len(rights) == len(self._rights) and all(
-            a[0] is b[0] and a[1] is b[1] for a, b in zip(rights, self._rights))
 
     def reader(self, i: int) -> Callable[[Tensor], Tensor]:
         start, end = self._spans[i]
