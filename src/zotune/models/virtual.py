@@ -161,11 +161,11 @@ class Virtual:
         shared = []
         for group in self._groups:
             rights = tuple(products[id(m)][1] for m in group)
-            hit = SharedInput(rights)
-            shared.append(hit)
+            group_input = SharedInput(rights)
+            shared.append(group_input)
             for i, module in enumerate(group):
                 left_t, _, bias_z = products[id(module)]
-                products[id(module)] = (left_t, hit.reader(i), bias_z)
+                products[id(module)] = (left_t, group_input.reader(i), bias_z)
         hooks = [(module, _make_hook(module, owned_factors[id(module)], copies, products.get(id(module))))
                  for module, _ in self._owned]
         return hooks, shared

@@ -65,8 +65,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             :mod:`zotune.models.virtual`). The closure is then called as ``closure(copies=S)``
             and must return the S losses of the batch repeated S times (copy-major). Needs ``model``.
         copies_per_forward: with ``virtual``, at most this many of the S copies per forward
-            (the closure is then called once per group of copies, e.g. ``closure(copies=2)``
-            twice for S = 4 and 2); bounds the activation memory. Default: all S in one forward.
+            (the closure is then called once per group of copies: with S = 4 and 2, as
+            ``closure(copies=2)`` twice); bounds the activation memory. Default: all S in one forward.
         model: the module owning the parameters (needed for ``drift_safe`` and ``virtual``).
         query_schedule: a :class:`~zotune.optim.schedules.QuerySchedule` setting q per data
             epoch (AdaZeta); the training loop calls :meth:`start_epoch`.
