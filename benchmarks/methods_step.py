@@ -80,15 +80,17 @@ def memory_child(args) -> float:
     ids = make_batch(model, args.memory_batch, args.tokens, args.device)
     fn = step_fn(args.memory_variant, model, ids)
     with torch.no_grad():
-        fn()  # first step allocates moments and caches: measure a steady-state step after it
+        fn()  # first step allocates moments and caches: measure steady-state steps after it
         peak_reset(args.device)
-        fn()
+        for _ in range(args.memory_steps):
+            fn()
     return peak_read(args.device)
 
 
 def memory(args, variant: str, batch: int) -> float:
     cmd = [sys.executable, __file__, "--memory-variant", variant, "--memory-batch", str(batch), "--shape", args.shape,
-           "--tokens", str(args.tokens), "--device", args.device, "--dtype", args.dtype]
+           "--tokens", str(args.tokens), "--device", args.device, "--dtype", args.dtype,
+           "--memory-steps", str(args.memory_steps)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
 
@@ -109,8 +111,11 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--copies-per-forward", type=int, default=None,
                         help="also time virtual LOZO and TeZO with at most this many of the step's copies per forward")
-    parser.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--memory-batch", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-steps", type=int, default=1,
+                        help="steps measured for peak memory, after one warm-up step")
+    parser.add_argument("--memory-variant", default=None,
+                        help="only print this variant's peak memory (JSON; the table runs one process per variant)")
+    parser.add_argument("--memory-batch", type=int, default=4, help="batch size of --memory-variant")
     args = parser.parse_args()
     if args.memory_variant:
         print(json.dumps({"peak_mib": memory_child(args)}))
