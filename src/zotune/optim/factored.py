@@ -225,9 +225,10 @@ class _Factored(Perturbation):
         for group, buffer in scaled.items():  # row s = offset_s · draw(key_s)
             torch.stack([self._pack(key, group) for _, key in points], out=buffer)
             buffer.mul_(self._offset_column(points, buffer))
-        reuse = self._reuse_key(points)
+        reuse = self._point_reuse_key(points)
         last = self._last_factors.get(copies)
         if reuse is not None and last is not None and last[0] == reuse and last[1] is params:
+            self._refresh_point_factors(params, points, views, last[2])
             return last[2]
         out, static = {}, True
         for index, p in params:
@@ -249,6 +250,13 @@ class _Factored(Perturbation):
     def _reuse_key(self, points) -> object:
         """What, besides the refilled buffers, this step's factors depend on; None: rebuilt every step."""
         return None
+
+    def _point_reuse_key(self, points) -> object:
+        """Like :meth:`_reuse_key`, for the virtual path's factors, which may be refreshed in place."""
+        return self._reuse_key(points)
+
+    def _refresh_point_factors(self, params, points, views, factors) -> None:
+        """Recompute in place the kept point factors that are not views of the refilled buffers (none here)."""
 
     def _offset_column(self, points, like: Tensor) -> Tensor:
         slot = (tuple(offset for offset, _ in points), like.device, like.dtype)
