@@ -107,6 +107,18 @@ class TemporalCP(_Factored):
         u, _ = self.factors(param, index, key.run_seed)
         return u.T * fresh.unsqueeze(2)  # (r, m) ⊙ (S, r, 1) -> (S, r, m): offset_s (U diag(τ_s))ᵀ
 
+    def _point_reuse_key(self, points):
+        # U and V belong to the run: the virtual path's factors are kept and only their
+        # U diag(τ_s) parts recomputed, so its hooks too are built once per run.
+        return points[0][1].run_seed
+
+    def _refresh_point_factors(self, params, points, views, factors):
+        run_seed = points[0][1].run_seed
+        for index, p in params:
+            if p.dim() >= 2:
+                u, _ = self.factors(p, index, run_seed)
+                torch.mul(u.T, views[index].unsqueeze(2), out=factors[index][0])  # this call's τ_s
+
     def _expand(self, param, index, coords, key):
         u, v = self.factors(param, index, key.run_seed)
         return u * coords, v
