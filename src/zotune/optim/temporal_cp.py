@@ -98,6 +98,9 @@ class TemporalCP(_Factored):
 
     def _left_right(self, param, index, terms):
         u, v = self.factors(param, index, terms[0][1].run_seed)
+        if len(terms) == 1:  # α U diag(τ) Vᵀ: α rides in the addmm_ (two kernels a matrix, not four)
+            alpha, key = terms[0]
+            return u * self._fresh(param, index, key), v.T, alpha
         return u * self._matrix_coords(param, index, terms), v.T, 1.0  # (m, r) ⊙ (r,) broadcasts over rows
 
     def _right(self, param, index, key):
