@@ -233,3 +233,24 @@ def test_copies_per_forward_is_checked():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="positive integer"):
             zotune.lozo(model.parameters(), lr=1e-3, virtual=True, copies_per_forward=bad, model=model)
+
+
+@pytest.mark.parametrize("method", ["lozo", "tezo"])
+def test_a_dtype_change_between_steps_is_followed(method, batch):
+    # The virtual path keeps its factors and hooks across steps (a LOZO window, a TeZO run);
+    # module.double() gives the parameters new storage, and the kept float32 factors must not
+    # meet float64 outputs (this failed with a dtype error in baddbmm_).
+    records = {}
+    for virtual in (False, True):
+        model = tiny_opt()
+        trainable(model, ("embed_positions",))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = zotune.METHODS[method](params, lr=1e-3, eps=1e-2, rank=2, seed=7, virtual=virtual, model=model)
+        records[virtual] = []
+        for step in range(4):
+            if step == 2:
+                model.double()
+            opt.step(per_copy_lm_closure(model, batch))
+            records[virtual].append(opt.last_record.projected_grads)
+        assert all(p.dtype == torch.float64 for p in params)
+    torch.testing.assert_close(torch.tensor(records[True]), torch.tensor(records[False]), rtol=2e-3, atol=2e-3)

@@ -55,7 +55,7 @@ class _Factored(Perturbation):
         self._views: dict[tuple[int, int, bool], Tensor] = {}  # (query, index, transposed) -> view of the pack
         self._points: dict[int, tuple[dict, dict]] = {}  # S -> ({group: (S, numel)}, {index: (S, *shape) view})
         self._offsets: dict[tuple, Tensor] = {}  # (offsets, device, dtype) -> (S, 1) tensor
-        self._last_factors: dict[int, tuple] = {}  # S -> (reuse key, params, factors) of the last call
+        self._last_factors: dict[int, tuple] = {}  # S -> (reuse key, params, factors, data pointers) of the last call
         # (params, query) -> (reuse key, groups, one-direction plan, the parameters' storage addresses)
         self._plans: dict[tuple, tuple] = {}
 
@@ -227,7 +227,9 @@ class _Factored(Perturbation):
             buffer.mul_(self._offset_column(points, buffer))
         reuse = self._point_reuse_key(points)
         last = self._last_factors.get(copies)
-        if reuse is not None and last is not None and last[0] == reuse and last[1] is params:
+        # New storage (module.to() with another dtype or device) voids the kept factors, as in _one_term_plan.
+        pointers = [p.data_ptr() for _, p in params]
+        if reuse is not None and last is not None and last[0] == reuse and last[1] is params and last[3] == pointers:
             self._refresh_point_factors(params, points, views, last[2])
             return last[2]
         out, static = {}, True
@@ -244,7 +246,7 @@ class _Factored(Perturbation):
             else:
                 key = points[0][1]
                 out[index] = (self._point_left_t(p, index, fresh, key), self._right(p, index, key))
-        self._last_factors[copies] = (reuse if static else None, params, out)
+        self._last_factors[copies] = (reuse if static else None, params, out, pointers)
         return out
 
     def _reuse_key(self, points) -> object:
