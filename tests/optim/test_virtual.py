@@ -29,6 +29,22 @@ def trainable(model, skip=()):
         p.requires_grad_(not any(s in name for s in skip))
 
 
+def opt_grads_both_paths(make_optimizer, batch, steps, before_step=lambda step, model: None):
+    """Projected gradients (steps, q) on a tiny OPT, in place then virtual: same seeds, so same directions."""
+    records = []
+    for virtual in (False, True):
+        model = tiny_opt()
+        trainable(model, ("embed_positions",))
+        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], model, virtual)
+        grads = []
+        for step in range(steps):
+            before_step(step, model)
+            opt.step(per_copy_lm_closure(model, batch))
+            grads.append(opt.last_record.projected_grads)
+        records.append(torch.tensor(grads))
+    return records
+
+
 @pytest.mark.parametrize("make,skip", [
     (tiny_llama, ("norm",)),  # LLaMA's RMSNorm is not a torch LayerNorm: frozen
     (tiny_opt, ("embed_positions",)),  # OPT's learned positions take a mask, not ids: frozen
@@ -147,17 +163,10 @@ def test_sibling_linears_reading_one_input_share_one_product(batch, monkeypatch)
 def test_virtual_follows_the_v_windows(nu, batch):
     # Within a V window the virtual path reuses its factor views and hooks; across windows it
     # must rebuild them. Same projected gradients as in place over several windows.
-    records = {}
-    for virtual in (False, True):
-        model = tiny_opt()
-        trainable(model, ("embed_positions",))
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = zotune.lozo(params, lr=1e-2, eps=1e-2, nu=nu, seed=2, virtual=virtual, model=model)
-        records[virtual] = []
-        for _ in range(5):
-            opt.step(per_copy_lm_closure(model, batch))
-            records[virtual].append(opt.last_record.projected_grads)
-    torch.testing.assert_close(torch.tensor(records[True]), torch.tensor(records[False]), rtol=2e-3, atol=2e-3)
+    in_place, virtual = opt_grads_both_paths(
+        lambda params, model, virtual: zotune.lozo(params, lr=1e-2, eps=1e-2, nu=nu, seed=2, virtual=virtual,
+                                                   model=model), batch, steps=5)
+    torch.testing.assert_close(virtual, in_place, rtol=2e-3, atol=2e-3)
 
 
 def test_hooks_wrap_an_instance_forward_and_put_everything_back(batch):
@@ -240,17 +249,12 @@ def test_a_dtype_change_between_steps_is_followed(method, batch):
     # The virtual path keeps its factors and hooks across steps (a LOZO window, a TeZO run);
     # module.double() gives the parameters new storage, and the kept float32 factors must not
     # meet float64 outputs (this failed with a dtype error in baddbmm_).
-    records = {}
-    for virtual in (False, True):
-        model = tiny_opt()
-        trainable(model, ("embed_positions",))
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = zotune.METHODS[method](params, lr=1e-3, eps=1e-2, rank=2, seed=7, virtual=virtual, model=model)
-        records[virtual] = []
-        for step in range(4):
-            if step == 2:
-                model.double()
-            opt.step(per_copy_lm_closure(model, batch))
-            records[virtual].append(opt.last_record.projected_grads)
-        assert all(p.dtype == torch.float64 for p in params)
-    torch.testing.assert_close(torch.tensor(records[True]), torch.tensor(records[False]), rtol=2e-3, atol=2e-3)
+    def double_at_step_2(step, model):
+        if step == 2:
+            model.double()
+
+    in_place, virtual = opt_grads_both_paths(
+        lambda params, model, virtual: zotune.METHODS[method](params, lr=1e-3, eps=1e-2, rank=2, seed=7,
+                                                              virtual=virtual, model=model),
+        batch, steps=4, before_step=double_at_step_2)
+    torch.testing.assert_close(virtual, in_place, rtol=2e-3, atol=2e-3)
