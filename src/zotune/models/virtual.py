@@ -288,8 +288,8 @@ def _linear_product(owned: dict[str, tuple[Tensor, ...]]):
     bias = owned.get("bias")
     fused, right_padded, ones = _fused_bias(left_t, right, None if bias is None else bias[0])
     if fused is not None:  # [x R, 1] [L_s, z_s]ᵀ = (x R) L_sᵀ + z_s: the bias rides in the product
-        return fused, (_gemm_ready(right_padded.T), ones), None
-    return left_t, (_gemm_ready(right.T), None), None if bias is None else bias[0].unsqueeze(1)
+        return fused, (right_padded.T, ones), None
+    return left_t, (right.T, None), None if bias is None else bias[0].unsqueeze(1)
 
 
 def _gemm_ready(right_t: Tensor) -> Tensor:
@@ -298,6 +298,7 @@ def _gemm_ready(right_t: Tensor) -> Tensor:
     With R stored row-major (n, r), that GEMM reads it as (n, r) and is about 5x slower at
     r <= 8 than with Rᵀ row-major (x of 1024 x 1536, r = 2: 1.03 against 0.20 ms); the copy
     is r·n elements once per set of factors. On a GPU it would be one more launch per Linear.
+    Only for a Linear's own product: :class:`SharedInput` concatenates its members' Rᵀ anyway.
     """
     return right_t.contiguous() if right_t.device.type == "cpu" else right_t
 
@@ -352,7 +353,7 @@ def _make_hook(module: nn.Module, owned: dict[str, tuple[Tensor, ...]], copies: 
         if weight is not None:
             left_t, read, bias_z = product
             if not callable(read):  # (Rᵀ, e): F.linear(x, Rᵀ, e) = [x R, (1)]
-                right_t, ones = read
+                right_t, ones = _gemm_ready(read[0]), read[1]  # (siblings read a concatenated, contiguous Rᵀ)
                 read = lambda x: F.linear(x, right_t, ones)  # noqa: E731
 
         def hook(mod, args, output):
