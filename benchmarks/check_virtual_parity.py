@@ -24,17 +24,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=2, help="steps per path (later steps reuse kept factors)")
     args = parser.parse_args()
-    paths = {"in place": {}, "virtual": dict(virtual=True), "virtual, 1 copy per forward": dict(
-        virtual=True, copies_per_forward=1)}
+    paths = {"in place": None, "virtual": None, "virtual, 1 copy per forward": 1}  # path -> copies per forward
     for method in ("lozo", "tezo"):
         grads = {}
-        for path, options in paths.items():
+        for path, per in paths.items():
             model = build_model(args.shape, args.device, getattr(torch, args.dtype))
             for name, p in model.named_parameters():
                 p.requires_grad_(not ("norm" in name or "embed_positions" in name))
             ids = make_batch(model, 2, 32, args.device)
             params = [p for p in model.parameters() if p.requires_grad]
-            opt = zotune.METHODS[method](params, lr=0.0, eps=1e-2, num_queries=2, seed=3, model=model, **options)
+            opt = zotune.METHODS[method](params, lr=0.0, eps=1e-2, num_queries=2, seed=3,
+                                         execution=zotune.Virtual(model, per) if path != "in place" else None)
             grads[path] = []
             for _ in range(args.steps):  # lr = 0: the same weights, each step its own directions
                 opt.step(lambda copies=None: loss_of(model, ids, copies))

@@ -29,7 +29,7 @@ def worker(args) -> None:
     from common import build_model, loss_of, make_batch, timed
 
     import zotune
-    from zotune.dist import Layout, parallelize
+    from zotune.dist import Distributed, Layout
 
     backend = "nccl" if args.device == "cuda" else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -42,8 +42,8 @@ def worker(args) -> None:
     ids = make_batch(model, args.batch, args.tokens, device)
     layout = Layout(world, rank)
     shard = torch.stack(layout.shard_batch(list(ids)))
-    optimizer = parallelize(zotune.mezo(model.parameters(), lr=1e-7, drift_safe=args.dtype != "float32",
-                                        model=model), layout)
+    inner = zotune.DriftSafe(model) if args.dtype != "float32" else zotune.InPlace()
+    optimizer = zotune.mezo(model.parameters(), lr=1e-7, execution=Distributed(inner, layout))
     step = lambda: optimizer.step(lambda: loss_of(model, shard))  # noqa: E731
     step()
     times = [timed(step, device) for _ in range(args.repeats)]

@@ -44,7 +44,7 @@ def make_optimizer(variant: str, model):
     options = dict(LOW_RANK.get(name, {}))
     if path.startswith("virtual"):
         per = path.partition("/")[2]
-        options.update(virtual=True, model=model, copies_per_forward=int(per) if per else None)
+        options.update(execution=zotune.Virtual(model, copies_per_forward=int(per) if per else None))
     return zotune.METHODS[name](params, lr=lr, eps=1e-3, seed=0, **options)
 
 
@@ -127,7 +127,8 @@ def main() -> None:
         where += f", {torch.get_num_threads()} threads"
     rows = []
     all_at = {int(b) for b in args.all_at.split(",") if b}
-    split = [] if args.copies_per_forward is None else [f"{n}+virtual/{args.copies_per_forward}" for n in ("lozo", "tezo")]
+    per = args.copies_per_forward
+    split = [] if per is None else [f"{n}+virtual/{per}" for n in ("lozo", "tezo")]
     for batch in [int(b) for b in args.batches.split(",")]:
         variants = (VARIANTS if batch in all_at else QUICK) + split
         times = speed(args, model, batch, variants)

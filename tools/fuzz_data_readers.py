@@ -65,7 +65,8 @@ def main() -> None:
             for filename in split:
                 path = Path(args.data) / task.local_dir / filename
                 if path.exists():
-                    seeds.setdefault(name, []).append((path.suffix, path.read_text(encoding="utf-8").splitlines()[:200]))
+                    lines = path.read_text(encoding="utf-8").splitlines()[:200]
+                    seeds.setdefault(name, []).append((path.suffix, lines))
     counts = {"inputs": 0, "bytes": 0, "examples": 0, "data_errors": 0, "failures": 0}
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +94,8 @@ def main() -> None:
                 print(f"FAILURE on task {name}, input {data[:300]!r}\n{traceback.format_exc()}")
     elapsed = time.time() - start
     print(f"fuzzed {counts['inputs']} inputs ({counts['bytes'] / 1e6:.1f} MB) in {elapsed:.0f} s: "
-          f"{counts['examples']} examples built, {counts['data_errors']} clear data errors, {counts['failures']} failures")
+          f"{counts['examples']} examples built, {counts['data_errors']} clear data errors, "
+          f"{counts['failures']} failures")
     raise SystemExit(1 if counts["failures"] else 0)
 
 

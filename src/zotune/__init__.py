@@ -2,8 +2,11 @@
 
 from .optim import (
     METHODS,
+    DriftSafe,
+    InPlace,
     NonFiniteLossError,
     QuerySchedule,
+    Virtual,
     adazeta,
     ZOOptimizer,
     lozo,
@@ -32,6 +35,7 @@ def load_model(*args, **kwargs):
 
 
 __all__ = [
-    "METHODS", "NonFiniteLossError", "QuerySchedule", "ZOOptimizer", "adazeta", "load_model", "lozo", "lozo_m", "mezo", "mezo_adam",
-    "mezo_momentum", "param_groups", "tezo", "tezo_adam", "tezo_m", "__version__",
+    "METHODS", "DriftSafe", "InPlace", "NonFiniteLossError", "QuerySchedule", "Virtual", "ZOOptimizer", "adazeta",
+    "load_model", "lozo", "lozo_m", "mezo", "mezo_adam", "mezo_momentum", "param_groups", "tezo", "tezo_adam",
+    "tezo_m", "__version__",
 ]

@@ -25,10 +25,20 @@ commands:
 """
 
 
-def _help_fields() -> str:
+def _help_fields(config: RunConfig) -> str:
+    """Every field of ``config``, then the options of every method (the chosen method's are the valid ones)."""
+    from .config import method_option_fields
+    from .optim import METHODS
+
     lines = ["configuration fields (override with --section.field VALUE):"]
-    for name, (_, text, default) in fields_of(RunConfig()).items():
+    for name, (_, text, default) in fields_of(config).items():
         lines.append(f"  --{name:<24} {text} [default: {default}]")
+    lines.append("\nmethod options (--optim.NAME; each method takes only its own, set with --optim.method):")
+    for method in METHODS:
+        options = method_option_fields(method)
+        lines.append(f"  {method}: " + ("none" if not options else ""))
+        for name, (_, text, default) in options.items():
+            lines.append(f"    --optim.{name:<17} {text} [default: {default}]")
     return "\n".join(lines)
 
 
@@ -59,14 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("train", argv)
     if "-h" in rest or "--help" in rest or command in ("-h", "--help", "help"):
-        print(USAGE + "\n" + _help_fields())
+        print(USAGE + "\n" + _help_fields(RunConfig()))
         return 0
     try:
         if command == "methods":
             from .optim import METHODS
 
-            for name, factory in sorted(METHODS.items()):
-                print(f"{name:<16} {(factory.__doc__ or '').strip().splitlines()[0]}")
+            for name, spec in METHODS.items():
+                paths = "in place, drift-safe" + (", virtual" if spec.virtual else "") if spec.zeroth_order \
+                    else "backprop"
+                print(f"{name:<14} {spec.summary} [{paths}]")
             return 0
         if command == "tasks":
             from .tasks import TASKS

@@ -7,6 +7,7 @@ unknown names are rejected with the list of valid ones before anything is loaded
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ class ModelConfig:
     name: str = _f("smollm2-135m", "built-in alias (smollm2-135m, minilm-l6), local model folder, or hub id")
     dtype: str = _f("float32", "weights dtype: float32, bfloat16 or float16")
     device: str = _f("cpu", "device for the model, e.g. cpu, cuda, cuda:1")
-    device_map: typing.Optional[str] = _f(None, "spread a model too large for one device: auto (accelerate places the layers over the GPUs, then the CPU); replaces model.device")
+    device_map: typing.Optional[str] = _f(None, "spread a model too large for one device: auto (accelerate places "
+                                                "the layers over the GPUs, then the CPU); replaces model.device")
     max_length: int = _f(256, "longest prompt + candidate in tokens; prompts are cut from the left")
     trust_remote_code: bool = _f(False, "allow model code from the hub to run")
 
@@ -35,45 +37,50 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     task: str = _f("sst2", "task name (see `zotune tasks`)")
-    data_dir: typing.Optional[str] = _f(None, "folder with local task files; default: $ZOTUNE_DATA, ../shared/data, ./data, else the hub")
+    data_dir: typing.Optional[str] = _f(None, "folder with local task files; default: $ZOTUNE_DATA, ../shared/data, "
+                                              "./data, else the hub")
     n_train: typing.Optional[int] = _f(None, "training examples sampled (default: the task's protocol, 1000)")
-    n_dev: typing.Optional[int] = _f(None, "development examples sampled from the training split (default 500; 100 for CB, COPA)")
-    n_test: typing.Optional[int] = _f(None, "test examples sampled from the validation split (default 1000, capped by what exists)")
+    n_dev: typing.Optional[int] = _f(None, "development examples sampled from the training split (default 500; 100 "
+                                           "for CB, COPA)")
+    n_test: typing.Optional[int] = _f(None, "test examples sampled from the validation split (default 1000, capped "
+                                            "by what exists)")
     seed: int = _f(0, "data sampling seed (the protocol's train_set_seed)")
-    k_shot: typing.Optional[int] = _f(None, "LM-BFF protocol: k training and k dev examples per class (data seeds 13, 21, 42, 87, 100); the whole test split")
-    icl_demos: int = _f(0, "zotune eval: prepend this many training examples with their answers to every test prompt (in-context learning)")
+    k_shot: typing.Optional[int] = _f(None, "LM-BFF protocol: k training and k dev examples per class (data seeds "
+                                            "13, 21, 42, 87, 100); the whole test split")
+    icl_demos: int = _f(0, "zotune eval: prepend this many training examples with their answers to every test prompt "
+                           "(in-context learning)")
 
 
 @dataclass
 class OptimConfig:
+    """The options every method shares; a method's own options (``optim.rank``, ``optim.beta``...)
+    come from its spec in :mod:`zotune.optim.registry` and live in :attr:`options`."""
+
     method: str = _f("mezo", "ZO method (see `zotune methods`), or adamw for the first-order (backprop) baseline")
-    lr: float = _f(1e-2, "learning rate η (the default suits the default trainable set; full fine-tuning needs ~1e-6)")
+    lr: typing.Optional[float] = _f(None, "learning rate η (default: the method's for the kind of trainable set, "
+                                          "see docs/methods.md)")
     eps: float = _f(1e-3, "perturbation scale ε")
     num_queries: int = _f(1, "directions per step q")
     two_sided: bool = _f(True, "central (2 forwards per query) or forward difference")
     weight_decay: float = _f(0.0, "coupled weight decay λ; never applied to norms and biases")
-    beta: typing.Optional[float] = _f(None, "momentum β (momentum methods; default: the method's)")
-    form: typing.Optional[str] = _f(None, "momentum form: ema or heavy_ball (mezo_momentum)")
-    betas: typing.Optional[list] = _f(None, "Adam (β1, β2) (adam methods)")
-    rank: typing.Optional[str] = _f(None, "rank r of the directions (lozo*, tezo*: an integer; tezo* also 'auto')")
-    nu: typing.Optional[int] = _f(None, "steps per V window ν (lozo*)")
-    scale: typing.Optional[float] = _f(None, "κ in ĝ = κ g Z (lozo*, tezo*; 1 matches the published learning rates)")
-    r_th: typing.Optional[float] = _f(None, "singular-value threshold of rank='auto' (tezo*)")
-    r_max: typing.Optional[int] = _f(None, "rank cap of rank='auto' (tezo*)")
-    q_alpha: typing.Optional[float] = _f(None, "query schedule multiplier α in Q_e = min(max(floor(α e^β), 1), Q_max) (adazeta)")
-    q_max: typing.Optional[int] = _f(None, "query schedule cap Q_max (adazeta)")
-    q_beta: typing.Optional[float] = _f(None, "query schedule exponent β (adazeta; default: derived from q_target and the run's epochs)")
-    q_target: typing.Optional[float] = _f(None, "uncapped query count aimed at for the last epoch when β is derived (adazeta)")
-    trainable: str = _f("auto", "parameters to tune: auto (the adapters when adapter.kind is set, else the final norm: regex:^model\\.norm\\.weight$), all, norms, adapters, or regex:<pattern> over parameter names")
-    drift_safe: typing.Optional[bool] = _f(None, "perturb at use instead of in place (default: on for float16/bfloat16)")
-    virtual: bool = _f(False, "measure all ±ε points in one batched forward, never writing the weights (lozo*, tezo*)")
-    copies_per_forward: typing.Optional[int] = _f(None, "virtual: at most this many of a step's ±ε copies of the batch per forward (default: all; lower it to bound activation memory)")
+    trainable: str = _f("auto", "parameters to tune: auto (the adapters when adapter.kind is set, else the model "
+                                "family's final norm), all, norms, adapters, or regex:<pattern> over parameter names")
+    drift_safe: typing.Optional[bool] = _f(None, "perturb at use instead of in place (default: on for "
+                                                 "float16/bfloat16)")
+    virtual: bool = _f(False, "measure all ±ε points in one batched forward, never writing the weights (methods "
+                              "with factored directions: lozo*, tezo*)")
+    copies_per_forward: typing.Optional[int] = _f(None, "virtual: at most this many of a step's ±ε copies of the "
+                                                        "batch per forward (default: all; lower it to bound "
+                                                        "activation memory)")
     nan_policy: str = _f("raise", "on a NaN/inf loss: raise, or skip the update")
+    # The chosen method's own options by name (set as optim.<name>; checked against its spec).
+    options: dict = field(default_factory=dict, metadata={"method_options": True})
 
 
 @dataclass
 class AdapterConfig:
-    kind: str = _f("none", "adapters to insert: none, adp (LoRETTA_adp / AdaZeta), rep (LoRETTA_rep) or lora (PEFT LoRA, needs peft)")
+    kind: str = _f("none", "adapters to insert: none, adp (LoRETTA_adp / AdaZeta), rep (LoRETTA_rep) or lora (PEFT "
+                           "LoRA, needs peft)")
     tt_rank: int = _f(5, "inner tensor-train rank")
     bottleneck: int = _f(64, "adp: adapter width b")
     nonlinearity: str = _f("relu", "adp: activation between the two TT maps")
@@ -81,7 +88,8 @@ class AdapterConfig:
     r: int = _f(8, "rep and lora: rank r (rep: the width between TT_A and TT_B)")
     alpha: float = _f(16.0, "rep and lora: scale s = alpha / r")
     dropout: float = _f(0.0, "rep and lora: dropout on the adapter input")
-    train_norms: typing.Optional[bool] = _f(None, "also train the norm layers (default: true for adp as LoRETTA, false for rep; AdaZeta uses false)")
+    train_norms: typing.Optional[bool] = _f(None, "also train the norm layers (default: true for adp as LoRETTA, "
+                                                  "false for rep; AdaZeta uses false)")
     target_modules: typing.Optional[list] = _f(None, "module names to adapt (default: the architecture's table)")
     seed: int = _f(0, "seed of the adapters' initialisation")
 
@@ -91,25 +99,30 @@ class TrainConfig:
     steps: int = _f(150, "ZO steps")
     batch_size: int = _f(16, "examples per step")
     eval_every: int = _f(0, "evaluate on dev every this many steps (0: never during training)")
-    keep_best: bool = _f(True, "with dev evaluations: test (and save) the weights of the best one, as the MeZO protocol does")
+    keep_best: bool = _f(True, "with dev evaluations: test (and save) the weights of the best one, as the MeZO "
+                               "protocol does")
     eval_batch_size: int = _f(32, "examples per evaluation forward")
     zero_shot: bool = _f(True, "measure test accuracy before training too")
     seed: int = _f(0, "run seed: data order and every ZO direction derive from it")
     output_dir: str = _f("runs", "where run folders are written")
     run_name: typing.Optional[str] = _f(None, "run folder name (default: task-method-timestamp)")
-    guard_spike: float = _f(0.0, "divergence guard: reject a step whose loss exceeds this factor times the running median (0: off; NaN/inf steps are then skipped, not raised)")
+    guard_spike: float = _f(0.0, "divergence guard: reject a step whose loss exceeds this factor times the running "
+                                 "median (0: off; NaN/inf steps are then skipped, not raised)")
     guard_window: int = _f(50, "divergence guard: accepted losses in the running median")
     guard_action: str = _f("skip", "divergence guard: skip the suspect update, or rollback the ones before it too")
     guard_rollback_steps: int = _f(1, "divergence guard: updates undone by a rollback (SGD-type methods)")
     guard_lr_factor: float = _f(1.0, "divergence guard: multiply every learning rate by this after an event")
-    checkpoint_every: int = _f(100, "save a checkpoint every this many steps (0: only when interrupted); also on SIGTERM/SIGINT")
+    checkpoint_every: int = _f(100, "save a checkpoint every this many steps (0: only when interrupted); also on "
+                                    "SIGTERM/SIGINT")
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
     resume: bool = _f(False, "continue the run in output_dir/run_name from its last complete checkpoint")
     progress: bool = _f(True, "show progress bars")
     tensorboard: bool = _f(False, "also log to TensorBoard in the run folder (needs the tensorboard package)")
     threads: typing.Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
-    query_parallel: int = _f(1, "under torchrun: ranks that split each step's queries (the others split the batch); must divide the world size")
-    dist_timeout: float = _f(1800.0, "under torchrun: seconds a rank waits for the others (a dead rank fails the job after this); must exceed an evaluation's duration")
+    query_parallel: int = _f(1, "under torchrun: ranks that split each step's queries (the others split the batch); "
+                                "must divide the world size")
+    dist_timeout: float = _f(1800.0, "under torchrun: seconds a rank waits for the others (a dead rank fails the job "
+                                     "after this); must exceed an evaluation's duration")
 
 
 @dataclass
@@ -130,8 +143,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return _coerce(value, options[0], key)
+            if len(options) < len(typing.get_args(annotation)):
+                return None
+            raise ConfigError(f"{key}: a value is required")
+        for i, option in enumerate(options):  # the first member that takes the value (int before str: 4, auto)
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                if i == len(options) - 1:
+                    raise
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -151,6 +171,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if origin is tuple:
+        items = _coerce(value, list, key)
+        members = typing.get_args(annotation)
+        if len(members) != len(items):
+            raise ConfigError(f"{key}: expected {len(members)} values such as [0.9, 0.999], got {value!r}")
+        return tuple(_coerce(item, member, key) for item, member in zip(items, members))
     if annotation is list or origin is list:
         if isinstance(value, str):
             try:
@@ -168,32 +194,83 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 def fields_of(config: Any, prefix: str = "") -> dict[str, tuple[Any, str, Any]]:
-    """Every leaf field as dotted name -> (annotation, help, current value)."""
+    """Every leaf field as dotted name -> (annotation, help, current value).
+
+    The method options of ``optim`` are the chosen method's, from its spec.
+    """
     out = {}
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         name = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
+        if f.metadata.get("method_options"):
+            for option, (annotation, text, default) in method_option_fields(config.method).items():
+                out[f"{prefix}{option}"] = (annotation, text, value.get(option, default))
+        elif dataclasses.is_dataclass(value):
             out.update(fields_of(value, name + "."))
         else:
             out[name] = (hints[f.name], f.metadata.get("help", ""), value)
     return out
 
 
+def method_option_fields(method: str) -> dict[str, tuple[Any, str, Any]]:
+    """The options of ``method`` as name -> (annotation, help, default); none for an unknown method
+    (reported by the run's checks with the valid names)."""
+    from .optim.registry import METHODS  # the registry imports torch: only when a config is resolved
+
+    spec = METHODS.get(method)
+    if spec is None:
+        return {}
+    hints = typing.get_type_hints(spec.options)
+    return {f.name: (hints[f.name], f.metadata.get("help", ""), f.default) for f in dataclasses.fields(spec.options)}
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    """The error for an unknown key: the nearest valid one first, or whose option it is."""
+    from .optim.registry import METHODS
+
+    owners = [name for name in METHODS if key.startswith("optim.") and key[6:] in method_option_fields(name)]
+    if owners:
+        return ConfigError(f"{key} is not an option of the chosen method; it belongs to {', '.join(owners)} "
+                           "(set optim.method first)")
+    near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    return ConfigError(f"unknown config key {key}; {hint}valid keys: {', '.join(known)}")
+
+
 def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Set dotted keys on (a copy of) ``config``; unknown keys fail with the valid ones."""
-    known = fields_of(config)
-    unknown = [k for k in overrides if k not in known]
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    """Set dotted keys on (a copy of) ``config``; unknown keys fail with the nearest valid one.
+
+    ``optim.method`` is applied first, since the method decides which ``optim.<option>`` keys exist;
+    options already set that the final method does not take are an error.
+    """
     result = dataclasses.replace(config, **{
-        section: dataclasses.replace(getattr(config, section)) for section in ("model", "data", "optim", "adapter", "train")
+        section: dataclasses.replace(getattr(config, section))
+        for section in ("model", "data", "optim", "adapter", "train")
     })
-    for key, value in overrides.items():
+    result.optim.options = dict(config.optim.options)
+    ordered = sorted(overrides.items(), key=lambda item: item[0] != "optim.method")
+    for key, value in ordered:
+        known = fields_of(result)
+        if key not in known or key == "optim.options":
+            raise _unknown_key(key, [k for k in known if k != "optim.options"])
         section, name = key.split(".", 1)
-        setattr(getattr(result, section), name, _coerce(value, known[key][0], key))
+        value = _coerce(value, known[key][0], key)
+        if section == "optim" and name in method_option_fields(result.optim.method):
+            result.optim.options[name] = value
+        else:
+            setattr(getattr(result, section), name, value)
+    stray = [name for name in result.optim.options if name not in method_option_fields(result.optim.method)]
+    if stray and result.optim.method in _method_names():
+        raise ConfigError(f"method {result.optim.method!r} takes no option "
+                          f"{', '.join('optim.' + name for name in stray)}")
     return result
+
+
+def _method_names() -> list[str]:
+    from .optim.registry import METHODS
+
+    return list(METHODS)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -219,5 +296,14 @@ def load_yaml(path: str | Path, config: RunConfig | None = None) -> RunConfig:
         raise ConfigError(f"{path}: {err}") from None
 
 
+def from_dict(tree: dict) -> RunConfig:
+    """The configuration a :func:`to_dict` tree (a run's record) describes; null leaves keep their defaults."""
+    return apply_overrides(RunConfig(), {key: value for key, value in flatten(tree).items() if value is not None})
+
+
 def to_dict(config: RunConfig) -> dict:
-    return dataclasses.asdict(config)
+    """The configuration as nested plain data, method options inline in ``optim`` (as a YAML file writes them)."""
+    tree = dataclasses.asdict(config)
+    options = tree["optim"].pop("options")
+    tree["optim"].update({name: list(v) if isinstance(v, tuple) else v for name, v in options.items()})
+    return tree

@@ -8,9 +8,9 @@ from zotune.config import ConfigError, RunConfig, apply_overrides, load_yaml
 
 def test_defaults_and_dotted_overrides():
     cfg = parse_config(["--optim.lr", "1e-4", "--train.steps=7", "--optim.two_sided", "false",
-                        "--optim.betas", "[0.8, 0.9]", "--data.n_train", "none"])
+                        "--optim.betas", "[0.8, 0.9]", "--optim.method", "mezo_adam", "--data.n_train", "none"])
     assert cfg.optim.lr == 1e-4 and cfg.train.steps == 7 and cfg.optim.two_sided is False
-    assert cfg.optim.betas == [0.8, 0.9] and cfg.data.n_train is None
+    assert cfg.optim.options == {"betas": (0.8, 0.9)} and cfg.data.n_train is None
     assert RunConfig().optim.lr != 1e-4  # the defaults object is not mutated
 
 
@@ -22,11 +22,14 @@ def test_yaml_then_flags(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"optim.lrr": 1}, "unknown config key.*optim.lrr.*valid: .*optim.lr"),
+    ({"optim.lrr": 1}, "unknown config key optim.lrr; did you mean optim.lr"),
     ({"train.steps": "1.5"}, "train.steps: expected an integer"),
     ({"optim.lr": "fast"}, "optim.lr: expected a number"),
     ({"optim.two_sided": "maybe"}, "expected true or false"),
-    ({"optim.betas": "0.9"}, "expected a list"),
+    ({"optim.method": "mezo_adam", "optim.betas": "0.9"}, "expected a list"),
+    ({"optim.method": "mezo_adam", "optim.betas": "[0.9]"}, "expected 2 values"),
+    ({"optim.betas": "[0.9, 0.99]"}, "optim.betas is not an option of the chosen method; it belongs to mezo_adam"),
+    ({"optim.method": "lozo", "optim.rank": "high"}, "optim.rank: expected an integer"),
 ])
 def test_bad_overrides(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -47,3 +50,18 @@ def test_flag_syntax_errors():
         parse_config(["--optim.lr"])
     with pytest.raises(ConfigError, match="unexpected argument"):
         parse_config(["lr=3"])
+
+
+def test_method_options_follow_the_method():
+    # The method decides which optim.<option> keys exist, whatever order they are given in; the record
+    # (to_dict) writes them inline, as a YAML file does, and reads back to the same configuration.
+    from zotune.config import from_dict, to_dict
+
+    cfg = apply_overrides(RunConfig(), {"optim.rank": "auto", "optim.method": "tezo"})
+    assert cfg.optim.options == {"rank": "auto"}
+    cfg = apply_overrides(cfg, {"optim.rank": "8"})
+    assert cfg.optim.options == {"rank": 8}
+    assert to_dict(cfg)["optim"]["rank"] == 8 and "options" not in to_dict(cfg)["optim"]
+    assert from_dict(to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="method 'mezo' takes no option optim.rank"):
+        apply_overrides(cfg, {"optim.method": "mezo"})

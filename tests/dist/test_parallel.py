@@ -1,7 +1,6 @@
 """Data- and query-parallel ZO on 2 CPU processes (gloo) against one process with the same global batch."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,15 @@ import worker
 WORKER = Path(worker.__file__)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun_command(*args: str) -> list[str]:
+    """torchrun on 2 local processes. ``--standalone`` lets the rendezvous bind a port the OS picks: a port
+    probed free and then closed (the way these tests found one before) can be taken by another process
+    before torchrun binds it, which failed a run now and then."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
 
 
 def torchrun(out: Path, query_shards: int, cases: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(WORKER), str(out), str(query_shards), ",".join(cases)]
+    cmd = torchrun_command(str(WORKER), str(out), str(query_shards), ",".join(cases))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,9 +1,7 @@
 """`torchrun -m zotune train` on 2 CPU processes: rank 0 writes the run; a dead rank fails the job; resume."""
 
 import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,39 +10,25 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SHARED_DATA, needs_shared_data
-from test_parallel import free_port
+from test_parallel import torchrun_command
+
+DIE_AT_STEP = Path(__file__).with_name("die_at_step.py")
 
 pytestmark = needs_shared_data
 
 
-def torchrun_train(model_dir, out, name, extra=()):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), "-m", "zotune", "train", "--model.name", str(model_dir),
-            "--data.data_dir", str(SHARED_DATA), "--data.n_train", "64", "--data.n_dev", "0", "--data.n_test", "8",
-            "--train.steps", "30", "--train.batch_size", "4", "--optim.lr", "1e-3", "--optim.trainable", "all",
-            "--train.zero_shot", "false", "--train.progress", "false", "--train.output_dir", str(out),
-            "--train.run_name", name, "--train.checkpoint_every", "5", "--train.dist_timeout", "60", *extra]
+def torchrun_train(model_dir, out, name, extra=(), die_at=None):
+    """The torchrun command of a 30-step run; ``die_at=(rank, step)`` makes that rank SIGKILL itself after that step."""
+    program = ["-m", "zotune"] if die_at is None else [str(DIE_AT_STEP), *map(str, die_at)]
+    return torchrun_command(
+        *program, "train", "--model.name", str(model_dir),
+        "--data.data_dir", str(SHARED_DATA), "--data.n_train", "64", "--data.n_dev", "0", "--data.n_test", "8",
+        "--train.steps", "30", "--train.batch_size", "4", "--optim.lr", "1e-3", "--optim.trainable", "all",
+        "--train.zero_shot", "false", "--train.progress", "false", "--train.output_dir", str(out),
+        "--train.run_name", name, "--train.checkpoint_every", "5", "--train.dist_timeout", "60", *extra)
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def workers_of(agent_pid: int) -> dict[int, int]:
-    """rank -> pid of the worker processes that torchrun's agent started."""
-    ranks = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
-        rank = [v for v in environ if v.startswith(b"RANK=")]
-        if parent == agent_pid and rank:
-            ranks[int(rank[0][5:])] = int(entry.name)
-    return ranks
 
 
 def test_two_ranks_train_kill_one_and_resume(tiny_model_dir, tmp_path):
@@ -55,18 +39,13 @@ def test_two_ranks_train_kill_one_and_resume(tiny_model_dir, tmp_path):
     assert (straight / "results.json").exists() and (straight / "trajectory.bin").exists()
     assert done.stdout.count("fine-tuned accuracy") == 1  # rank 0 alone reports
 
-    agent = subprocess.Popen(torchrun_train(tiny_model_dir, tmp_path, "killed"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=ENV)
-    log = tmp_path / "killed" / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not log.exists() or log.read_text().count('"loss"') < 12):
-        time.sleep(0.2)
-    os.kill(workers_of(agent.pid)[1], signal.SIGKILL)  # rank 1 dies mid-run
-    start = time.time()
-    _, stderr = agent.communicate(timeout=300)
-    assert agent.returncode != 0
-    assert time.time() - start < 120  # the job stops instead of hanging
+    start = time.time()  # rank 1 dies after step 12: rank 0 waits at the next collective, then fails
+    killed = subprocess.run(torchrun_train(tiny_model_dir, tmp_path, "killed", die_at=(1, 12)), capture_output=True,
+                            text=True, timeout=300, env=ENV)
+    assert killed.returncode != 0
+    assert time.time() - start < 120  # the job stops instead of hanging (dist_timeout is 60 s)
     assert not (tmp_path / "killed" / "results.json").exists()
+    assert (tmp_path / "killed" / "checkpoints" / "step-000000010").is_dir()  # resume has a checkpoint to go from
 
     done = subprocess.run(torchrun_train(tiny_model_dir, tmp_path, "killed", ("--train.resume", "true")),
                           capture_output=True, text=True, timeout=600, env=ENV)

@@ -10,7 +10,7 @@ import torch
 import zotune
 from conftest import lm_closure, tiny_llama
 
-METHODS = sorted(zotune.METHODS)
+METHODS = sorted(n for n, spec in zotune.METHODS.items() if spec.zeroth_order)
 
 
 def make(method, model, **kw):
@@ -21,7 +21,8 @@ def make(method, model, **kw):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("num_queries", [1, 3])
 def test_resume_is_bit_identical(method, num_queries, batch):
-    closure_of = lambda m: lm_closure(m, batch)
+    def closure_of(model):
+        return lm_closure(model, batch)
     # Uninterrupted run: 6 steps.
     straight = tiny_llama()
     opt = make(method, straight, num_queries=num_queries)
@@ -102,3 +103,25 @@ def test_gaussian_chunks_are_consistent():
     assert not torch.equal(flat[:5], flat[5:10])
     with pytest.raises(ValueError, match="chunk_numel"):
         Gaussian(chunk_numel=0)
+
+
+@pytest.mark.parametrize("name", sorted(zotune.METHODS))
+def test_spec_tells_the_truth(name):
+    """What a method's registry entry declares holds for the optimizer its factory builds."""
+    import dataclasses
+    import inspect
+
+    spec = zotune.METHODS[name]
+    signature = inspect.signature(spec.factory).parameters
+    for field in dataclasses.fields(spec.options):  # every option is a keyword of the factory, same default
+        assert signature[field.name].default == field.default, field.name
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
+    if not spec.zeroth_order:
+        assert not spec.virtual and not spec.linear
+        return
+    assert spec(model.parameters(), lr=1e-3).rule.linear == spec.linear
+    if spec.virtual:
+        spec(model.parameters(), lr=1e-3, execution=zotune.Virtual(model))
+    else:
+        with pytest.raises(ValueError, match="factored perturbation"):
+            spec(model.parameters(), lr=1e-3, execution=zotune.Virtual(model))

@@ -42,11 +42,33 @@ def test_eps_must_be_positive(eps):
 @pytest.mark.parametrize("kwargs,match", [
     ({"lr": -1.0}, "lr"), ({"lr": 0.1, "weight_decay": -0.1}, "weight_decay"),
     ({"lr": 0.1, "num_queries": 0}, "num_queries"), ({"lr": 0.1, "nan_policy": "ignore"}, "nan_policy"),
-    ({"lr": 0.1, "drift_safe": True}, "model="), ({"lr": 0.1, "seed": -3}, "seed"),
+    ({"lr": 0.1, "seed": -3}, "seed"),
 ])
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         zotune.mezo([param()], **kwargs)
+
+
+def test_execution_paths_are_checked():
+    with pytest.raises(TypeError, match="execution must be an execution path"):
+        zotune.mezo([param()], lr=0.1, execution="drift_safe")
+    with pytest.raises(TypeError, match="nn.Module"):
+        zotune.DriftSafe(None)
+    model = torch.nn.Linear(3, 4)
+    shared = zotune.InPlace()
+    zotune.mezo(model.parameters(), lr=0.1, execution=shared)
+    with pytest.raises(ValueError, match="already serves an optimizer"):
+        zotune.mezo(model.parameters(), lr=0.1, execution=shared)
+
+
+def test_separable_adam_needs_temporal_cp_directions():
+    # SeparableAdam's update expands r-vector moments through TemporalCP's U and V; with any other
+    # perturbation it used to fail with an AttributeError at the first update.
+    from zotune.optim import SPSA, Gaussian, LowRank, SeparableAdam, ZOOptimizer
+
+    for perturbation in (Gaussian(), LowRank(rank=2)):
+        with pytest.raises(ValueError, match="SeparableAdam .* needs a TemporalCP"):
+            ZOOptimizer([param()], lr=0.1, perturbation=perturbation, estimator=SPSA(), rule=SeparableAdam())
 
 
 def test_bad_rule_hyperparameters():
@@ -75,12 +97,12 @@ def test_nan_loss_raises_and_restores():
     assert opt.num_skipped == 1
 
 
-@pytest.mark.parametrize("method", sorted(zotune.METHODS))
+@pytest.mark.parametrize("method", sorted(n for n, spec in zotune.METHODS.items() if spec.zeroth_order))
 def test_nan_loss_skip_leaves_weights_and_state(method):
     p = param()
     clean = p.detach().clone()
-    opt = zotune.METHODS[method]([p], lr=0.1, eps=0.5, nan_policy="skip", drift_safe=True,
-                                 model=torch.nn.ParameterList([p]))
+    opt = zotune.METHODS[method]([p], lr=0.1, eps=0.5, nan_policy="skip",
+                                 execution=zotune.DriftSafe(torch.nn.ParameterList([p])))
     loss = opt.step(lambda: torch.tensor(float("inf")))
     assert math.isinf(loss)
     assert torch.equal(p.detach(), clean)
@@ -91,7 +113,7 @@ def test_nan_loss_skip_leaves_weights_and_state(method):
 def test_drift_safe_needs_owned_parameters():
     p = param()
     with pytest.raises(ValueError, match="belong to a module"):
-        zotune.mezo([p], lr=0.1, drift_safe=True, model=torch.nn.Linear(2, 2))
+        zotune.mezo([p], lr=0.1, execution=zotune.DriftSafe(torch.nn.Linear(2, 2)))
 
 
 def test_load_state_dict_rejects_foreign_state():

@@ -36,7 +36,8 @@ def test_estimate_is_unbiased(num_queries, two_sided):
     A, b, theta0, grad = quadratic()
     theta = torch.nn.Parameter(theta0.clone())
     opt = zotune.mezo([theta], lr=1.0, eps=1e-3, num_queries=num_queries, two_sided=two_sided, seed=3)
-    closure = lambda: 0.5 * ((A @ theta - b) ** 2).sum()
+    def closure():
+        return 0.5 * ((A @ theta - b) ** 2).sum()
     n = 3000
     total = torch.zeros(D, dtype=torch.float64)
     for _ in range(n):
@@ -61,3 +62,24 @@ def test_projected_gradient_is_directional_derivative():
     g = opt.last_record.projected_grads[0]
     # Central differences are exact on a quadratic; what is left is float64 rounding / ε.
     assert math.isclose(g, float(grad @ z), rel_tol=1e-9, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("two_sided", [True, False])
+@pytest.mark.parametrize("q", [1, 3])
+def test_the_layout_of_measuring_points(two_sided, q):
+    from zotune.optim import SPSA, DrawKey
+
+    estimator = SPSA(eps=0.5, num_queries=q, two_sided=two_sided)
+    keys = [DrawKey(0, 7, i) for i in range(q)]
+    points = estimator.points(keys)
+    assert len(points) == estimator.num_points(q) == (2 * q if two_sided else q + 1)
+    assert estimator.queries_for(len(points)) == q
+    for i, (offset, key) in enumerate(points):
+        query = estimator.query_of(i)
+        assert (offset == 0.0) == (query is None)  # only the one-sided base point is unperturbed
+        assert query is None or key == keys[query]
+    # g from losses: a loss that is linear in the offset gives g = its slope for every query
+    losses = [1.0 + 2.0 * offset for offset, _ in points]
+    assert estimator.projected_gradients(losses) == pytest.approx([2.0] * q)
+    with pytest.raises(ValueError, match="whole queries"):  # an odd count two-sided; the base point alone one-sided
+        estimator.queries_for(3 if two_sided else 1)

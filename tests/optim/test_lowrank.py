@@ -47,7 +47,8 @@ def test_lozo_row_space_is_fixed_within_a_window_and_changes_between():
 
     def row_space(window):  # (n, n) projector onto the rows of one window's updates
         q, _ = torch.linalg.qr(torch.cat(window).T)
-        return q[:, : torch.linalg.matrix_rank(torch.cat(window))] @ q[:, : torch.linalg.matrix_rank(torch.cat(window))].T
+        basis = q[:, : torch.linalg.matrix_rank(torch.cat(window))]
+        return basis @ basis.T
 
     first, second = deltas[:4], deltas[4:]
     assert torch.linalg.matrix_rank(torch.cat(first)) == 2  # four updates, one 2-D row space
@@ -136,7 +137,8 @@ def test_tezo_converges_when_the_optimum_is_in_its_span(method, lr, ratio):
     opt = zotune.METHODS[method]([W], lr=lr, eps=1e-4, seed=1, rank=4)
     u, v = opt.perturbation.factors(W, 0, run_seed=1)
     W_star = (u * torch.tensor([1.0, -2.0, 0.5, 1.5], dtype=torch.float64)) @ v.T
-    closure = lambda: 0.5 * ((W @ X - W_star @ X) ** 2).sum() / X.shape[1]
+    def closure():
+        return 0.5 * ((W @ X - W_star @ X) ** 2).sum() / X.shape[1]
     start, end = loss_before_and_after(opt, closure)
     # Measured (seed 1): 467 -> 2e-20 (tezo), 2e-10 (tezo_m); TeZO-Adam's element-wise
     # normalisation leaves the span and, at a constant lr, stops near 141 (0.30 of the start).

@@ -35,7 +35,7 @@ def test_inplace_float32_restores_within_bound(batch):
 def test_drift_safe_lr0_is_bit_identical(dtype, make, method, batch):
     model = make(dtype=dtype)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = zotune.METHODS[method](model.parameters(), lr=0.0, eps=1e-3, drift_safe=True, model=model)
+    opt = zotune.METHODS[method](model.parameters(), lr=0.0, eps=1e-3, execution=zotune.DriftSafe(model))
     for _ in range(3):
         opt.step(lm_closure(model, batch))
     for name, p in model.named_parameters():
@@ -60,7 +60,7 @@ def test_drift_safe_measures_the_same_gradient(make, batch):
     for drift_safe in (False, True):
         model = make()
         opt = zotune.mezo(model.parameters(), lr=1e-3, eps=1e-2, num_queries=2, seed=9,
-                          drift_safe=drift_safe, model=model)
+                          execution=zotune.DriftSafe(model) if drift_safe else None)
         opt.step(lm_closure(model, batch))
         grads.append(opt.last_record.projected_grads)
     for a, b in zip(*grads):

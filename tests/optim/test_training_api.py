@@ -26,7 +26,7 @@ def test_group_learning_rates_and_scheduler(batch):
     others = [p for n, p in model.named_parameters() if "layers.0." not in n]
     before = [p.detach().clone() for p in frozen_lr]
     opt = zotune.mezo([{"params": frozen_lr, "lr": 0.0}, {"params": others}], lr=1e-2,
-                      drift_safe=True, model=model)
+                      execution=zotune.DriftSafe(model))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     for _ in range(4):
         opt.step(lm_closure(model, batch))

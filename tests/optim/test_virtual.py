@@ -29,6 +29,11 @@ def trainable(model, skip=()):
         p.requires_grad_(not any(s in name for s in skip))
 
 
+def path(virtual, model):
+    """The execution path of a comparison: virtual, or the default in-place one."""
+    return zotune.Virtual(model) if virtual else zotune.InPlace()
+
+
 def opt_grads_both_paths(make_optimizer, batch, steps, before_step=lambda step, model: None):
     """Projected gradients (steps, q) on a tiny OPT, in place then virtual: same seeds, so same directions."""
     records = []
@@ -60,7 +65,7 @@ def test_same_projected_gradients_as_in_place(make, skip, method, two_sided, bat
         trainable(model, skip)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = zotune.METHODS[method](params, lr=1e-3, eps=1e-2, num_queries=2, two_sided=two_sided, seed=4,
-                                     rank=2, virtual=virtual, model=model)
+                                     rank=2, execution=path(virtual, model))
         for _ in range(2):
             opt.step(per_copy_lm_closure(model, batch))
             records.append(opt.last_record.projected_grads)
@@ -74,7 +79,7 @@ def test_virtual_half_precision_lr0_is_bit_identical(batch):
     trainable(model, skip=("wpe",))
     before = [p.detach().clone() for p in model.parameters()]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = zotune.lozo(params, lr=0.0, eps=1e-2, virtual=True, model=model)
+    opt = zotune.lozo(params, lr=0.0, eps=1e-2, execution=zotune.Virtual(model))
     for _ in range(2):
         opt.step(per_copy_lm_closure(model, batch))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
@@ -83,21 +88,22 @@ def test_virtual_half_precision_lr0_is_bit_identical(batch):
 def test_unsupported_parameters_are_named():
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"input_layernorm.weight \(LlamaRMSNorm\)"):
-        zotune.lozo(model.parameters(), lr=1e-3, virtual=True, model=model)
+        zotune.lozo(model.parameters(), lr=1e-3, execution=zotune.Virtual(model))
     with pytest.raises(ValueError, match="factored perturbation"):
-        zotune.mezo([p for n, p in model.named_parameters() if "norm" not in n], lr=1e-3, virtual=True, model=model)
+        zotune.mezo([p for n, p in model.named_parameters() if "norm" not in n], lr=1e-3,
+                    execution=zotune.Virtual(model))
 
 
 def test_closure_must_return_per_copy_losses(batch):
     model = tiny_gpt2()
-    opt = zotune.lozo(model.parameters(), lr=1e-3, virtual=True, model=model)
+    opt = zotune.lozo(model.parameters(), lr=1e-3, execution=zotune.Virtual(model))
     with pytest.raises(TypeError, match=r"closure\(copies=2\)"):
         opt.step(lambda copies=None: torch.tensor(1.0))
 
 
 def test_shared_position_ids_are_reported(batch):
     model = tiny_gpt2()
-    opt = zotune.lozo(model.parameters(), lr=1e-3, virtual=True, model=model)
+    opt = zotune.lozo(model.parameters(), lr=1e-3, execution=zotune.Virtual(model))
     with pytest.raises(ValueError, match="without the repeated batch dimension"):
         opt.step(per_copy_lm_closure(model, batch))
 
@@ -106,7 +112,7 @@ def test_linear_bias_rides_in_the_low_rank_product(batch, monkeypatch):
     # LOZO lays each Linear's Uᵀ and its bias's z out next to each other, so the virtual hook adds
     # the bias perturbation inside the same batched product. It must fire on OPT's biased
     # Linears and measure what the separate bias addition measures.
-    from zotune.models import virtual as virtual_module
+    from zotune.optim import virtual as virtual_module
 
     fused_calls = []
     original = virtual_module._with_bias_row
@@ -122,7 +128,7 @@ def test_linear_bias_rides_in_the_low_rank_product(batch, monkeypatch):
         model = tiny_opt().double()
         trainable(model, ("embed_positions",))
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = zotune.lozo(params, lr=1e-3, eps=1e-2, num_queries=2, seed=3, virtual=True, model=model)
+        opt = zotune.lozo(params, lr=1e-3, eps=1e-2, num_queries=2, seed=3, execution=zotune.Virtual(model))
         opt.step(per_copy_lm_closure(model, batch))
         losses[mode] = torch.tensor(opt.last_record.losses)
     linears_with_bias = sum(1 for m in tiny_opt().modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
@@ -148,7 +154,7 @@ def test_sibling_linears_reading_one_input_share_one_product(batch, monkeypatch)
         model = tiny_llama().double()
         trainable(model, ("norm",))
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = zotune.lozo(params, lr=1e-3, eps=1e-2, seed=5, virtual=True, model=model)
+        opt = zotune.lozo(params, lr=1e-3, eps=1e-2, seed=5, execution=zotune.Virtual(model))
         if mode == "apart":
             opt.execution._groups = []
         calls["n"] = 0
@@ -164,8 +170,8 @@ def test_virtual_follows_the_v_windows(nu, batch):
     # Within a V window the virtual path reuses its factor views and hooks; across windows it
     # must rebuild them. Same projected gradients as in place over several windows.
     in_place, virtual = opt_grads_both_paths(
-        lambda params, model, virtual: zotune.lozo(params, lr=1e-2, eps=1e-2, nu=nu, seed=2, virtual=virtual,
-                                                   model=model), batch, steps=5)
+        lambda params, model, virtual: zotune.lozo(params, lr=1e-2, eps=1e-2, nu=nu, seed=2,
+                                                   execution=path(virtual, model)), batch, steps=5)
     torch.testing.assert_close(virtual, in_place, rtol=2e-3, atol=2e-3)
 
 
@@ -184,7 +190,8 @@ def test_hooks_wrap_an_instance_forward_and_put_everything_back(batch):
         return F.linear(x, proj.weight, proj.bias)
 
     proj.forward = own_forward
-    opt = zotune.lozo([p for p in model.parameters() if p.requires_grad], lr=1e-3, seed=0, virtual=True, model=model)
+    opt = zotune.lozo([p for p in model.parameters() if p.requires_grad], lr=1e-3, seed=0,
+                      execution=zotune.Virtual(model))
     opt.step(per_copy_lm_closure(model, batch))
     assert seen == [2 * batch.shape[0]]  # two copies (±ε) of the batch went through it
     assert proj.__dict__["forward"] is own_forward
@@ -216,8 +223,8 @@ def test_copies_split_over_forwards_measure_what_one_forward_does(method, per, b
         model = tiny_opt().double()
         trainable(model, ("embed_positions",))
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = zotune.METHODS[method](params, lr=1e-2, eps=1e-2, num_queries=2, seed=6, rank=2, virtual=True,
-                                     copies_per_forward=split, model=model)
+        opt = zotune.METHODS[method](params, lr=1e-2, eps=1e-2, num_queries=2, seed=6, rank=2,
+                                     execution=zotune.Virtual(model, copies_per_forward=split))
         closure = per_copy_lm_closure(model, batch)
         sizes = []
 
@@ -237,11 +244,11 @@ def test_copies_split_over_forwards_measure_what_one_forward_does(method, per, b
 
 def test_copies_per_forward_is_checked():
     model = tiny_gpt2()
-    with pytest.raises(ValueError, match="virtual path only"):
+    with pytest.raises(TypeError, match="copies_per_forward"):  # a Virtual path's setting, not the optimizer's
         zotune.lozo(model.parameters(), lr=1e-3, copies_per_forward=2)
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="positive integer"):
-            zotune.lozo(model.parameters(), lr=1e-3, virtual=True, copies_per_forward=bad, model=model)
+            zotune.lozo(model.parameters(), lr=1e-3, execution=zotune.Virtual(model, copies_per_forward=bad))
 
 
 @pytest.mark.parametrize("method", ["lozo", "tezo"])
@@ -255,6 +262,6 @@ def test_a_dtype_change_between_steps_is_followed(method, batch):
 
     in_place, virtual = opt_grads_both_paths(
         lambda params, model, virtual: zotune.METHODS[method](params, lr=1e-3, eps=1e-2, rank=2, seed=7,
-                                                              virtual=virtual, model=model),
+                                                              execution=path(virtual, model)),
         batch, steps=4, before_step=double_at_step_2)
     torch.testing.assert_close(virtual, in_place, rtol=2e-3, atol=2e-3)

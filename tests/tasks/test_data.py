@@ -40,7 +40,8 @@ GOOD_RTE = '{"premise": "p", "hypothesis": "h", "label": "entailment"}\n'
 
 @pytest.mark.parametrize("content,message", [
     ('{"premise": "p", "label": "entailment"}\n', r"validation.jsonl:1: missing field 'hypothesis'"),
-    (GOOD_RTE + '{"premise": "p", "hypothesis": "h", "label": "maybe"}\n', r"validation.jsonl:2: field 'label' has value 'maybe'"),
+    (GOOD_RTE + '{"premise": "p", "hypothesis": "h", "label": "maybe"}\n',
+     r"validation.jsonl:2: field 'label' has value 'maybe'"),
     ("", "the file is empty"),
     (b'{"premise": "\xff\xfe"}\n', "not UTF-8"),
     (GOOD_RTE + "{not json\n", r"validation.jsonl:2: invalid JSON"),
@@ -77,5 +78,6 @@ def test_no_local_files_and_no_hub_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no ../shared/data or ./data from here
     monkeypatch.delenv("ZOTUNE_DATA", raising=False)
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(FileNotFoundError, match=r"task 'sst2': no local folder 'sst2'.*--data.data_dir.*Couldn't reach"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"task 'sst2': no local folder 'sst2'.*--data.data_dir.*Couldn't reach"):
         load_splits(get_task("sst2"))

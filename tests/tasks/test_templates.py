@@ -118,7 +118,8 @@ def test_winogrande_squad_drop_on_hub_shaped_records():
                           "answers": {"text": ["a people", "people"], "answer_start": [4, 6]}}, 0)
     assert ex.prompt == "Title: Normans\nContext: The Normans were ...\nQuestion: Who were the Normans?\nAnswer:"
     assert ex.candidates == (" a people",) and ex.answers == ("a people", "people")
-    ex = templates.drop({"passage": "P.", "question": "How many?", "answers_spans": {"spans": ["3"], "types": ["number"]}},
+    ex = templates.drop({"passage": "P.", "question": "How many?",
+                         "answers_spans": {"spans": ["3"], "types": ["number"]}},
                         0)
     assert ex.prompt == "Passage: P.\nQuestion: How many?\nAnswer:" and ex.answers == ("3",)
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import SHARED_DATA, lm_closure, needs_shared_data, tiny_llama
 from zotune.cli import main
-from zotune.train.first_order import FirstOrder
+from zotune.optim.first_order import FirstOrder
 
 
 def test_first_order_step_is_adamw_on_the_backprop_gradient(batch):

@@ -18,7 +18,7 @@ from ..optim.groups import is_norm_module, trainable_numel  # noqa: F401  (train
 from ..optim.seeding import derive_seed
 from .config import LorettaAdpConfig, LorettaRepConfig, config_from_dict, config_to_dict
 from .layers import PREFIX, LorettaAdpLayer, LorettaRepLayer, linear_shape
-from .targets import ADAPTER_TARGETS, REP_TARGETS, default_targets
+from .targets import adapter_targets, rep_targets
 
 _CONFIG_ATTR = "zotune_adapter_config"
 _METADATA_KEY = "zotune_adapter_config"
@@ -32,12 +32,11 @@ def _matches(name: str, key: str) -> bool:
 
 def _targets(model: nn.Module, config) -> dict[str, str]:
     """Module name -> position ("pre"/"post"; "rep" for LoRETTA_rep) of every module to wrap."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
     if config.kind == "adp":
-        keys = config.target_modules or default_targets(ADAPTER_TARGETS, model_type, "adapter")
+        keys = config.target_modules or adapter_targets(model)
         keys = keys if isinstance(keys, dict) else {k: "post" for k in keys}
     else:
-        keys = {k: "rep" for k in (config.target_modules or default_targets(REP_TARGETS, model_type, "rep"))}
+        keys = {k: "rep" for k in (config.target_modules or rep_targets(model))}
     found = {}
     for name, module in model.named_modules():
         for key, position in keys.items():

@@ -141,7 +141,8 @@ class TTLinear(nn.Module):
             raise ValueError(f"TT rank must be a positive integer, got {rank}")
         self.in_modes = list(in_modes) if in_modes is not None else factorize(in_features)
         self.out_modes = list(out_modes) if out_modes is not None else factorize(out_features)
-        for name, modes, size in (("in_modes", self.in_modes, in_features), ("out_modes", self.out_modes, out_features)):
+        for name, modes, size in (("in_modes", self.in_modes, in_features),
+                                  ("out_modes", self.out_modes, out_features)):
             if math.prod(modes) != size:
                 raise ValueError(f"{name} {modes} multiply to {math.prod(modes)}, not {size}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..config import RunConfig, apply_overrides, flatten, to_dict
+from ..config import RunConfig, from_dict, to_dict
 from .memory import peak_read, peak_reset, synchronize
 
 PHASES = ("inference", "zo", "backprop")
@@ -30,26 +30,24 @@ PHASES = ("inference", "zo", "backprop")
 
 def _phase(config: dict, phase: str, repeats: int) -> tuple[float, float]:
     """(median seconds, peak MiB) of ``phase``; runs in a child process."""
-    from ..eval.scoring import encode
     from ..train.losses import LOSSES
-    from ..train.setup import build_optimizer, load_configured_model, prepare_trainable, task_splits
+    from ..train.recipe import setup
+    from ..train.setup import build_optimizer
 
-    cfg = apply_overrides(RunConfig(), flatten(config))
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    task, splits, masked = task_splits(cfg, n_train=cfg.train.batch_size, n_dev=0, n_test=0)
-    model, tokenizer = load_configured_model(cfg.model)
-    prepare_trainable(model, cfg)
-    batch = encode(tokenizer, splits.train[: cfg.train.batch_size], cfg.model.max_length, masked)
-    loss_fn = LOSSES[task.train_as]
-    closure = lambda copies=None: loss_fn(model, batch, tokenizer.pad_token_id, copies)  # noqa: E731
+    if phase == "backprop":  # AdamW over the same trainable set, at its own default lr unless one was given
+        config = {**config, "optim": {"method": "adamw", "lr": config["optim"]["lr"],
+                                      "trainable": config["optim"]["trainable"]}}
+    pieces = setup(from_dict(config), sizes=(config["train"]["batch_size"], 0, 0), say=lambda _: None)
+    cfg, model = pieces.cfg, pieces.model
+    batch = pieces.encode(pieces.splits.train[: cfg.train.batch_size])
+    loss_fn = LOSSES[pieces.task.train_as]
+    closure = lambda copies=None: loss_fn(model, batch, pieces.tokenizer.pad_token_id, copies)  # noqa: E731
     if phase == "inference":
         def step():
             with torch.no_grad():
                 closure()
     else:
-        optim = cfg.optim if phase == "zo" else apply_overrides(cfg, {"optim.method": "adamw"}).optim
-        optimizer = build_optimizer(optim, model, cfg.train.seed)
+        optimizer = build_optimizer(cfg.optim, model, cfg.train.seed)
         step = lambda: optimizer.step(closure)  # noqa: E731
     device = cfg.model.device
     step()  # warm-up: first-step allocations (moments, caches) belong to the steady state
@@ -73,12 +71,12 @@ def _child(config: dict, phase: str, repeats: int, queue) -> None:
 
 def bench(cfg: RunConfig, repeats: int = 3, say: Callable[[str], None] = print) -> dict:
     """Measure the three phases and print a table; returns {phase: {"seconds", "peak_mib"}}."""
+    from ..config import ConfigError
+    from ..optim import get_method
     from ..train.loop import validate
 
     validate(cfg)
-    if cfg.optim.method == "adamw":
-        from ..config import ConfigError
-
+    if not get_method(cfg.optim.method).zeroth_order:
         raise ConfigError("zotune bench compares a ZO method with backprop: set optim.method to a ZO method")
     context = multiprocessing.get_context("spawn")
     results = {}

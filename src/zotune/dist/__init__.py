@@ -1,5 +1,5 @@
-"""Data- and query-parallel ZO over ``torch.distributed`` (see :mod:`zotune.dist.parallel`)."""
+"""Distributed ZO: data and query parallelism over ``torch.distributed`` (a step exchanges a few floats)."""
 
-from .parallel import Layout, parallelize
+from .parallel import Distributed, Layout
 
-__all__ = ["Layout", "parallelize"]
+__all__ = ["Distributed", "Layout"]

@@ -45,8 +45,13 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """Leave the process group (idempotent). After a run that ``finished`` on every rank, the ranks first
+        wait for each other: gloo torn down on one rank while its peer still closes its side can abort the
+        process (SIGABRT, "terminate called without an active exception"). After a failure no rank waits."""
         if self.enabled and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from ..optim.execution import Closure, ExecutionPath, IndexedParams, InPlace, Point
-from ..optim.perturbations import Perturbation
+from ..optim.estimators import Point
+from ..optim.execution import Closure, ExecutionPath
 
 
 @dataclass(frozen=True)
@@ -59,31 +59,48 @@ class Layout:
         return items[self.data_shard * share : (self.data_shard + 1) * share]
 
 
-class Distributed:
-    """An execution path that measures this rank's share of the points and all-reduces the losses."""
+class Distributed(ExecutionPath):
+    """An execution path that measures this rank's share of the points and all-reduces the losses.
 
-    def __init__(self, inner: ExecutionPath, layout: Layout, points_per_query: int, base_points: int,
-                 group=None) -> None:
+    Args:
+        inner: how this rank measures its points (``InPlace()``, ``DriftSafe(model)``, ``Virtual(model)``).
+            Query shards need a path that never writes the weights while measuring.
+        layout: this rank's place in the grid of data x query shards.
+        group: the process group (default: the world).
+
+    Create it after ``torch.distributed.init_process_group`` on every rank, with the same seed, and
+    pass it to the optimizer as ``execution=``.
+    """
+
+    def __init__(self, inner: ExecutionPath, layout: Layout, group=None) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("Distributed needs torch.distributed.init_process_group() to have run on every rank")
+        if layout.query_shards > 1 and inner.writes_weights:
+            # Ranks visiting different points would restore the weights with different roundings and
+            # drift apart; measuring without writing the weights keeps them bit-identical.
+            raise ValueError("query parallelism needs an execution path that never writes the weights while "
+                             "measuring: DriftSafe(model) or Virtual(model)")
         self.inner, self.layout, self.group = inner, layout, group
-        self.points_per_query, self.base_points = points_per_query, base_points
+        self.writes_weights = inner.writes_weights
         self.bytes_last_step = 0
+
+    def bind(self, params, perturbation, estimator) -> None:
+        super().bind(params, perturbation, estimator)
+        self.inner.bind(params, perturbation, estimator)
 
     def _mine(self, n_points: int) -> list[int]:
         """Indices of the points this rank measures: the shared base point, then its queries' points."""
-        mine = list(range(self.base_points))
-        for i in range(self.base_points, n_points):
-            query = (i - self.base_points) // self.points_per_query
-            if query % self.layout.query_shards == self.layout.query_shard:
-                mine.append(i)
-        return mine
+        shards, shard = self.layout.query_shards, self.layout.query_shard
+        queries = (self.estimator.query_of(i) for i in range(n_points))
+        return [i for i, query in enumerate(queries) if query is None or query % shards == shard]
 
-    def measure_points(self, params: IndexedParams, perturbation: Perturbation, points: Sequence[Point],
-                       closures: Sequence[Closure]) -> list[float]:
+    def measure_points(self, points: Sequence[Point], closures: Sequence[Closure]) -> list[float]:
         mine = self._mine(len(points))
         # A query shard with no query this step (q < P) measures nothing but still joins the all-reduce.
         measured = []
         if mine:
-            measured = self.inner.measure_points(params, perturbation, [points[i] for i in mine], closures)
+            measured = self.inner.measure_points([points[i] for i in mine], closures)
         sums = torch.zeros(2 * len(points), dtype=torch.float64)  # [losses | counts]
         for i, loss in zip(mine, measured):
             sums[i] += loss
@@ -102,21 +119,3 @@ class Distributed:
 def _collective_device(group) -> torch.device:
     backend = dist.get_backend(group)
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-
-def parallelize(optimizer, layout: Layout, group=None):
-    """Make ``optimizer`` (a :class:`~zotune.optim.ZOOptimizer`) measure its share and agree with the other ranks.
-
-    Call it after ``torch.distributed.init_process_group`` on every rank, with the same seed.
-    """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("parallelize() needs torch.distributed.init_process_group() to have run on every rank")
-    if layout.query_shards > 1 and isinstance(optimizer.execution, InPlace):
-        # Ranks visiting different points would restore the weights with different roundings and
-        # drift apart; measuring without writing the weights keeps them bit-identical.
-        raise ValueError("query parallelism needs an optimizer that never writes the weights while measuring: "
-                         "create it with drift_safe=True (or virtual=True) and model=")
-    estimator = optimizer.estimator
-    optimizer.execution = Distributed(optimizer.execution, layout, len(estimator.offsets),
-                                      int(estimator.needs_base_loss), group)
-    return optimizer

@@ -127,11 +127,12 @@ def candidate_scores(model: nn.Module, batch: list[Encoded], pad_id: int) -> Ten
     return scores
 
 
-def gold_lm_loss(model: nn.Module, batch: list[Encoded], pad_id: int, copies: int = 1) -> Tensor:
+def gold_lm_loss(model: nn.Module, batch: list[Encoded], pad_id: int, copies: int | None = None) -> Tensor:
     """LM loss on the gold candidate's tokens only (prompt tokens are not in the loss).
 
-    A token mean over the batch; with ``copies > 1`` the batch is taken as that many equal
-    copies (copy-major) and the per-copy token means are returned, shape ``(copies,)``.
+    A token mean over the batch (a 0-d tensor); with ``copies`` given (one included) the batch is
+    taken as that many equal copies (copy-major) and the per-copy token means are returned,
+    shape ``(copies,)``, as the virtual path requires.
     """
     rows = [(ex.prompt + ex.candidates[ex.label], len(ex.candidates[ex.label])) for ex in batch]
     logp = tail_logprobs(model, rows, pad_id)
@@ -143,5 +144,5 @@ def gold_lm_loss(model: nn.Module, batch: list[Encoded], pad_id: int, copies: in
         positions = torch.arange(logp.shape[1] - 1 - k, logp.shape[1] - 1, device=logp.device)
         sums[r] = -logp[r, positions, tokens].sum()
         counts[r] = k
-    per_copy = sums.view(copies, -1).sum(1) / counts.view(copies, -1).sum(1)
-    return per_copy[0] if copies == 1 else per_copy
+    per_copy = sums.view(copies or 1, -1).sum(1) / counts.view(copies or 1, -1).sum(1)
+    return per_copy[0] if copies is None else per_copy

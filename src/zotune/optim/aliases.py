@@ -1,12 +1,16 @@
 """Named ZO methods as small compositions of Perturbation x Estimator x UpdateRule.
 
-Each factory returns a :class:`~zotune.optim.optimizer.ZOOptimizer`. Defaults follow the
-methods' published code (see ``docs/methods.md`` for sources).
+Each factory returns a :class:`~zotune.optim.optimizer.ZOOptimizer`. Beside each factory, a
+frozen dataclass lists the method's own options (what the command line offers as
+``optim.<name>``) and is the one place their defaults are written; the factories' keyword
+defaults read them. Defaults follow the methods' published code (see ``docs/methods.md`` for
+sources). The registry of methods is :mod:`zotune.optim.registry`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Union
 
 from .estimators import SPSA
 from .factored import LowRank
@@ -15,6 +19,68 @@ from .perturbations import Gaussian
 from .rules import SGD, Adam, Momentum, SeparableAdam
 from .schedules import QuerySchedule
 from .temporal_cp import TemporalCP
+
+
+def option(default: Any, help: str):
+    """A method option: its default and the help text the command line shows."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class MezoOptions:
+    """MeZO has no options beyond the common ones (lr, eps, num_queries, two_sided)."""
+
+
+@dataclass(frozen=True)
+class MomentumOptions:
+    beta: float = option(0.9, "momentum β")
+    form: str = option("ema", "momentum form: ema ((1 − β)-damped) or heavy_ball (ZO-Bench's torch.optim.SGD)")
+
+
+@dataclass(frozen=True)
+class AdamOptions:
+    betas: tuple[float, float] = option((0.9, 0.999), "Adam (β1, β2)")
+    adam_eps: float = option(1e-8, "Adam's δ in the denominator")
+
+
+@dataclass(frozen=True)
+class LowRankOptions:
+    rank: int = option(2, "rank r of the directions U Vᵀ")
+    nu: int = option(50, "steps per V window ν")
+    scale: float = option(1.0, "κ in ĝ = κ g Z (1 matches the published learning rates)")
+
+
+@dataclass(frozen=True)
+class LowRankMomentumOptions(LowRankOptions):
+    beta: float = option(0.9, "momentum β (EMA, kept in U-space)")
+
+
+@dataclass(frozen=True)
+class TemporalCPOptions:
+    rank: Union[int, str] = option(32, "rank r of U diag(τ) Vᵀ: an integer, or auto (a rank per matrix)")
+    r_th: float = option(0.5, "singular-value threshold of rank=auto")
+    r_max: int = option(64, "rank cap of rank=auto")
+    scale: float = option(1.0, "κ in ĝ = κ g Z (1 matches the published learning rates)")
+
+
+@dataclass(frozen=True)
+class TemporalCPMomentumOptions(TemporalCPOptions):
+    beta: float = option(0.9, "momentum β (EMA, an r-vector per matrix)")
+
+
+@dataclass(frozen=True)
+class TemporalCPAdamOptions(TemporalCPOptions):
+    betas: tuple[float, float] = option((0.9, 0.999), "Adam (β1, β2), r-vector moments")
+    adam_eps: float = option(1e-8, "Adam's δ in the denominator")
+
+
+@dataclass(frozen=True)
+class QueryScheduleOptions:
+    q_alpha: float = option(0.85, "query schedule multiplier α in Q_e = min(max(floor(α e^β), 1), Q_max)")
+    q_max: int = option(15, "query schedule cap Q_max")
+    q_beta: Union[float, None] = option(None, "query schedule exponent β (default: derived from q_target and the "
+                                              "run's epochs)")
+    q_target: float = option(20.0, "uncapped query count aimed at for the last epoch when β is derived")
 
 
 def _compose(params, lr, perturbation, rule, eps, num_queries, two_sided, kwargs) -> ZOOptimizer:
@@ -36,7 +102,7 @@ def mezo(
     Defaults from the paper's OPT runs: ε = 1e-3 (lr 1e-6 / 1e-7 for full fine-tuning).
     ``num_queries > 1`` is n-SPSA, applied buffer-free (the (seed, g) pairs are replayed).
     Other keyword arguments go to :class:`ZOOptimizer` (``weight_decay``, ``seed``,
-    ``nan_policy``, ``drift_safe``, ``model``).
+    ``nan_policy``, ``execution``, ``query_schedule``).
     """
     return _compose(params, lr, Gaussian(), SGD(), eps, num_queries, two_sided, kwargs)
 
@@ -46,8 +112,8 @@ def mezo_momentum(
     lr: float,
     eps: float = 1e-3,
     *,
-    beta: float = 0.9,
-    form: str = "ema",
+    beta: float = MomentumOptions.beta,
+    form: str = MomentumOptions.form,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -66,8 +132,8 @@ def mezo_adam(
     lr: float,
     eps: float = 1e-3,
     *,
-    betas: tuple[float, float] = (0.9, 0.999),
-    adam_eps: float = 1e-8,
+    betas: tuple[float, float] = AdamOptions.betas,
+    adam_eps: float = AdamOptions.adam_eps,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -86,9 +152,9 @@ def lozo(
     lr: float,
     eps: float = 1e-3,
     *,
-    rank: int = 2,
-    nu: int = 50,
-    scale: float = 1.0,
+    rank: int = LowRankOptions.rank,
+    nu: int = LowRankOptions.nu,
+    scale: float = LowRankOptions.scale,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -107,10 +173,10 @@ def lozo_m(
     lr: float,
     eps: float = 1e-3,
     *,
-    rank: int = 2,
-    nu: int = 50,
-    beta: float = 0.9,
-    scale: float = 1.0,
+    rank: int = LowRankMomentumOptions.rank,
+    nu: int = LowRankMomentumOptions.nu,
+    beta: float = LowRankMomentumOptions.beta,
+    scale: float = LowRankMomentumOptions.scale,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -130,10 +196,10 @@ def tezo(
     lr: float,
     eps: float = 1e-3,
     *,
-    rank: int | str = 32,
-    r_th: float = 0.5,
-    r_max: int = 64,
-    scale: float = 1.0,
+    rank: int | str = TemporalCPOptions.rank,
+    r_th: float = TemporalCPOptions.r_th,
+    r_max: int = TemporalCPOptions.r_max,
+    scale: float = TemporalCPOptions.scale,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -152,11 +218,11 @@ def tezo_m(
     lr: float,
     eps: float = 1e-3,
     *,
-    rank: int | str = 32,
-    beta: float = 0.9,
-    r_th: float = 0.5,
-    r_max: int = 64,
-    scale: float = 1.0,
+    rank: int | str = TemporalCPMomentumOptions.rank,
+    beta: float = TemporalCPMomentumOptions.beta,
+    r_th: float = TemporalCPMomentumOptions.r_th,
+    r_max: int = TemporalCPMomentumOptions.r_max,
+    scale: float = TemporalCPMomentumOptions.scale,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -171,12 +237,12 @@ def tezo_adam(
     lr: float,
     eps: float = 1e-3,
     *,
-    rank: int | str = 32,
-    betas: tuple[float, float] = (0.9, 0.999),
-    adam_eps: float = 1e-8,
-    r_th: float = 0.5,
-    r_max: int = 64,
-    scale: float = 1.0,
+    rank: int | str = TemporalCPAdamOptions.rank,
+    betas: tuple[float, float] = TemporalCPAdamOptions.betas,
+    adam_eps: float = TemporalCPAdamOptions.adam_eps,
+    r_th: float = TemporalCPAdamOptions.r_th,
+    r_max: int = TemporalCPAdamOptions.r_max,
+    scale: float = TemporalCPAdamOptions.scale,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -192,10 +258,10 @@ def adazeta(
     lr: float,
     eps: float = 1e-3,
     *,
-    q_alpha: float = 0.85,
-    q_max: int = 15,
-    q_beta: float | None = None,
-    q_target: float = 20.0,
+    q_alpha: float = QueryScheduleOptions.q_alpha,
+    q_max: int = QueryScheduleOptions.q_max,
+    q_beta: float | None = QueryScheduleOptions.q_beta,
+    q_target: float = QueryScheduleOptions.q_target,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -213,17 +279,3 @@ def adazeta(
     """
     schedule = QuerySchedule(q_alpha, q_max, q_beta, q_target)
     return _compose(params, lr, Gaussian(), SGD(), eps, num_queries, two_sided, {**kwargs, "query_schedule": schedule})
-
-
-# Registry of named methods (a plain dict, filled at import with no side effects).
-METHODS = {
-    "mezo": mezo,
-    "mezo_momentum": mezo_momentum,
-    "mezo_adam": mezo_adam,
-    "lozo": lozo,
-    "lozo_m": lozo_m,
-    "tezo": tezo,
-    "tezo_m": tezo_m,
-    "tezo_adam": tezo_adam,
-    "adazeta": adazeta,
-}

@@ -9,11 +9,23 @@ with ``q`` queries Z_1..Z_q all measured at the same θ on the same batch, and
 ``ĝ = (1/q) Σ_i g_i Z_i``. Only the scalars g_i and the draw keys are kept, which is what
 makes gradient accumulation (average scalars over micro-batches), query parallelism and
 data parallelism a matter of exchanging a few floats.
+
+The estimator alone knows the layout of a step's measuring points: the shared base point
+first (one-sided only), then each query's points at :attr:`SPSA.offsets`, query by query.
+Everything that walks a step's losses (the optimizer, the query-parallel path, the trajectory
+log, replay) asks it through :meth:`SPSA.points`, :meth:`SPSA.query_of`,
+:meth:`SPSA.num_points` and :meth:`SPSA.queries_for`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
+
+from .perturbations import DrawKey
+
+# A measuring point θ + offset · Z(key); offset 0 is θ itself.
+Point = tuple[float, DrawKey]
 
 
 @dataclass(frozen=True)
@@ -46,9 +58,46 @@ class SPSA:
     def needs_base_loss(self) -> bool:
         return not self.two_sided
 
-    def projected_gradient(self, losses: list[float], base_loss: float | None) -> float:
+    @property
+    def base_points(self) -> int:
+        """Points before the first query's: 1 (the shared L(θ)) when one-sided, else 0."""
+        return int(self.needs_base_loss)
+
+    # ------------------------------------------------------------ the layout of a step's points
+    def points(self, keys: Sequence[DrawKey]) -> list[Point]:
+        """Every point of a step with these query keys, in measuring order (base, then query by query)."""
+        base = [(0.0, keys[0])] if self.needs_base_loss else []
+        return base + [(offset, key) for key in keys for offset in self.offsets]
+
+    def num_points(self, num_queries: int) -> int:
+        """How many losses a step of ``num_queries`` queries measures (2q, or q + 1)."""
+        return self.base_points + len(self.offsets) * num_queries
+
+    def query_of(self, point: int) -> int | None:
+        """The query that point number ``point`` belongs to; None for the shared base point."""
+        if point < self.base_points:
+            return None
+        return (point - self.base_points) // len(self.offsets)
+
+    def queries_for(self, num_points: int) -> int:
+        """The q of a step that measured ``num_points`` losses (the inverse of :meth:`num_points`)."""
+        queries, rest = divmod(num_points - self.base_points, len(self.offsets))
+        if rest or queries < 1:
+            raise ValueError(f"{num_points} losses do not make whole queries of {len(self.offsets)} points"
+                             f"{' after the base point' if self.base_points else ''}")
+        return queries
+
+    # ------------------------------------------------------------ the estimate
+    def projected_gradient(self, losses: Sequence[float], base_loss: float | None) -> float:
         """g for one query from its losses at :attr:`offsets` (and L(θ) when one-sided)."""
         if self.two_sided:
             return (losses[0] - losses[1]) / (2.0 * self.eps)
         assert base_loss is not None
         return (losses[0] - base_loss) / self.eps
+
+    def projected_gradients(self, losses: Sequence[float]) -> list[float]:
+        """g_1..g_q from the losses of every point of a step, in the order of :meth:`points`."""
+        base = losses[0] if self.needs_base_loss else None
+        per, first = len(self.offsets), self.base_points
+        queries = self.queries_for(len(losses))
+        return [self.projected_gradient(losses[first + i * per : first + (i + 1) * per], base) for i in range(queries)]

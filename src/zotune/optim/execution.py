@@ -1,29 +1,35 @@
-"""Execution paths: how the loss is measured at θ + offset·Z without storing Z.
+"""Execution paths: how a step's losses are measured at θ + offset·Z without storing Z.
 
-``InPlace`` writes the perturbation into the weights and moves them from one measuring
-point to the next, so that a two-sided query costs three passes over the weights
-(+ε, −2ε, then restore folded into the update pass) instead of the reference's four.
-It works for every parameter and dtype, but in float16/bfloat16 each add rounds, so the
-restored weights drift by a few ulps per step.
+An execution path is an object the user (or :func:`zotune.train.setup.build_execution`)
+creates and passes to the optimizer as ``execution=``; the optimizer binds it once to its
+indexed parameters, perturbation and estimator (:meth:`ExecutionPath.bind`). Four exist:
 
-``AtUse`` never writes the weights while measuring: a forward pre-hook on each module that
-owns a trainable parameter swaps in a temporary ``param + offset·Z`` for the duration of
-that module's forward. The weights are written only by the update, so a step with lr=0
-leaves them bit-identical in any dtype (the drift-safe mode). It costs one transient
-tensor the size of the module's weight while the module runs, and needs the model.
+* :class:`InPlace` (the default) writes the perturbation into the weights and moves them from
+  one measuring point to the next, so that a two-sided query costs three passes over the
+  weights (+ε, −2ε, then restore folded into the update pass) instead of the reference's four.
+  It works for every parameter and dtype, but in float16/bfloat16 each add rounds, so the
+  restored weights drift by a few ulps per step.
+* :class:`DriftSafe` never writes the weights while measuring: a forward pre-hook on each
+  module that owns a trainable parameter swaps in a temporary ``param + offset·Z`` for the
+  duration of that module's forward. The weights are written only by the update, so a step
+  with lr=0 leaves them bit-identical in any dtype. It costs one transient tensor the size of
+  the module's weight while the module runs.
+* :class:`~zotune.optim.virtual.Virtual` measures every point in one batched forward (factored
+  perturbations only).
+* :class:`~zotune.dist.parallel.Distributed` wraps any of them across ranks.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from abc import ABC, abstractmethod
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .perturbations import DrawKey, Perturbation, Term
+from .estimators import SPSA, Point
+from .perturbations import Perturbation, Term
 
-# A measuring point θ + offset · Z(key); offset 0 is θ itself.
-Point = tuple[float, DrawKey]
 IndexedParams = Sequence[tuple[int, Tensor]]
 Closure = Callable[..., "Tensor | float"]
 
@@ -48,38 +54,67 @@ def mean_loss(closures: Sequence[Closure]) -> float:
     return sum(_scalar(c()) for c in closures) / len(closures)
 
 
-class ExecutionPath(Protocol):
-    def measure_points(
-        self, params: IndexedParams, perturbation: Perturbation, points: Sequence[Point], closures: Sequence[Closure]
-    ) -> list[float]:
+def owners(model: nn.Module, params: IndexedParams) -> list[tuple[str, nn.Module, list[tuple[str, int, Tensor]]]]:
+    """(module name, module, [(attribute, param index, the Parameter)]) of every module owning trainable ones."""
+    index_of = {id(p): i for i, p in params}
+    owned = []
+    for module_name, module in model.named_modules():
+        mine = [(name, index_of[id(p)], p) for name, p in module._parameters.items()
+                if p is not None and id(p) in index_of]
+        if mine:
+            owned.append((module_name, module, mine))
+    return owned
+
+
+class ExecutionPath(ABC):
+    """How the optimizer's measuring points become losses."""
+
+    #: True when measuring writes the perturbation into the weights (ranks that measure
+    #: different points would then restore with different roundings).
+    writes_weights: bool = False
+
+    def __init__(self) -> None:
+        self._bound = False
+
+    def bind(self, params: IndexedParams, perturbation: Perturbation, estimator: SPSA) -> None:
+        """Called once by the optimizer with its trainable ``(index, param)`` pairs."""
+        if self._bound:
+            raise ValueError(f"this {type(self).__name__} execution path already serves an optimizer; "
+                             "create one per optimizer")
+        self._bound = True
+        self.params, self.perturbation, self.estimator = params, perturbation, estimator
+
+    @abstractmethod
+    def measure_points(self, points: Sequence[Point], closures: Sequence[Closure]) -> list[float]:
         """The loss at every point, in order."""
 
     def take_restore_terms(self) -> list[Term]:
         """Terms that return the weights to θ; the optimizer folds them into its update pass."""
+        return []
 
 
-class _OnePointAtATime:
-    def measure_points(self, params, perturbation, points, closures):
-        return [self.measure(params, perturbation, point, lambda: mean_loss(closures)) for point in points]
-
-
-class InPlace(_OnePointAtATime):
+class InPlace(ExecutionPath):
     """Perturb the weights in place (MeZO's seed trick, with the restore fused into the update)."""
 
+    writes_weights = True
+
     def __init__(self) -> None:
+        super().__init__()
         self._applied: list[Term] = []  # what is currently added to θ
 
-    def measure(self, params, perturbation, point, evaluate):
-        offset, key = point
-        # One pass moves from the current point to the next: undo the other keys' offsets and
-        # bring this key's offset to its new value (e.g. +ε → −ε is one pass of −2ε).
-        terms = [(-alpha, k) for alpha, k in self._applied if k != key]
-        already = sum(alpha for alpha, k in self._applied if k == key)
-        terms.append((offset - already, key))
-        for index, param in params:
-            perturbation.add_(param, index, terms)
-        self._applied = [(offset, key)]
-        return evaluate()
+    def measure_points(self, points, closures):
+        losses = []
+        for offset, key in points:
+            # One pass moves from the current point to the next: undo the other keys' offsets and
+            # bring this key's offset to its new value (e.g. +ε → −ε is one pass of −2ε).
+            terms = [(-alpha, k) for alpha, k in self._applied if k != key]
+            already = sum(alpha for alpha, k in self._applied if k == key)
+            terms.append((offset - already, key))
+            for index, param in self.params:
+                self.perturbation.add_(param, index, terms)
+            self._applied = [(offset, key)]
+            losses.append(mean_loss(closures))
+        return losses
 
     def take_restore_terms(self) -> list[Term]:
         terms = [(-alpha, key) for alpha, key in self._applied]
@@ -87,23 +122,23 @@ class InPlace(_OnePointAtATime):
         return terms
 
 
-class AtUse(_OnePointAtATime):
-    """Perturb each weight only while its module runs (drift-safe in any precision)."""
+class DriftSafe(ExecutionPath):
+    """Perturb each weight only while its module runs (bit-identical restore in any precision).
 
-    def __init__(self, model: nn.Module, params: IndexedParams) -> None:
-        index_of = {id(p): i for i, p in params}
-        # module -> [(attribute name, param index, the Parameter)]
-        self._owned: list[tuple[nn.Module, list[tuple[str, int, Tensor]]]] = []
-        found: set[int] = set()
-        for module in model.modules():
-            mine = [
-                (name, index_of[id(p)], p)
-                for name, p in module._parameters.items()
-                if p is not None and id(p) in index_of
-            ]
-            if mine:
-                self._owned.append((module, mine))
-                found.update(id(p) for _, _, p in mine)
+    Args:
+        model: the module that owns the optimizer's parameters.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"DriftSafe(model) needs the nn.Module owning the parameters, got {type(model).__name__}")
+        self.model = model
+
+    def bind(self, params, perturbation, estimator) -> None:
+        super().bind(params, perturbation, estimator)
+        self._owned = [(module, mine) for _, module, mine in owners(self.model, params)]
+        found = {id(p) for _, mine in self._owned for _, _, p in mine}
         missing = [i for i, p in params if id(p) not in found]
         if missing:
             raise ValueError(
@@ -111,11 +146,14 @@ class AtUse(_OnePointAtATime):
                 f"of the given model; parameters at indices {missing[:5]} do not"
             )
 
-    def measure(self, params, perturbation, point, evaluate):
-        offset, key = point
+    def measure_points(self, points, closures):
+        return [self._measure(offset, key, closures) for offset, key in points]
+
+    def _measure(self, offset, key, closures) -> float:
         if offset == 0.0:
-            return evaluate()
+            return mean_loss(closures)
         handles = []
+        perturbation = self.perturbation
 
         def swap_in(module: nn.Module, owned, _args) -> None:
             for name, index, param in owned:
@@ -133,12 +171,9 @@ class AtUse(_OnePointAtATime):
                 handles.append(
                     module.register_forward_hook(lambda m, a, out, o=owned: swap_out(m, o), always_call=True)
                 )
-            return evaluate()
+            return mean_loss(closures)
         finally:
             for handle in handles:
                 handle.remove()
             for module, owned in self._owned:
                 swap_out(module, owned)
-
-    def take_restore_terms(self) -> list[Term]:
-        return []

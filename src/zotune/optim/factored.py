@@ -25,7 +25,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .perturbations import DrawKey, Perturbation, Term, merge_terms
+from abc import abstractmethod
+
+from .perturbations import DrawKey, FactoredPerturbation, Term, merge_terms
 from .seeding import DeviceGenerators
 
 # Domain tags keep the streams apart from each other and from Gaussian chunks.
@@ -36,7 +38,7 @@ def as_matrix(param: Tensor) -> Tensor:
     return param.view(param.shape[0], -1)
 
 
-class _Factored(Perturbation):
+class _Factored(FactoredPerturbation):
     """Shared machinery; subclasses say what a query draws fresh and how it becomes factors."""
 
     def __init__(self, scale: float) -> None:
@@ -63,10 +65,27 @@ class _Factored(Perturbation):
         gen = self._generators.seeded(device, *address)
         return torch.randn(shape, generator=gen, device=device, dtype=dtype)
 
-    # Subclasses provide: _fresh_shape(param, index); _left_right(param, index, terms) -> (L, Rᵀ, α)
-    # with Σ α_k Z_k = α L Rᵀ; _matrix_coords(param, index, terms); _expand(param, index, coords, key)
-    # -> (L, R); _point_left_t(param, index, fresh (S, *fresh_shape), key) -> Lᵀ (S, r, m);
-    # _right(param, index, key) -> R (n, r).
+    # ------------------------------------------------------------ what a subclass defines
+    # (for matrices; 1-D parameters are handled here). `_fresh_shape` too, for matrices.
+    @abstractmethod
+    def _left_right(self, param: Tensor, index: int, terms: Sequence[Term]) -> tuple[Tensor, Tensor, float]:
+        """(L (m, k), Rᵀ (k, n), α) with Σ_k α_k Z_k = α L Rᵀ: one ``addmm_`` applies the terms."""
+
+    @abstractmethod
+    def _matrix_coords(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
+        """Σ_k α_k Z_k in the perturbation's coordinates (LOZO: m×r; TeZO: an r-vector)."""
+
+    @abstractmethod
+    def _expand(self, param: Tensor, index: int, coords: Tensor, key: DrawKey) -> tuple[Tensor, Tensor]:
+        """(L (m, k), R (n, k)) with expand(coords) = L Rᵀ in the basis of ``key``'s step."""
+
+    @abstractmethod
+    def _point_left_t(self, param: Tensor, index: int, fresh: Tensor, key: DrawKey) -> Tensor:
+        """Lᵀ (S, r, m) from the points' scaled fresh numbers ``fresh`` (S, *fresh shape)."""
+
+    @abstractmethod
+    def _right(self, param: Tensor, index: int, key: DrawKey) -> Tensor:
+        """R (n, r) of ``key``'s step."""
 
     # ------------------------------------------------------------ fresh numbers of a query
     def prepare(self, params) -> None:
@@ -94,7 +113,8 @@ class _Factored(Perturbation):
             flat = self._packs[slot] = torch.empty(self._groups[group][1], device=group[0], dtype=group[1])
         if self._packs_of.get(slot) != (key.run_seed, key.step):
             first = self._groups[group][0]
-            flat.normal_(generator=self._generators.seeded(group[0], key.run_seed, _TAG_PACK, key.step, key.query, first))
+            gen = self._generators.seeded(group[0], key.run_seed, _TAG_PACK, key.step, key.query, first)
+            flat.normal_(generator=gen)
             self._packs_of[slot] = (key.run_seed, key.step)
         return flat
 
@@ -206,10 +226,8 @@ class _Factored(Perturbation):
 
     # ------------------------------------------------------------ the virtual path
     def point_factors(self, params, points: Sequence[Term]) -> dict[int, tuple[Tensor, ...]]:
-        """Every point's offset·Z of every parameter, as the virtual path applies them.
+        """See :meth:`FactoredPerturbation.point_factors`.
 
-        Per parameter index: ``(Lᵀ (S, r, m), R (n, r))`` for a matrix, with offset_s Z_s = L_s Rᵀ
-        (all points belong to one step, so they share R), or ``(Z (S, d),)`` for a 1-D parameter.
         The scaling by each point's offset is one multiplication per parameter group. The factors
         are views of buffers refilled at every call; while nothing else changes (LOZO within a V
         window) the same dict is returned, so that callers can keep what they derived from it.
@@ -317,7 +335,8 @@ class LowRank(_Factored):
         cached = self._v_cache.get(index)
         if cached is not None and cached[:2] == (run_seed, window) and cached[2].dtype == param.dtype:
             return cached[2], cached[3]
-        v = self._randn((as_matrix(param).shape[1], self.rank), param.device, param.dtype, run_seed, _TAG_V, window, index)
+        v = self._randn((as_matrix(param).shape[1], self.rank), param.device, param.dtype,
+                        run_seed, _TAG_V, window, index)
         self._v_cache[index] = (run_seed, window, v, v.T)
         return v, v.T
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .estimators import SPSA
-from .execution import AtUse, ExecutionPath, InPlace
+from .execution import ExecutionPath, InPlace
 from .perturbations import DrawKey, Gaussian, Perturbation
 from .rules import SGD, UpdateRule
 from .schedules import QuerySchedule
@@ -57,17 +57,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         nan_policy: ``"raise"`` raises :class:`NonFiniteLossError` on a NaN/inf loss or
             projected gradient; ``"skip"`` skips that update and counts it. The weights are
             restored before either, and never updated with a non-finite value.
-        drift_safe: measure with the perturbation applied at use (module hooks) instead of
-            written into the weights, so that a step with lr=0 leaves the weights
-            bit-identical in any dtype. Needs ``model``. Recommended for float16/bfloat16.
-        virtual: measure all queries' ±ε points in one batched forward without writing the
-            perturbation into the weights (low-rank and CP perturbations; see
-            :mod:`zotune.models.virtual`). The closure is then called as ``closure(copies=S)``
-            and must return the S losses of the batch repeated S times (copy-major). Needs ``model``.
-        copies_per_forward: with ``virtual``, at most this many of the S copies per forward
-            (the closure is then called once per group of copies: with S = 4 and 2, as
-            ``closure(copies=2)`` twice); bounds the activation memory. Default: all S in one forward.
-        model: the module owning the parameters (needed for ``drift_safe`` and ``virtual``).
+        execution: how the losses are measured (:mod:`zotune.optim.execution`): ``InPlace()``
+            (the default: the perturbation is written into the weights), ``DriftSafe(model)``
+            (applied at use by module hooks, so a step with lr=0 leaves the weights bit-identical
+            in any dtype; recommended for float16/bfloat16), ``Virtual(model, copies_per_forward)``
+            (every ±ε point in one batched forward, factored perturbations only; the closure is
+            then called as ``closure(copies=S)`` and returns the S losses of the batch repeated S
+            times, copy-major), or ``zotune.dist.Distributed(inner, layout)`` across ranks. An
+            execution path serves one optimizer.
         query_schedule: a :class:`~zotune.optim.schedules.QuerySchedule` setting q per data
             epoch (AdaZeta); the training loop calls :meth:`start_epoch`.
     """
@@ -83,10 +80,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
         nan_policy: str = "raise",
-        drift_safe: bool = False,
-        virtual: bool = False,
-        copies_per_forward: int | None = None,
-        model: nn.Module | None = None,
+        execution: ExecutionPath | None = None,
         query_schedule: QuerySchedule | None = None,
     ) -> None:
         if not (lr >= 0.0):
@@ -116,26 +110,12 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "no trainable parameters: every tensor given has requires_grad=False "
                 "(unfreeze the parameters to tune, or pass the ones that require grad)"
             )
-        if (drift_safe or virtual) and model is None:
-            raise ValueError("drift_safe=True and virtual=True need model= (the module that owns the parameters)")
-        if drift_safe and virtual:
-            raise ValueError("choose one of drift_safe and virtual (the virtual path never writes the weights either)")
-        if copies_per_forward is not None and not virtual:
-            raise ValueError("copies_per_forward applies to the virtual path only: pass virtual=True as well")
-        if virtual:
-            from ..models.virtual import Virtual
-
-            self.execution: ExecutionPath = Virtual(model, self._indexed, self.perturbation, copies_per_forward)
-        elif drift_safe:
-            self.execution = AtUse(model, self._indexed)
-        else:
-            self.execution = InPlace()
-        state_names = set(self.rule.init_state(torch.zeros(1)))
-        if self.perturbation.changes_basis and not state_names <= set(self.rule.linear_state):
-            raise ValueError(
-                f"{type(self.rule).__name__} keeps state {sorted(state_names - set(self.rule.linear_state))} that cannot "
-                f"follow {type(self.perturbation).__name__}'s changes of subspace; use SGD or Momentum with it"
-            )
+        if execution is not None and not isinstance(execution, ExecutionPath):
+            raise TypeError(f"execution must be an execution path (InPlace(), DriftSafe(model), Virtual(model), ...), "
+                            f"got {type(execution).__name__}")
+        self.rule.check(self.perturbation)  # a rule that cannot follow these directions fails here, not at step 1
+        self.execution: ExecutionPath = execution if execution is not None else InPlace()
+        self.execution.bind(self._indexed, self.perturbation, self.estimator)
         self.perturbation.prepare(self._indexed)
         self.state[_STATE_KEY] = {"step": 0, "seed": int(seed), "skipped": 0}
 
@@ -158,6 +138,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def set_num_queries(self, num_queries: int) -> None:
         """Use q directions from the next step on (q is not part of the saved state: a schedule sets it)."""
+        # (the execution path keeps the estimator it was bound with: the layout of points does not depend on q)
         self.estimator = dataclasses.replace(self.estimator, num_queries=num_queries)
 
     def start_epoch(self, epoch: int, total_epochs: float | None = None) -> int:
@@ -206,15 +187,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         global_state = self.state[_STATE_KEY]
         step = global_state["step"]
         keys = self.draw_keys(step)
-        base = [(0.0, keys[0])] if self.estimator.needs_base_loss else []
-        points = base + [(offset, key) for key in keys for offset in self.estimator.offsets]
-        losses = self.execution.measure_points(self._indexed, self.perturbation, points, closures)
-        base_loss = losses[0] if base else None
-        per_query = len(self.estimator.offsets)
-        grads = [
-            self.estimator.projected_gradient(losses[len(base) + i * per_query : len(base) + (i + 1) * per_query], base_loss)
-            for i in range(len(keys))
-        ]
+        losses = self.execution.measure_points(self.estimator.points(keys), closures)
+        grads = self.estimator.projected_gradients(losses)
 
         if not all(math.isfinite(v) for v in losses + grads):
             self._restore()
@@ -256,7 +230,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             q = len(keys)
             for (_, weight_decay, members), lr in zip(self._groups(), lrs):
                 decay = 1.0 - lr * weight_decay
-                self.perturbation.add_each_(members, [], [(lr * g / q, key) for g, key in zip(record.projected_grads, keys)])
+                undo = [(lr * g / q, key) for g, key in zip(record.projected_grads, keys)]
+                self.perturbation.add_each_(members, [], undo)
                 if decay != 1.0 and members:
                     torch._foreach_div_([p for _, p in members], decay)
 
@@ -302,7 +277,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Numbers held beyond the weights: the rule's moments, the perturbation's cached factors,
         and its reusable draw buffers (scratch)."""
         moments = sum(
-            t.numel() for key, st in self.state.items() if key != _STATE_KEY for t in st.values() if isinstance(t, Tensor)
+            t.numel() for key, st in self.state.items() if key != _STATE_KEY
+            for t in st.values() if isinstance(t, Tensor)
         )
         return {"moments": moments, "factors": self.perturbation.persistent_numel(),
                 "scratch": self.perturbation.scratch_numel()}

@@ -99,6 +99,22 @@ class Perturbation(ABC):
         pass
 
 
+class FactoredPerturbation(Perturbation):
+    """A perturbation whose matrix directions are thin products offset·Z = L Rᵀ: what the
+    virtual path (:class:`~zotune.optim.virtual.Virtual`) needs to add them to layer outputs
+    instead of writing them into the weights."""
+
+    @abstractmethod
+    def point_factors(self, params: Sequence[tuple[int, Tensor]],
+                      points: Sequence[Term]) -> dict[int, tuple[Tensor, ...]]:
+        """Every point's offset·Z of every parameter, by parameter index.
+
+        ``(Lᵀ (S, r, m), R (n, r))`` for a matrix (offset_s Z_s = L_s Rᵀ; all points belong to one
+        step, so they share R), or ``(Z (S, d),)`` for a 1-D parameter. The same dict (same tensor
+        objects, refilled) may be returned for later steps, so callers can keep what they built on it.
+        """
+
+
 class Gaussian(Perturbation):
     """Dense i.i.d. N(0, 1) directions, as in MeZO (Malladi et al., 2023, Alg. 1).
 

@@ -19,6 +19,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .temporal_cp import TemporalCP
+
 
 class UpdateRule(Protocol):
     #: True when ``direction(g) == g``: the optimizer then replays the directions into the
@@ -31,6 +33,9 @@ class UpdateRule(Protocol):
     def init_state(self, coords: Tensor) -> dict[str, Tensor]:
         """Zero state for a parameter whose estimate looks like ``coords``."""
 
+    def check(self, perturbation) -> None:
+        """Raise ValueError if this rule cannot follow ``perturbation``'s directions (at construction)."""
+
     def update_(self, param: Tensor, index: int, perturbation, coords: Tensor, state: dict, step: int,
                 lr: float, key) -> None:
         """Update ``state`` with estimate ``coords`` at 1-based ``step`` and apply θ −= η · direction."""
@@ -38,6 +43,15 @@ class UpdateRule(Protocol):
 
 class _CoordinateRule:
     """Rules whose direction lives in the perturbation's coordinates, like the estimate."""
+
+    def check(self, perturbation) -> None:
+        # Only first moments can be carried to a new subspace (LOZO's V windows) by `transport`.
+        state_names = set(self.init_state(torch.zeros(1)))
+        if perturbation.changes_basis and not state_names <= set(self.linear_state):
+            raise ValueError(
+                f"{type(self).__name__} keeps state {sorted(state_names - set(self.linear_state))} that cannot "
+                f"follow {type(perturbation).__name__}'s changes of subspace; use SGD or Momentum with it"
+            )
 
     def update_(self, param, index, perturbation, coords, state, step, lr, key) -> None:
         direction = self.direction(coords, state, step)
@@ -142,6 +156,13 @@ class SeparableAdam(Adam):
     square are dropped, as in the paper's Eq. 8 as reconstructed in the project's spec (§3.6).
     One-dimensional parameters use plain Adam.
     """
+
+    def check(self, perturbation) -> None:
+        if not isinstance(perturbation, TemporalCP):
+            raise ValueError(
+                f"SeparableAdam (TeZO-Adam) keeps r-vector moments of U diag(τ) Vᵀ directions and needs a TemporalCP "
+                f"perturbation, not {type(perturbation).__name__}; use Adam (mezo_adam) with other directions"
+            )
 
     def update_(self, param, index, perturbation, coords, state, step, lr, key) -> None:
         if param.dim() < 2:

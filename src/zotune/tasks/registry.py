@@ -129,7 +129,8 @@ TASKS: dict[str, Task] = {
         mlm_template=templates.nli3_mlm, drop_labels=(-1,),
     ),
     "mnli": Task(
-        "mnli", ("glue", "mnli"), "mnli", {"train": ("train.jsonl",), "validation_matched": ("validation_matched.jsonl",)},
+        "mnli", ("glue", "mnli"), "mnli",
+        {"train": ("train.jsonl",), "validation_matched": ("validation_matched.jsonl",)},
         ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), None,
         test_split="validation_matched", mlm_template=templates.nli3_mlm,
     ),

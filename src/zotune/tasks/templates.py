@@ -45,7 +45,8 @@ def boolq(r: dict, label: int) -> Example:
 def wsc(r: dict, label: int) -> Example:
     target = r["target"] if "target" in r else r  # super_glue on the hub flattens the spans
     span1, span2 = target["span1_text"], target["span2_text"]
-    prompt = f"{r['text']}\nIn the previous sentence, does the pronoun \"{span2.lower()}\" refer to {span1}? Yes or No?\n"
+    prompt = (f"{r['text']}\nIn the previous sentence, does the pronoun \"{span2.lower()}\" refer to {span1}? "
+              "Yes or No?\n")
     return Example(prompt, ("No", "Yes"), label)
 
 

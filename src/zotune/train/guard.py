@@ -63,7 +63,7 @@ class DivergenceGuard:
         rolled_back = 0
         if self.action == "rollback" and self.rollback_steps:
             undo = list(self.applied)[-self.rollback_steps :]
-            optimizer.rollback([(StepRecord(**r), l) for r, l in undo])
+            optimizer.rollback([(StepRecord(**record), lrs) for record, lrs in undo])
             rolled_back = len(undo)
             for _ in range(rolled_back):
                 self.applied.pop()
@@ -81,4 +81,4 @@ class DivergenceGuard:
 
     def load_state_dict(self, state: dict) -> None:
         self.losses.extend(state.get("losses", []))
-        self.applied.extend((r, l) for r, l in state.get("applied", []))
+        self.applied.extend((record, lrs) for record, lrs in state.get("applied", []))

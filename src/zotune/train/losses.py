@@ -24,9 +24,7 @@ def classification_loss(model: nn.Module, batch: list[Encoded], pad_id: int, cop
 
 def lm_loss(model: nn.Module, batch: list[Encoded], pad_id: int, copies: int | None = None) -> Tensor:
     """LM loss on the gold candidates' tokens (token mean), per copy with ``copies=S``."""
-    if copies is None:
-        return gold_lm_loss(model, batch, pad_id)
-    return gold_lm_loss(model, batch * copies, pad_id, copies=copies)
+    return gold_lm_loss(model, batch * (copies or 1), pad_id, copies=copies)
 
 
 LOSSES = {"classification": classification_loss, "lm": lm_loss}

@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, apply_overrides, flatten
+from ..config import from_dict
 from ..optim import NonFiniteLossError
 from . import trajectory
 from .checkpoint import trainable_state
-from .setup import build_guard, build_optimizer, load_configured_model, prepare_trainable
+from .recipe import setup
+from .setup import build_guard, build_optimizer
 
 
 def recorded_closure(losses: tuple[float, ...]):
@@ -38,9 +39,8 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
     """
     run_dir = Path(run_dir)
     header, records = trajectory.read(run_dir)
-    cfg = apply_overrides(RunConfig(), {k: v for k, v in flatten(header["config"]).items()})
-    model, _ = load_configured_model(cfg.model, name=base_model)
-    prepare_trainable(model, cfg)
+    pieces = setup(from_dict(header["config"]), data=False, base_model=base_model, say=say)
+    cfg, model = pieces.cfg, pieces.model
     names = list(trainable_state(model))
     if names != header["trainable_names"]:
         raise ValueError(f"{base_model} does not have the trainable parameters the log was written for")
@@ -53,7 +53,7 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
         for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
         # q of this step (a query schedule changes it): its measurements over the points per query
-        optimizer.set_num_queries((len(losses) - optimizer.estimator.needs_base_loss) // len(optimizer.estimator.offsets))
+        optimizer.set_num_queries(optimizer.estimator.queries_for(len(losses)))
         try:
             optimizer.step(recorded_closure(losses), accept=lambda _record, ok=not rejected: ok)
         except NonFiniteLossError:

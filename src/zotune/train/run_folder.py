@@ -80,10 +80,14 @@ class RunFolder:
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._board.add_scalar(key, value, record["step"])
 
-    def finish(self, results: dict) -> None:
-        if not self.writer:
-            return
-        self._log.close()
+    def close(self) -> None:
+        """Close the log files (idempotent; the run's phases call it however the run ends)."""
+        if self._log is not None:
+            self._log.close()
         if self._board is not None:
             self._board.close()
-        _atomic_write(self.path / "results.json", json.dumps(results, indent=2) + "\n")
+
+    def finish(self, results: dict) -> None:
+        self.close()
+        if self.writer:
+            _atomic_write(self.path / "results.json", json.dumps(results, indent=2) + "\n")

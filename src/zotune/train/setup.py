@@ -1,22 +1,21 @@
-"""From a configuration to the objects a run needs: trainable parameters and the optimizer."""
+"""From a configuration to the objects a run needs: model, trainable parameters, execution path, optimizer.
+
+Shared by every command that builds a run's pieces (train, bench, replay, eval); each function
+does one job, and the configuration's contradictions are found by :func:`check_optim` before
+anything is loaded.
+"""
 
 from __future__ import annotations
 
-import inspect
 import re
 
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, ConfigError, ModelConfig, OptimConfig, RunConfig
-from ..optim import METHODS, param_groups
+from ..config import AdapterConfig, ConfigError, ModelConfig, OptimConfig, RunConfig, apply_overrides
+from ..models.families import family_of, model_type_of
+from ..optim import METHODS, DriftSafe, ExecutionPath, InPlace, MethodSpec, Virtual, get_method, param_groups
 from ..optim.groups import is_norm_module, trainable_numel
-from .first_order import FirstOrder
-
-FIRST_ORDER = ("adamw",)
-FINAL_NORM = r"regex:^model\.norm\.weight$"  # the default trainable set without adapters (LLaMA family)
-# optim.<field> options passed to the method factory that accepts a keyword of the same name
-_OPTIONS = ("beta", "form", "betas", "rank", "nu", "scale", "r_th", "r_max", "q_alpha", "q_max", "q_beta", "q_target")
 
 
 def load_configured_model(cfg: ModelConfig, name: str | None = None):
@@ -84,10 +83,9 @@ def inject_lora(model: nn.Module, cfg: AdapterConfig) -> None:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise ConfigError("adapter.kind=lora needs the peft package: pip install peft") from None
-    from ..adapters.targets import REP_TARGETS, default_targets
+    from ..adapters.targets import rep_targets
 
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    targets = cfg.target_modules or default_targets(REP_TARGETS, model_type, "LoRA")
+    targets = cfg.target_modules or rep_targets(model)
     inject_adapter_in_model(LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                        target_modules=list(targets)), model)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -109,12 +107,20 @@ def prepare_trainable(model: nn.Module, cfg: RunConfig) -> int:
         inject(model, adapter_config(cfg.adapter))
     spec = cfg.optim.trainable
     if spec == "auto":
-        spec = "adapters" if kind != "none" else FINAL_NORM
+        spec = "adapters" if kind != "none" else "regex:" + _final_norm(model)
     if spec == "adapters":
         if kind == "none":
             raise ConfigError("optim.trainable=adapters needs adapter.kind adp, rep or lora")
         return trainable_numel(model)  # what the injection left trainable
     return select_trainable(model, spec)
+
+
+def _final_norm(model: nn.Module) -> str:
+    try:
+        return family_of(model_type_of(model), "final-norm entry (optim.trainable=auto)",
+                         "--optim.trainable all (full fine-tuning), norms, or regex:<pattern>").final_norm
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def select_trainable(model: nn.Module, spec: str) -> int:
@@ -129,41 +135,52 @@ def select_trainable(model: nn.Module, spec: str) -> int:
         pattern = re.compile(spec[len("regex:"):])
         chosen = [p for name, p in model.named_parameters() if pattern.search(name)]
     else:
-        raise ConfigError(f"optim.trainable: unknown selection {spec!r}; valid: auto, all, norms, adapters, regex:<pattern>")
+        raise ConfigError(f"optim.trainable: unknown selection {spec!r}; valid: auto, all, norms, adapters, "
+                          "regex:<pattern>")
     if not chosen:
-        raise ConfigError(f"optim.trainable={spec!r} selects no parameter of this model")
+        raise ConfigError(f"optim.trainable={spec!r} selects no parameter of this model; --optim.trainable all "
+                          "(full fine-tuning) or norms work for every model")
     for p in chosen:
         p.requires_grad_(True)
     return trainable_numel(model)
 
 
-def method_options(cfg: OptimConfig) -> dict:
-    """The method-specific keyword arguments of ``cfg``, checked against the method's factory.
+def trainable_kind(model: nn.Module, cfg: RunConfig) -> str:
+    """Which default learning rate applies (:data:`zotune.optim.registry.TRAINABLE_KINDS`), after
+    :func:`prepare_trainable`: LoRA, the TT adapters, norms only, or anything else ("all")."""
+    if cfg.optim.trainable in ("auto", "adapters") and cfg.adapter.kind != "none":
+        return "lora" if cfg.adapter.kind == "lora" else "adapters"
+    norm_params = {id(p) for m in model.modules() if is_norm_module(m) for p in m.parameters(recurse=False)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return "norms" if trainable and all(id(p) in norm_params for p in trainable) else "all"
 
-    Cheap and model-free: the loop calls it before loading anything, so a contradiction fails first.
-    """
-    if cfg.method not in METHODS and cfg.method not in FIRST_ORDER:
-        raise ConfigError(f"unknown method {cfg.method!r}; valid: {', '.join(sorted(METHODS) + list(FIRST_ORDER))}")
-    factory = METHODS[cfg.method] if cfg.method in METHODS else FirstOrder
-    accepted = set(inspect.signature(factory).parameters)
-    options = {}
-    for name in _OPTIONS:
-        value = getattr(cfg, name)
-        if value is None:
-            continue
-        if name not in accepted:
-            raise ConfigError(f"method {cfg.method!r} takes no option optim.{name}")
-        if name == "betas":
-            value = tuple(value)
-        elif name == "rank" and value != "auto":
-            if not str(value).isdigit():
-                raise ConfigError(f"optim.rank must be a positive integer or 'auto', got {value!r}")
-            value = int(value)
-        options[name] = value
-    if cfg.method in FIRST_ORDER and (cfg.virtual or cfg.drift_safe or cfg.num_queries != 1):
+
+def resolve_lr(cfg: RunConfig, model: nn.Module) -> RunConfig:
+    """``cfg`` with ``optim.lr`` set: as given, or the method's default for the trainable set's kind."""
+    if cfg.optim.lr is not None:
+        return cfg
+    lr = get_method(cfg.optim.method).default_lr[trainable_kind(model, cfg)]
+    return apply_overrides(cfg, {"optim.lr": lr})
+
+
+def check_optim(cfg: OptimConfig) -> MethodSpec:
+    """The method's spec, once the optim section holds no contradiction (model-free: runs before loading)."""
+    try:
+        spec = get_method(cfg.method)
+        spec.check_options(cfg.options)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for name, value, ok in (("lr", cfg.lr, cfg.lr is None or cfg.lr >= 0), ("eps", cfg.eps, cfg.eps > 0),
+                            ("num_queries", cfg.num_queries, cfg.num_queries >= 1),
+                            ("weight_decay", cfg.weight_decay, cfg.weight_decay >= 0)):
+        if not ok:
+            bound = {"lr": ">= 0", "eps": "> 0", "num_queries": ">= 1", "weight_decay": ">= 0"}[name]
+            raise ConfigError(f"optim.{name} must be {bound}, got {value}")
+    if not spec.zeroth_order and (cfg.virtual or cfg.drift_safe or cfg.num_queries != 1):
         raise ConfigError(f"{cfg.method} is first-order: optim.virtual, drift_safe and num_queries do not apply")
-    if cfg.virtual and "rank" not in accepted:
-        raise ConfigError(f"optim.virtual needs a low-rank method (lozo*, tezo*), not {cfg.method!r}")
+    if cfg.virtual and not spec.virtual:
+        virtual = ", ".join(name for name, s in METHODS.items() if s.virtual)
+        raise ConfigError(f"optim.virtual needs a method with factored directions ({virtual}), not {cfg.method!r}")
     if cfg.virtual and cfg.drift_safe:
         raise ConfigError("optim.virtual and optim.drift_safe exclude each other (virtual never writes the weights)")
     if cfg.copies_per_forward is not None and not cfg.virtual:
@@ -172,38 +189,48 @@ def method_options(cfg: OptimConfig) -> dict:
         raise ConfigError(f"optim.copies_per_forward must be a positive integer, got {cfg.copies_per_forward}")
     if cfg.nan_policy not in ("raise", "skip"):
         raise ConfigError(f"optim.nan_policy must be raise or skip, got {cfg.nan_policy!r}")
-    return options
+    return spec
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int, nan_policy: str | None = None):
+def build_execution(cfg: OptimConfig, model: nn.Module, layout=None) -> ExecutionPath:
+    """The execution path the configuration asks for: the one place that chooses it.
+
+    Virtual when asked; drift-safe when asked, for half-precision weights (unless turned off) and
+    for query shards (ranks measuring different points must not write the weights); in place
+    otherwise. Under torchrun (``layout``), wrapped in :class:`~zotune.dist.parallel.Distributed`.
+    """
+    query_shards = layout is not None and layout.query_shards > 1
+    if cfg.virtual:
+        path: ExecutionPath = Virtual(model, cfg.copies_per_forward)
+    else:
+        drift_safe = cfg.drift_safe
+        if drift_safe is None:
+            drift_safe = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters() if p.requires_grad)
+        path = DriftSafe(model) if drift_safe or query_shards else InPlace()
+    if layout is not None:
+        from ..dist.parallel import Distributed
+
+        path = Distributed(path, layout)
+    return path
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int, nan_policy: str | None = None, layout=None):
     """The configured method over the model's trainable parameters (``nan_policy`` overrides the config's).
 
-    A :class:`ZOOptimizer`, or :class:`FirstOrder` for ``adamw`` (which skips non-finite steps).
+    ``cfg.lr`` must be resolved (:func:`resolve_lr`). A :class:`~zotune.optim.ZOOptimizer`, or the
+    first-order baseline (which skips non-finite steps) for a spec that is not zeroth-order.
     """
-    options = method_options(cfg)
-    if cfg.method in FIRST_ORDER:
-        return FirstOrder(param_groups(model, cfg.weight_decay), lr=cfg.lr, **options)
-    drift_safe = cfg.drift_safe
-    if drift_safe is None:  # the virtual path never writes the weights while measuring either
-        drift_safe = not cfg.virtual and any(
-            p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters() if p.requires_grad
-        )
-    return METHODS[cfg.method](
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        eps=cfg.eps,
-        num_queries=cfg.num_queries,
-        two_sided=cfg.two_sided,
-        seed=seed,
-        nan_policy=nan_policy or cfg.nan_policy,
-        drift_safe=drift_safe,
-        virtual=cfg.virtual,
-        copies_per_forward=cfg.copies_per_forward,
-        model=model,
-        **options,
-    )
-
-
+    spec = check_optim(cfg)
+    if cfg.lr is None:
+        raise ValueError("build_optimizer needs a resolved optim.lr (see resolve_lr)")
+    options = spec.check_options(cfg.options)
+    groups = param_groups(model, cfg.weight_decay)
+    if not spec.zeroth_order:
+        if layout is not None:
+            raise ConfigError(f"{cfg.method} is first-order: distributed runs are for the ZO methods")
+        return spec(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
+    return spec(groups, lr=cfg.lr, eps=cfg.eps, num_queries=cfg.num_queries, two_sided=cfg.two_sided, seed=seed,
+                nan_policy=nan_policy or cfg.nan_policy, execution=build_execution(cfg, model, layout), **options)
 def build_guard(cfg: RunConfig):
     """The divergence guard, or None when ``train.guard_spike`` is 0."""
     from .guard import DivergenceGuard

@@ -6,9 +6,9 @@ losses it measured and the learning rates. ``trajectory.json`` holds what is fix
 fixed-size little-endian record per step: the step (int64), whether the divergence guard
 rejected it (uint8), how many earlier updates it rolled back (uint8), how many losses the step
 measured (uint16; fewer than the record holds while a query schedule is below its cap), the
-losses in measuring order (float64, NaN-padded) and each param group's learning rate (float64). Replaying the records through the
-same optimizer, with the recorded losses in place of forward passes, repeats every weight
-operation of the run, so the rebuilt weights are bit-identical to the trained ones.
+losses in measuring order (float64, NaN-padded) and each param group's learning rate (float64).
+Replaying the records through the same optimizer, with the recorded losses in place of forward
+passes, repeats every weight operation of the run, so the rebuilt weights are bit-identical to the trained ones.
 
 Size: with one two-sided query and one param group a record is 36 bytes, so a 20,000-step run
 logs 720 kB.
@@ -42,7 +42,7 @@ class TrajectoryWriter:
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        self._file.close()  # (closing a closed file is a no-op)
 
 
 def truncate(run_dir: Path, steps: int) -> None:

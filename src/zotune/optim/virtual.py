@@ -14,8 +14,10 @@ each copy's own perturbation to the outputs:
 
 The weights are read once per step for all 2q evaluations and written only by the update,
 so half precision does not drift. It works on stock ``transformers`` models through hooks;
-trainable parameters owned by other kinds of module are rejected with a clear message
-(freeze them, or use the in-place path).
+the module types it perturbs, and how, are the table :data:`HOOKS` (one entry per type, the
+first that matches a module wins, as PEFT dispatches its layers); trainable parameters owned
+by other kinds of module are rejected with a clear message (freeze them, or use the in-place
+path).
 
 ``copies_per_forward=k`` splits the S copies over ceil(S / k) forwards of at most k copies
 each, for the same losses: a forward's activations grow with its copies, and once it has
@@ -25,27 +27,15 @@ rows is no faster than S forwards over B.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..optim.execution import Closure, IndexedParams
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def _supported(module: nn.Module, name: str, param: Tensor) -> bool:
-    if isinstance(module, nn.Linear) or _is_conv1d(module):
-        return (name == "weight" and param.dim() == 2) or name == "bias"
-    if isinstance(module, nn.Embedding):
-        return name == "weight" and type(module).forward is nn.Embedding.forward
-    if isinstance(module, nn.LayerNorm):
-        return name in ("weight", "bias")
-    return False
+from .execution import Closure, ExecutionPath, owners
+from .perturbations import FactoredPerturbation
 
 
 def per_copy_losses(closures: Sequence[Closure], copies: int) -> list[float]:
@@ -54,45 +44,58 @@ def per_copy_losses(closures: Sequence[Closure], copies: int) -> list[float]:
         out = closure(copies=copies)
         if not isinstance(out, Tensor) or out.shape != (copies,):
             raise TypeError(
-                f"with virtual=True the closure is called as closure(copies={copies}) and must return a tensor of "
-                f"shape ({copies},): the loss of each copy of the batch repeated {copies} times"
+                f"with the virtual path the closure is called as closure(copies={copies}) and must return a tensor "
+                f"of shape ({copies},): the loss of each copy of the batch repeated {copies} times"
+                + (f"; got shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"; got {type(out).__name__}")
             )
         out = out.detach().double()
         total = out if total is None else total + out
     return (total / len(closures)).tolist()
 
 
-class Virtual:
-    """Execution path that measures every point of a step in one batched forward (or k copies at a time)."""
+class Virtual(ExecutionPath):
+    """Execution path that measures every point of a step in one batched forward (or k copies at a time).
 
-    def __init__(self, model: nn.Module, params: IndexedParams, perturbation,
-                 copies_per_forward: int | None = None) -> None:
+    Args:
+        model: the module owning the optimizer's parameters; hooks go on its submodules.
+        copies_per_forward: at most this many of the S copies per forward (the closure is then
+            called once per group of copies: with S = 4 and 2, as ``closure(copies=2)`` twice);
+            bounds the activation memory. Default: all S in one forward.
+    """
+
+    def __init__(self, model: nn.Module, copies_per_forward: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Virtual(model) needs the nn.Module owning the parameters, got {type(model).__name__}")
         if copies_per_forward is not None and (isinstance(copies_per_forward, bool)
                                                or int(copies_per_forward) != copies_per_forward
                                                or copies_per_forward < 1):
             raise ValueError(f"copies_per_forward must be a positive integer or None, got {copies_per_forward!r}")
-        if not hasattr(perturbation, "point_factors"):
+        self.model = model
+        self.copies_per_forward = None if copies_per_forward is None else int(copies_per_forward)
+
+    def bind(self, params, perturbation, estimator) -> None:
+        if not isinstance(perturbation, FactoredPerturbation):
             raise ValueError(
                 f"the virtual path needs a factored perturbation (LOZO, TeZO); {type(perturbation).__name__} "
                 "directions are full-rank: use the in-place or drift-safe path"
             )
-        index_of = {id(p): i for i, p in params}
-        self._owned: list[tuple[nn.Module, list[tuple[str, int]]]] = []
+        super().bind(params, perturbation, estimator)
+        self._owned: list[tuple[nn.Module, _HookKind, list[tuple[str, int]]]] = []
         found, unsupported = set(), {}
         siblings: dict[tuple[str, int], list[nn.Module]] = {}
-        for module_name, module in model.named_modules():
-            mine = []
-            for name, p in module._parameters.items():
-                if p is None or id(p) not in index_of:
-                    continue
-                if not _supported(module, name, p):
+        for module_name, module, mine in owners(self.model, params):
+            kind = hook_kind(module)
+            supported = []
+            for name, index, p in mine:
+                if kind is None or not kind.perturbs(module, name, p):
                     unsupported.setdefault(id(p), f"{module_name}.{name} ({type(module).__name__})")
                     continue
-                mine.append((name, index_of[id(p)]))
+                supported.append((name, index))
                 found.add(id(p))
-            if mine:
-                self._owned.append((module, mine))
-                if isinstance(module, nn.Linear) and any(name == "weight" for name, _ in mine):
+            if supported:
+                self._owned.append((module, kind, supported))
+                if kind is LINEAR and any(name == "weight" for name, _ in supported):
                     siblings.setdefault((module_name.rpartition(".")[0], module.in_features), []).append(module)
         # A tied parameter is fine when one of its owners is supported (BERT's decoder bias is
         # registered on both the prediction head and its decoder Linear, which is what uses it).
@@ -100,26 +103,21 @@ class Virtual:
         if unsupported:
             raise ValueError(
                 "the virtual path cannot perturb these trainable parameters without writing them: "
-                f"{', '.join(unsupported[:6])}{' ...' if len(unsupported) > 6 else ''}. It supports Linear, "
-                "Embedding and Conv1D weights, Linear/Conv1D biases and LayerNorm; freeze the others "
-                "(e.g. optim.trainable) or use the in-place path"
+                f"{', '.join(unsupported[:6])}{' ...' if len(unsupported) > 6 else ''}. It supports "
+                f"{', '.join(kind.supports for kind in HOOKS)}; freeze the others (e.g. optim.trainable) or use "
+                "the in-place path"
             )
         missing = [i for i, p in params if id(p) not in found]
         if missing:
             raise ValueError(f"parameters at indices {missing[:5]} do not belong to a module of the model")
-        self.perturbation = perturbation
-        self.copies_per_forward = None if copies_per_forward is None else int(copies_per_forward)
         # Linears of one parent with one input width (q, k, v, o): those that read the same tensor
         # get their x R products from one GEMM.
         self._groups = [tuple(group) for group in siblings.values() if len(group) > 1]
         self._passes: tuple | None = None  # (factors, copies, [(copies of a forward, hooks, shared inputs)])
 
-    def take_restore_terms(self) -> list:
-        return []
-
-    def measure_points(self, params, perturbation, points, closures) -> list[float]:
+    def measure_points(self, points, closures) -> list[float]:
         copies = len(points)
-        factors = self.perturbation.point_factors(params, points)
+        factors = self.perturbation.point_factors(self.params, points)
         if self._passes is None or self._passes[0] is not factors or self._passes[1] != copies:
             self._passes = (factors, copies, self._make_passes(factors, copies))
         losses = []
@@ -153,10 +151,11 @@ class Virtual:
 
     def _make_hooks(self, factors, copies):
         """Every owned module's hook for these factors (kept while the factors are the same)."""
-        owned_factors = {id(module): {name: factors[index] for name, index in owned} for module, owned in self._owned}
+        owned_factors = {id(module): {name: factors[index] for name, index in owned}
+                         for module, _, owned in self._owned}
         products = {}  # id(Linear) -> its (left_t, x -> [x R, (1)], separate bias or None)
-        for module, owned in self._owned:
-            if isinstance(module, nn.Linear) and "weight" in owned_factors[id(module)]:
+        for module, kind, _ in self._owned:
+            if kind is LINEAR and "weight" in owned_factors[id(module)]:
                 products[id(module)] = _linear_product(owned_factors[id(module)])
         shared = []
         for group in self._groups:
@@ -166,8 +165,8 @@ class Virtual:
             for i, module in enumerate(group):
                 left_t, _, bias_z = products[id(module)]
                 products[id(module)] = (left_t, group_input.reader(i), bias_z)
-        hooks = [(module, _make_hook(module, owned_factors[id(module)], copies, products.get(id(module))))
-                 for module, _ in self._owned]
+        hooks = [(module, kind.build(module, owned_factors[id(module)], copies, products.get(id(module))))
+                 for module, kind, _ in self._owned]
         return hooks, shared
 
 
@@ -303,66 +302,118 @@ def _gemm_ready(right_t: Tensor) -> Tensor:
     return right_t.contiguous() if right_t.device.type == "cpu" else right_t
 
 
-def _make_hook(module: nn.Module, owned: dict[str, tuple[Tensor, ...]], copies: int, product) -> Callable:
-    """The hook (module, args, output) adding every copy's perturbation of ``module``'s parameters to its output.
+# ---------------------------------------------------------------- hooks by module type
+# Each builder returns hook(module, args, output), which adds every copy's perturbation of the
+# module's parameters to its output. Hooks run under ``no_grad`` (inside the optimizer's step)
+# and add in place to the module's fresh, contiguous output: two or three kernels per module
+# whatever the number of copies. Everything that does not depend on the input is prepared by
+# the builder, once per set of factors. A matrix's factors come as (Lᵀ (S, r, m), R (n, r)):
+# offset_s Z_s = L_s Rᵀ; a 1-D parameter's as (z (S, d),).
 
-    Runs under ``no_grad`` (inside the optimizer's step) and adds in place to the module's
-    fresh, contiguous output: two or three kernels per module whatever the number of copies.
-    Everything that does not depend on the input is prepared here, once per step.
-    """
+
+def _layer_norm_hook(module, owned, copies, product) -> Callable:
     weight, bias = owned.get("weight"), owned.get("bias")
-    bias_z = None if bias is None else bias[0].unsqueeze(1)  # (S, 1, m)
-    # A matrix's factors come as (Lᵀ (S, r, m), R (n, r)): offset_s Z_s = L_s Rᵀ.
+    weight_z = None if weight is None else weight[0].unsqueeze(1)  # (S, 1, d)
+    bias_z = None if bias is None else bias[0].unsqueeze(1)  # (S, 1, d)
 
-    if isinstance(module, nn.LayerNorm):
-        weight_z = None if weight is None else weight[0].unsqueeze(1)  # (S, 1, d)
-
-        def hook(mod, args, output):
-            out = _by_copy(output, copies, args[0])
-            if weight_z is not None:
-                normalized = F.layer_norm(args[0], mod.normalized_shape, None, None, mod.eps).view(out.shape)
-                out.addcmul_(normalized, weight_z)  # x̂_s ∘ z_s
-            if bias_z is not None:
-                out.add_(bias_z)
-            return output
-
-    elif isinstance(module, nn.Embedding):
-        left, right = weight[0].transpose(1, 2), weight[1]  # (S, vocab, r), (d, r)
-        right_t = right.T.expand(copies, -1, -1)  # (S, r, d)
-
-        def hook(mod, args, output):
-            out = _by_copy(output, copies, args[0])
-            ids = args[0].reshape(copies, -1, 1).expand(-1, -1, left.shape[-1])  # (S, N, r)
-            out.baddbmm_(torch.gather(left, 1, ids), right_t)  # += L_s[ids_s] Rᵀ
-            return output
-
-    elif _is_conv1d(module):  # W: n_in×n_out, y = x W; L (S, n_in, r), R (n_out, r)
-        if weight is not None:
-            left, right = weight[0].transpose(1, 2), weight[1]
-            right_t = right.T.expand(copies, -1, -1)  # (S, r, n_out)
-
-        def hook(mod, args, output):
-            out = _by_copy(output, copies, args[0])
-            if weight is not None:  # += (x_s L_s) Rᵀ
-                out.baddbmm_(torch.bmm(args[0].reshape(copies, -1, args[0].shape[-1]), left), right_t)
-            if bias_z is not None:
-                out.add_(bias_z)
-            return output
-
-    else:  # nn.Linear, W: m×n, y = x Wᵀ; L (S, m, r), R (n, r)
-        if weight is not None:
-            left_t, read, bias_z = product
-            if not callable(read):  # (Rᵀ, e): F.linear(x, Rᵀ, e) = [x R, (1)]
-                right_t, ones = _gemm_ready(read[0]), read[1]  # (siblings read a concatenated, contiguous Rᵀ)
-                read = lambda x: F.linear(x, right_t, ones)  # noqa: E731
-
-        def hook(mod, args, output):
-            out = _by_copy(output, copies, args[0])
-            if weight is not None:  # += (x_s R) L_sᵀ, x R shared by all copies
-                xr = read(args[0])  # (..., r[+1])
-                out.baddbmm_(xr.view(copies, -1, xr.shape[-1]), left_t)
-            if bias_z is not None:
-                out.add_(bias_z)
-            return output
+    def hook(mod, args, output):
+        out = _by_copy(output, copies, args[0])
+        if weight_z is not None:
+            normalized = F.layer_norm(args[0], mod.normalized_shape, None, None, mod.eps).view(out.shape)
+            out.addcmul_(normalized, weight_z)  # x̂_s ∘ z_s
+        if bias_z is not None:
+            out.add_(bias_z)
+        return output
 
     return hook
+
+
+def _embedding_hook(module, owned, copies, product) -> Callable:
+    weight = owned["weight"]
+    left, right = weight[0].transpose(1, 2), weight[1]  # (S, vocab, r), (d, r)
+    right_t = right.T.expand(copies, -1, -1)  # (S, r, d)
+
+    def hook(mod, args, output):
+        out = _by_copy(output, copies, args[0])
+        ids = args[0].reshape(copies, -1, 1).expand(-1, -1, left.shape[-1])  # (S, N, r)
+        out.baddbmm_(torch.gather(left, 1, ids), right_t)  # += L_s[ids_s] Rᵀ
+        return output
+
+    return hook
+
+
+def _conv1d_hook(module, owned, copies, product) -> Callable:
+    """GPT-2's Conv1D: W n_in×n_out, y = x W; L (S, n_in, r), R (n_out, r)."""
+    weight, bias = owned.get("weight"), owned.get("bias")
+    bias_z = None if bias is None else bias[0].unsqueeze(1)  # (S, 1, n_out)
+    if weight is not None:
+        left, right = weight[0].transpose(1, 2), weight[1]
+        right_t = right.T.expand(copies, -1, -1)  # (S, r, n_out)
+
+    def hook(mod, args, output):
+        out = _by_copy(output, copies, args[0])
+        if weight is not None:  # += (x_s L_s) Rᵀ
+            out.baddbmm_(torch.bmm(args[0].reshape(copies, -1, args[0].shape[-1]), left), right_t)
+        if bias_z is not None:
+            out.add_(bias_z)
+        return output
+
+    return hook
+
+
+def _linear_hook(module, owned, copies, product) -> Callable:
+    """nn.Linear, W: m×n, y = x Wᵀ; ``product`` = (Lᵀ, x -> [x R, (1)] or (Rᵀ, e), separate bias z)."""
+    weight, bias = owned.get("weight"), owned.get("bias")
+    bias_z = None if bias is None else bias[0].unsqueeze(1)  # (S, 1, m)
+    if weight is not None:
+        left_t, read, bias_z = product
+        if not callable(read):  # (Rᵀ, e): F.linear(x, Rᵀ, e) = [x R, (1)]
+            right_t, ones = _gemm_ready(read[0]), read[1]  # (siblings read a concatenated, contiguous Rᵀ)
+            read = lambda x: F.linear(x, right_t, ones)  # noqa: E731
+
+    def hook(mod, args, output):
+        out = _by_copy(output, copies, args[0])
+        if weight is not None:  # += (x_s R) L_sᵀ, x R shared by all copies
+            xr = read(args[0])  # (..., r[+1])
+            out.baddbmm_(xr.view(copies, -1, xr.shape[-1]), left_t)
+        if bias_z is not None:
+            out.add_(bias_z)
+        return output
+
+    return hook
+
+
+@dataclass(frozen=True)
+class _HookKind:
+    """A module type the virtual path can perturb: which of its parameters, and the hook that does it."""
+
+    supports: str  # what it covers, for error messages
+    matches: Callable[[nn.Module], bool]
+    perturbs: Callable[[nn.Module, str, Tensor], bool]  # (module, attribute, parameter)
+    build: Callable[..., Callable]  # (module, owned factors, copies, Linear product) -> hook
+
+
+def _is_conv1d(module: nn.Module) -> bool:  # transformers' Conv1D, recognised without importing transformers
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _matrix_weight_or_bias(module, name, p) -> bool:
+    return (name == "weight" and p.dim() == 2) or name == "bias"
+
+
+LINEAR = _HookKind("Linear weights and biases", lambda m: isinstance(m, nn.Linear), _matrix_weight_or_bias,
+                   _linear_hook)
+HOOKS: tuple[_HookKind, ...] = (
+    LINEAR,
+    _HookKind("GPT-2 Conv1D weights and biases", _is_conv1d, _matrix_weight_or_bias, _conv1d_hook),
+    # A subclass that overrides forward (scaled or sparse embeddings) computes something else.
+    _HookKind("Embedding weights", lambda m: isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward,
+              lambda m, name, p: name == "weight", _embedding_hook),
+    _HookKind("LayerNorm", lambda m: isinstance(m, nn.LayerNorm), lambda m, name, p: name in ("weight", "bias"),
+              _layer_norm_hook),
+)
+
+
+def hook_kind(module: nn.Module) -> _HookKind | None:
+    """The entry of :data:`HOOKS` that handles ``module`` (the first that matches), or None."""
+    return next((kind for kind in HOOKS if kind.matches(module)), None)

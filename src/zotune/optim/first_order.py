@@ -7,11 +7,20 @@ for the comparisons the papers report (memory: weights + gradients + two moments
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 
-from ..optim import StepRecord
+from .aliases import option
+from .optimizer import StepRecord
+
+
+@dataclass(frozen=True)
+class AdamWOptions:
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW (β1, β2)")
+    adam_eps: float = option(1e-8, "AdamW's δ in the denominator")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
 
 
 class FirstOrder:
@@ -74,3 +83,10 @@ class FirstOrder:
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state["adamw"])
         self._counters = dict(state["counters"])
+
+
+def adamw(params: Iterable[Any], lr: float, *, betas: tuple[float, float] = AdamWOptions.betas,
+          adam_eps: float = AdamWOptions.adam_eps, weight_decay: float = 0.0,
+          max_grad_norm: float = AdamWOptions.max_grad_norm) -> FirstOrder:
+    """AdamW with backprop: the first-order baseline (Loshchilov & Hutter, ICLR 2019), gradient norm clipped to 1."""
+    return FirstOrder(params, lr=lr, betas=betas, eps=adam_eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
