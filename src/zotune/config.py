@@ -260,17 +260,13 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             result.optim.options[name] = value
         else:
             setattr(getattr(result, section), name, value)
+    from .optim.registry import METHODS  # (an unknown method is reported by the run's checks, with the valid names)
+
     stray = [name for name in result.optim.options if name not in method_option_fields(result.optim.method)]
-    if stray and result.optim.method in _method_names():
+    if stray and result.optim.method in METHODS:
         raise ConfigError(f"method {result.optim.method!r} takes no option "
                           f"{', '.join('optim.' + name for name in stray)}")
     return result
-
-
-def _method_names() -> list[str]:
-    from .optim.registry import METHODS
-
-    return list(METHODS)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -287,7 +283,13 @@ def load_yaml(path: str | Path, config: RunConfig | None = None) -> RunConfig:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file not found: {path}")
-    tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:  # the parser's own reason, at the file's line and column
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {reason}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, optim, adapter, train)")
     try:

@@ -164,3 +164,38 @@ def test_bench_measures_three_phases(tiny_model_dir, tmp_path, capsys):
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert all(row["seconds"] > 0 and row["peak_mib"] > 0 for row in results.values())
     assert main(["bench", "--optim.method", "adamw"]) == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model.device", "cuda"], "model.device=cuda, but this machine has no CUDA device"),
+    (["--model.device", "tpu"], "unknown device 'tpu'"),
+    (["--model.dtype", "float8"], "unknown dtype 'float8'"),
+])
+def test_devices_are_checked_before_loading(argv, message, capsys, monkeypatch):
+    import torch
+
+    import zotune.models.loading as loading
+
+    if argv[1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the device was checked")
+
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    for command in ("train", "eval"):
+        assert main([command, "--model.name", "./never/loaded", *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_an_unreachable_hub_is_reported_at_once(monkeypatch, capsys):
+    # The hub client retried for about 27 s before failing; a closed port on this machine stands in
+    # for the unreachable hub (no traffic leaves the machine).
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    assert main(["eval", "--model.name", "some-org/not-cached-model"]) == 2
+    err = capsys.readouterr().err
+    assert "the Hugging Face hub is unreachable" in err and "built-in alias" in err
+    assert time.monotonic() - start < 15

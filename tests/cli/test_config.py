@@ -65,3 +65,10 @@ def test_method_options_follow_the_method():
     assert from_dict(to_dict(cfg)) == cfg
     with pytest.raises(ConfigError, match="method 'mezo' takes no option optim.rank"):
         apply_overrides(cfg, {"optim.method": "mezo"})
+
+
+def test_malformed_yaml_names_the_file_line_and_reason(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  method: [mezo\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:4:6: not valid YAML: expected ',' or ']'"):
+        load_yaml(path)

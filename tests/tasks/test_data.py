@@ -60,6 +60,23 @@ def test_malformed_tsv(tmp_path):
         load_splits(get_task("sst2"), root)
 
 
+def test_a_wrong_tsv_header_is_reported_at_line_1(tmp_path):
+    # (it was reported at whichever line the sampler drew first, e.g. train.tsv:736)
+    rows = "".join(f"s{i}\t{i % 2}\n" for i in range(50))
+    root = write_task(tmp_path, "sst2", {"train.tsv": "text\tlabel\n" + rows,
+                                         "validation.tsv": "sentence\tlabel\nfine\t1\n"})
+    with pytest.raises(DataError, match=r"train.tsv:1: the header has no field 'sentence'.*found \['text', 'label'\]"):
+        load_splits(get_task("sst2"), root, n_train=4, n_dev=2)
+
+
+def test_a_bad_label_anywhere_is_an_error_even_unsampled(tmp_path):
+    rows = ["good\t1", "bad\t0"] * 40 + ["odd\t7"]  # file line 82
+    root = write_task(tmp_path, "sst2", {"train.tsv": "sentence\tlabel\n" + "\n".join(rows) + "\n",
+                                         "validation.tsv": "sentence\tlabel\nfine\t1\n"})
+    with pytest.raises(DataError, match=r"train.tsv:82: field 'label' has value 7"):
+        load_splits(get_task("sst2"), root, n_train=4, n_dev=2)  # whatever the sample, the whole file is checked
+
+
 def test_unknown_task_and_missing_folder(tmp_path):
     with pytest.raises(ValueError, match="unknown task 'sst3'; valid: .*sst2"):
         get_task("sst3")

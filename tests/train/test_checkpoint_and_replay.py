@@ -68,8 +68,10 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model_dir, tmp_path, straight
     subprocess.run(train_args(tiny_model_dir, tmp_path, "killed", extra=("--train.resume", "true")), check=True,
                    capture_output=True)
     assert_same(weights(run_dir), weights(straight_run))
-    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 61))  # lines written after the last checkpoint were dropped on resume
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 61))  # lines after the checkpoint dropped
+    resumed = [r for r in records if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] < kill_after and resumed[0]["changed"] == {}
 
 
 def test_sigterm_checkpoints_and_exits(tiny_model_dir, tmp_path, straight_run):
@@ -106,8 +108,11 @@ def test_replay_rebuilds_the_weights_bit_identically(tiny_model_dir, tmp_path, m
     subprocess.run(train_args(tiny_model_dir, tmp_path, "run", method=method, steps=25, extra=extra), check=True,
                    capture_output=True)
     run_dir = tmp_path / "run"
-    output = replay(str(tiny_model_dir), run_dir, tmp_path / "replayed.safetensors", progress=False, say=lambda _: None)
+    said = []
+    output = replay(str(tiny_model_dir), run_dir, tmp_path / "replayed.safetensors", progress=False, say=said.append)
     assert_same(load_file(str(output)), weights(run_dir))
+    assert said[0].endswith("25 of 25 steps recorded; the run is finished")
+    assert said[-1] == "bit-identical to the run's final weights"
     if method == "adazeta":
         queries = [json.loads(line).get("queries") for line in (run_dir / "log.jsonl").read_text().splitlines()]
         assert [q for q in queries if q] == [1] * 16 + [2] * 9
@@ -156,3 +161,44 @@ def test_resume_errors(tmp_path, capsys):
     (tmp_path / "half" / "log.jsonl").write_text("")
     assert main(["train", "--train.run_name", "half", "--train.output_dir", str(tmp_path)]) == 2
     assert "unfinished run" in capsys.readouterr().err
+
+
+def test_replay_says_what_the_log_holds(tiny_model_dir, tmp_path, straight_run):
+    import shutil
+
+    empty = tmp_path / "crashed"  # a run that stopped before its first step ended
+    empty.mkdir()
+    shutil.copy(straight_run / trajectory.HEADER, empty / trajectory.HEADER)
+    with pytest.raises(ValueError, match="records no step: nothing to replay"):
+        replay(str(tiny_model_dir), empty, progress=False, say=lambda _: None)
+    partial = tmp_path / "partial"  # 52 of 60 steps, no results.json
+    partial.mkdir()
+    shutil.copy(straight_run / trajectory.HEADER, partial / trajectory.HEADER)
+    header = json.loads((straight_run / trajectory.HEADER).read_text())
+    size = trajectory.record_format(header["num_losses"], header["num_groups"]).size
+    (partial / trajectory.RECORDS).write_bytes((straight_run / trajectory.RECORDS).read_bytes()[: 52 * size])
+    said = []
+    replay(str(tiny_model_dir), partial, tmp_path / "partial.safetensors", progress=False, say=said.append)
+    assert "52 of 60 steps recorded; the run is unfinished" in said[0]
+    assert not any("bit-identical" in line for line in said)  # no final weights to compare with
+
+
+def test_a_resume_refuses_a_changed_setting_and_records_an_allowed_one(tiny_model_dir, tmp_path):
+    subprocess.run(train_args(tiny_model_dir, tmp_path, "run", steps=10), check=True, capture_output=True)
+    run_dir = tmp_path / "run"
+    (run_dir / "results.json").unlink()  # as if it had stopped after its last checkpoint (step 10)
+    refused = subprocess.run(train_args(tiny_model_dir, tmp_path, "run", steps=10,
+                                        extra=("--train.resume", "true", "--optim.lr", "0.1")),
+                             capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert "was started with optim.lr=0.001; this resume gives optim.lr=0.1" in refused.stderr
+    longer = subprocess.run(train_args(tiny_model_dir, tmp_path, "run", steps=15, extra=("--train.resume", "true")),
+                            capture_output=True, text=True)
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "train.steps 10 -> 15 from here on" in longer.stdout
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert {"step": 10, "event": "resumed", "changed": {"train.steps": [10, 15]}} in records
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 16))
+    import yaml
+
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["steps"] == 15

@@ -118,10 +118,42 @@ def model_kind(name_or_path: str, trust_remote_code: bool = False) -> str:
     return implied or detect_kind(hub_config(source, trust_remote_code))
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached right now, or None when it answers.
+
+    One request with a short timeout: without it, an offline machine learns it only after the
+    hub client's retries (about half a minute).
+    """
+    import urllib.error
+    import urllib.request
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint + "/api/models?limit=1", method="HEAD"),
+                               timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as err:  # DNS failure, refused, timed out, bad endpoint
+        return f"{endpoint}: {getattr(err, 'reason', err)}"
+    return None
+
+
 def hub_config(source: str, trust_remote_code: bool = False):
     """The model's config; a name that is no folder and no reachable hub model fails naming the aliases."""
     from transformers import AutoConfig
 
+    try:  # a local folder, or a hub model already in the cache: no network
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+    except OSError:
+        pass
+    reason = hub_unreachable()
+    if reason is not None:
+        raise FileNotFoundError(
+            f"cannot load model {source!r}: it is not in the local cache and the Hugging Face hub is unreachable "
+            f"({reason}); pass a local model folder or a built-in alias ({', '.join(BUILTIN_MODELS)})"
+        )
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as err:

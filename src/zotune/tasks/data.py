@@ -132,6 +132,32 @@ def usable(task: Task, records: list[dict]) -> list[dict]:
     return [r for r in records if r.get(task.label_field) not in task.drop_labels]
 
 
+def check_records(task: Task, records: list[dict], origin: str) -> None:
+    """Every record has the fields the task reads and a valid label, sampled or not (one cheap pass).
+
+    A field that no record has is a header problem, reported at line 1 for a TSV file.
+    """
+    needs_label = task.metric == "accuracy"
+    needed = (*task.fields, *((task.label_field,) if needs_label else ()))
+    if records:
+        missing = [name for name in needed if all(name not in record for record in records)]
+        if missing:
+            first = records[0]
+            columns = [key for key in first if not key.startswith("_")]
+            if origin.endswith(".tsv"):
+                raise DataError(f"{origin}:1: the header has no field {missing[0]!r} (task {task.name} needs "
+                                f"{list(needed)}; found {columns})")
+            raise DataError(f"{origin}:{first.get('_line', 1)}: missing field {missing[0]!r}, in every record "
+                            f"(task {task.name} needs {list(needed)}; found {columns})")
+    for position, record in enumerate(records):
+        where = f"{origin}:{record.get('_line', position + 1)}"
+        for name in needed:
+            if name not in record or record[name] is None:
+                raise DataError(f"{where}: missing field {name!r} (task {task.name} needs {list(task.fields)})")
+        if needs_label:
+            label_index(task, record.get(task.label_field), where)
+
+
 def to_examples(task: Task, records: list[dict], origin: str, masked: bool = False) -> list[Example]:
     examples = []
     needs_label = task.metric == "accuracy"
@@ -245,6 +271,8 @@ def load_splits(
         train_rows, train_origin = train_records
         train_rows = usable(task, expand_records(task, train_rows, train_origin))
         test_rows = usable(task, expand_records(task, test_rows, test_origin))
+    check_records(task, train_rows, train_origin)
+    check_records(task, test_rows, test_origin)
     if len(test_rows) > n_test:
         test_rows = [test_rows[i] for i in sorted(rng.choice(len(test_rows), n_test, replace=False))]
     if k_shot is not None:

@@ -31,7 +31,7 @@ from .losses import LOSSES
 from .plots import plot_run
 from .recipe import setup
 from .run_folder import RunFolder
-from .setup import adapter_config, build_guard, build_optimizer, check_optim
+from .setup import adapter_config, build_guard, build_optimizer, check_device, check_optim
 
 BEST = "best.safetensors"  # trainable weights at the best dev evaluation so far (train.keep_best)
 
@@ -85,6 +85,7 @@ def _stop_requests():
 def validate(cfg: RunConfig) -> None:
     """Fail on bad names and contradictions before anything heavy is loaded."""
     get_task(cfg.data.task)
+    check_device(cfg.model)
     spec = check_optim(cfg.optim)
     adapter_config(cfg.adapter)
     t = cfg.train
@@ -149,8 +150,13 @@ class Training:
         if ctx.enabled and cfg.model.device.startswith("cuda"):  # one GPU per process
             cfg = apply_overrides(cfg, {"model.device": f"cuda:{ctx.local_rank}"})
         self.ctx, self.say = ctx, say
-        path = RunFolder.check(cfg) if ctx.is_main else None  # a bad run folder fails before anything is loaded
-        path = ctx.broadcast(path)  # a default name holds rank 0's timestamp
+        changes: dict = {}
+        if ctx.is_main:  # a bad run folder, or a resume that contradicts its record, fails before anything loads
+            path = RunFolder.check(cfg)
+            if cfg.train.resume:
+                cfg, changes = RunFolder.resumed_config(cfg, path)
+        path, cfg = ctx.broadcast((path if ctx.is_main else None, cfg))  # a default name holds rank 0's timestamp
+        self.resume_changes = changes
         pieces = setup(cfg, say=say)
         self.cfg = cfg = pieces.cfg  # the learning rate resolved for the trainable set
         self.model, self.task, self.splits, self.n_trainable = pieces.model, pieces.task, pieces.splits, \
@@ -204,7 +210,9 @@ class Training:
             run.truncate_log(first)
             if self.ctx.is_main:
                 trajectory.truncate(run.path, first)
-            self.say(f"resumed {run.path} from step {first}")
+            run.log(step=first, event="resumed", changed=self.resume_changes)
+            changed = "".join(f"; {key} {old} -> {new} from here on" for key, (old, new) in self.resume_changes.items())
+            self.say(f"resumed {run.path} from step {first}{changed}")
         if self.spec.zeroth_order and self.ctx.is_main:
             estimator = self.optimizer.estimator
             self.trajectory = trajectory.TrajectoryWriter(

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..eval.scoring import encode
-from .setup import load_configured_model, prepare_trainable, resolve_lr, task_splits
+from .setup import check_device, load_configured_model, prepare_trainable, resolve_lr, task_splits
 
 
 @dataclass
@@ -42,6 +42,7 @@ def setup(cfg: RunConfig, *, data: bool = True, sizes: tuple | None = None, trai
         trainable: insert the adapters, choose the trainable parameters and resolve the learning rate.
         base_model: load this model instead of ``cfg.model.name`` (replay onto a base model).
     """
+    check_device(cfg.model)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     task = splits = None

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import from_dict
@@ -39,6 +39,13 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
     """
     run_dir = Path(run_dir)
     header, records = trajectory.read(run_dir)
+    planned = header["config"]["train"]["steps"]
+    finished = (run_dir / "results.json").exists()
+    state = "finished" if finished else "unfinished (no results.json: stopped or still running)"
+    say(f"{run_dir}: {len(records)} of {planned} steps recorded; the run is {state}")
+    if not records:
+        raise ValueError(f"{run_dir / trajectory.RECORDS} records no step: nothing to replay (the run stopped "
+                         "before its first step ended)")
     pieces = setup(from_dict(header["config"]), data=False, base_model=base_model, say=say)
     cfg, model = pieces.cfg, pieces.model
     names = list(trainable_state(model))
@@ -64,6 +71,26 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
             optimizer.rollback(applied[-rolled_back:])
             del applied[-rolled_back:]
     output = Path(output) if output else run_dir / "replayed.safetensors"
-    save_file(trainable_state(model), str(output))
+    rebuilt = trainable_state(model)
+    save_file(rebuilt, str(output))
     say(f"replayed {len(records)} steps of {run_dir} onto {base_model}: {output}")
+    final = run_dir / "trainable.safetensors"
+    if finished and final.exists():
+        say(compare_weights(rebuilt, load_file(str(final)), "the run's final weights"))
     return output
+
+
+def compare_weights(rebuilt: dict, saved: dict, what: str) -> str:
+    """"bit-identical to <what>", or the largest difference and where it is."""
+    if rebuilt.keys() != saved.keys():
+        return f"differs from {what}: other parameters ({sorted(set(rebuilt) ^ set(saved))[:3]})"
+    worst, where = 0.0, None
+    for name, tensor in rebuilt.items():
+        if torch.equal(tensor, saved[name]):
+            continue
+        diff = (tensor.double() - saved[name].double()).abs().max().item()
+        if where is None or diff > worst:
+            worst, where = diff, name
+    if where is None:
+        return f"bit-identical to {what}"
+    return f"differs from {what}: largest difference {worst:.3g} in {where}"

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import yaml
 
-from ..config import RunConfig, to_dict
+from ..config import ConfigError, RunConfig, apply_overrides, flatten, to_dict
+
+#: Settings a resume may change: how the run is watched, where its data lives, how long it goes on.
+CHANGEABLE_ON_RESUME = frozenset({
+    "train.progress", "train.threads", "train.dist_timeout", "train.eval_batch_size",
+    "train.eval_every", "train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.tensorboard",
+    "data.data_dir",
+})
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -50,6 +57,36 @@ class RunFolder:
                 f"{path} holds an unfinished run: continue it with --train.resume true, or choose another run_name"
             )
         return path
+
+    @staticmethod
+    def resumed_config(cfg: RunConfig, path: Path) -> tuple[RunConfig, dict]:
+        """The configuration a resume of the run in ``path`` continues with, and what it changes.
+
+        Settings left at None take the recorded values (the learning rate the run resolved, say);
+        a setting given with another value than the recorded one is refused, naming both, unless it
+        only changes how the run is watched or how long it goes on (:data:`CHANGEABLE_ON_RESUME`):
+        those apply from the resumed step on, and the returned dict {key: [recorded, now]} is logged.
+        """
+        record = path / "config.yaml"
+        if not record.exists():
+            return cfg, {}
+        recorded = flatten(yaml.safe_load(record.read_text(encoding="utf-8")) or {})
+        now = flatten(to_dict(cfg))
+        filled, changes = {}, {}
+        for key, value in now.items():
+            if key not in recorded or value == recorded[key] or key == "train.resume":
+                continue
+            if value is None:
+                filled[key] = recorded[key]
+            elif key in CHANGEABLE_ON_RESUME:
+                changes[key] = [recorded[key], value]
+            else:
+                raise ConfigError(
+                    f"{path} was started with {key}={recorded[key]!r}; this resume gives {key}={value!r}. A resume "
+                    "continues the recorded run: drop the setting (or give the recorded value), or start a new run "
+                    "with another train.run_name"
+                )
+        return (apply_overrides(cfg, filled) if filled else cfg), changes
 
     @classmethod
     def create(cls, path: Path, cfg: RunConfig, writer: bool = True) -> "RunFolder":

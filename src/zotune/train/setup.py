@@ -18,6 +18,33 @@ from ..optim import METHODS, DriftSafe, ExecutionPath, InPlace, MethodSpec, Virt
 from ..optim.groups import is_norm_module, trainable_numel
 
 
+def check_device(cfg: ModelConfig) -> None:
+    """The configured device and dtype exist on this machine (checked before anything is loaded)."""
+    from ..models.loading import DTYPES
+
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype: unknown dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
+    if cfg.device_map is not None:
+        return  # accelerate places the layers on what exists
+    kind, _, index = cfg.device.partition(":")
+    fix = "use --model.device cpu (the shipped paper configs set cuda: add --model.device cpu to try one here)"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no GPU is visible"
+            raise ConfigError(f"model.device={cfg.device}, but this machine has no CUDA device ({why}); {fix}")
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ConfigError(f"model.device={cfg.device}: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        if cfg.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"model.dtype=bfloat16 is not supported by {torch.cuda.get_device_name()}; "
+                              "use float16 or float32")
+    elif kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"model.device={cfg.device}, but this machine has no MPS device; {fix}")
+    elif cfg.device != "cpu":
+        raise ConfigError(f"model.device: unknown device {cfg.device!r}; valid: cpu, cuda, cuda:N, mps")
+
+
 def load_configured_model(cfg: ModelConfig, name: str | None = None):
     """(model, tokenizer) as ``cfg`` describes; ``name`` overrides ``cfg.name`` (replay's base model)."""
     from ..models.loading import load_model
