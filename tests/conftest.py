@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# No test reaches the Hugging Face hub: a name that is not local fails at once (tests of that path
+# point the hub client at a closed port on this machine instead).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, tie: bool = True):

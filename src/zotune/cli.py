@@ -82,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "tasks":
             from .tasks import TASKS
+            from .tasks.data import find_data_dir
 
             for name, task in sorted(TASKS.items()):
-                print(f"{name:<10} hub {task.hub[0]}/{task.hub[1]}, trained as {task.train_as}")
+                local = find_data_dir(task)  # what a run from this folder reads (--data.data_dir aside)
+                source = f"local {local / task.local_dir}" if local else "hub " + "/".join(filter(None, task.hub))
+                print(f"{name:<10} {source}, trained as {task.train_as}")
             return 0
         if command == "replay":
             from .train.replay import replay

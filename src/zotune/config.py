@@ -98,7 +98,8 @@ class AdapterConfig:
 class TrainConfig:
     steps: int = _f(150, "ZO steps")
     batch_size: int = _f(16, "examples per step")
-    eval_every: int = _f(0, "evaluate on dev every this many steps (0: never during training)")
+    eval_every: typing.Optional[int] = _f(None, "evaluate on dev every this many steps (default: 5 times a run, "
+                                                "every steps/5; 0: never during training)")
     keep_best: bool = _f(True, "with dev evaluations: test (and save) the weights of the best one, as the MeZO "
                                "protocol does")
     eval_batch_size: int = _f(32, "examples per evaluation forward")

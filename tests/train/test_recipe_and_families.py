@@ -105,3 +105,47 @@ def test_logs_are_closed_when_a_run_fails(tiny_model_dir, tmp_path, monkeypatch)
     (run,) = runs
     assert run.run._log.closed and run.trajectory._file.closed
     assert (tmp_path / "failed" / "trajectory.bin").stat().st_size > 0  # the two steps before were recorded
+
+
+@needs_shared_data
+def test_a_plain_run_evaluates_dev_five_times_and_says_when_low_rank_has_no_matrix(tiny_model_dir, tmp_path):
+    from zotune.train import loop
+
+    said = []
+    cfg = apply_overrides(RunConfig(), {
+        "model.name": str(tiny_model_dir), "data.data_dir": str(SHARED_DATA), "data.n_train": "16",
+        "data.n_dev": "4", "data.n_test": "4", "train.steps": "10", "train.batch_size": "4",
+        "train.progress": "false", "train.output_dir": str(tmp_path), "train.run_name": "run",
+        "optim.method": "lozo"})
+    loop.fit(cfg, say=said.append)
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "dev_accuracy" in r] == [2, 4, 6, 8, 10]
+    assert any("lozo draws low-rank directions for matrices" in line for line in said)
+    assert sum("zero-shot accuracy" in line for line in said) == 1
+    assert yaml_of(tmp_path / "run" / "config.yaml")["optim"]["lr"] == zotune.METHODS["lozo"].default_lr["norms"]
+
+
+def yaml_of(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_zero_shot_sees_the_model_without_its_adapters():
+    # LoRETTA_adp adapters start as random maps (the reference's init); a zero-shot score measured with
+    # them in place is not the base model's. adapters.disabled() bypasses them.
+    from zotune import adapters
+
+    model = tiny_llama()
+    ids = torch.arange(12).view(2, 6)
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        adapters.inject(model, adapters.LorettaAdpConfig(bottleneck=8, tt_rank=2))
+        adapted = model(input_ids=ids).logits
+        with adapters.disabled(model):
+            bypassed = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, base)
+    assert torch.equal(bypassed, base) and torch.equal(again, adapted)

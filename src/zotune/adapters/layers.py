@@ -65,6 +65,7 @@ class LorettaAdpLayer(nn.Module):
         self.loretta_adapter = TTAdapter(size, bottleneck, rank, nonlinearity, scale, max_mode, generator, device)
         # A frozen copy of the initial adapter whose output is subtracted: identity at init, no zero core.
         self.initial_adapter = None
+        self.enabled = True  # False: the base layer alone (`adapters.disabled(model)`, e.g. for a zero-shot score)
         if function_preserving:
             self.initial_adapter = copy.deepcopy(self.loretta_adapter).requires_grad_(False)
 
@@ -79,6 +80,8 @@ class LorettaAdpLayer(nn.Module):
         return h + delta.to(h.dtype)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not self.enabled:
+            return self.base_layer(x, *args, **kwargs)
         if self.position == "pre":
             return self.base_layer(self._adapt(x), *args, **kwargs)
         return self._adapt(self.base_layer(x, *args, **kwargs))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,6 +85,22 @@ def inject(model: nn.Module, config: LorettaAdpConfig | LorettaRepConfig) -> nn.
                 module.requires_grad_(True)
     setattr(model, _CONFIG_ATTR, config)
     return model
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Within the block, every LoRETTA_adp adapter of ``model`` is bypassed: the model computes its base
+    function (a zero-shot score of the unmodified model). LoRETTA_rep starts at the base function anyway
+    (W₀ is compensated), as PEFT LoRA does (B = 0)."""
+    layers = [m for m in model.modules() if isinstance(m, LorettaAdpLayer)]
+    states = [layer.enabled for layer in layers]
+    try:
+        for layer in layers:
+            layer.enabled = False
+        yield model
+    finally:
+        for layer, state in zip(layers, states):
+            layer.enabled = state
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -285,9 +285,11 @@ def load_splits(
         train_rows_sampled = [train_rows[i] for i in order[:n_train]]
         dev_rows = [train_rows[i] for i in order[n_train : n_train + n_dev]]
     if len(train_rows_sampled) < n_train or len(dev_rows) < n_dev:
-        notes.append(
-            f"{task.name}: asked for {n_train} train / {n_dev} dev, only {len(train_rows)} training records exist"
-        )
+        empty_dev = "" if dev_rows or not n_dev else (
+            "; no dev examples are left, so there is no dev evaluation and the final weights are tested "
+            "(lower data.n_train to hold some out)")
+        notes.append(f"{task.name}: asked for {n_train} train / {n_dev} dev, only {len(train_rows)} training "
+                     f"records exist{empty_dev}")
     return Splits(
         train=to_examples(task, train_rows_sampled, train_origin, masked),
         dev=to_examples(task, dev_rows, train_origin, masked),

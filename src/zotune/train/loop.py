@@ -19,6 +19,7 @@ import numpy as np
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .. import adapters
 from ..config import ConfigError, RunConfig, apply_overrides, to_dict
 from ..dist.context import DistContext, start
 from ..dist.parallel import Layout
@@ -89,7 +90,7 @@ def validate(cfg: RunConfig) -> None:
     spec = check_optim(cfg.optim)
     adapter_config(cfg.adapter)
     t = cfg.train
-    if t.steps < 0 or t.batch_size < 1 or t.checkpoint_every < 0 or t.eval_every < 0:
+    if t.steps < 0 or t.batch_size < 1 or t.checkpoint_every < 0 or (t.eval_every or 0) < 0:
         raise ConfigError("train.steps, train.eval_every and train.checkpoint_every must be >= 0, "
                           "train.batch_size >= 1")
     if t.keep_checkpoints < 1:
@@ -180,6 +181,8 @@ class Training:
         self.results: dict = {"task": self.task.name, "model": cfg.model.name, "method": cfg.optim.method,
                               "lr": cfg.optim.lr, "trainable_parameters": self.n_trainable,
                               "test_examples": len(self.test_set), "notes": self.splits.notes}
+        every = cfg.train.eval_every
+        self.eval_every = max(cfg.train.steps // 5, 1) if every is None else every  # 0: no dev evaluation
         self._smoothed = math.nan
         self._clock = time.perf_counter()
 
@@ -219,6 +222,10 @@ class Training:
                 run.path, {"config": to_dict(cfg), "trainable_names": list(trainable_state(self.model))},
                 estimator.num_points(self.optimizer.max_num_queries), len(self.optimizer.param_groups),
             )
+        if self.spec.virtual and not any(p.dim() >= 2 for p in self.model.parameters() if p.requires_grad):
+            self.say(f"note: {cfg.optim.method} draws low-rank directions for matrices, and the trainable set "
+                     f"({cfg.optim.trainable}) has none: every parameter gets dense Gaussian directions, as MeZO's. "
+                     "Train matrices with --optim.trainable all (or regex:<pattern>)")
         self.say(
             f"{cfg.model.name} on {self.task.name} ({self.splits.source}): {len(self.train_set)} train / "
             f"{len(self.dev_set)} dev / {len(self.test_set)} test; {cfg.optim.method} at lr {cfg.optim.lr:g}, "
@@ -227,8 +234,11 @@ class Training:
         return first
 
     def zero_shot(self) -> None:
+        """The test metric of the unmodified model (inserted LoRETTA_adp adapters bypassed)."""
         if self.cfg.train.zero_shot and f"zero_shot_{self.metric}" not in self.results:
-            self.results.update({f"zero_shot_{k}": v for k, v in self.evaluate("test", "zero-shot eval").items()})
+            with adapters.disabled(self.model):
+                scores = self.evaluate("test", "zero-shot eval")
+            self.results.update({f"zero_shot_{k}": v for k, v in scores.items()})
             self.say(f"zero-shot {self.metric}: {100 * self.results[f'zero_shot_{self.metric}']:.1f}%")
 
     def progress(self, first: int):
@@ -265,7 +275,7 @@ class Training:
         """After ``done`` steps: the periodic dev evaluation (keeping the best weights), then a checkpoint
         when one is due or a stop was requested (then :class:`Interrupted` is raised)."""
         cfg, metric = self.cfg, self.metric
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and self.dev_set:
+        if self.eval_every and done % self.eval_every == 0 and self.dev_set:
             dev_score = self.evaluate("dev", "dev eval")[metric]
             self.run.log(step=done, **{f"dev_{metric}": dev_score})
             self.say_between(f"step {done}: dev {metric} {100 * dev_score:.1f}%")
@@ -291,13 +301,13 @@ class Training:
             self.say(f"testing the weights of step {results['best_step']} (best dev {metric} "
                      f"{100 * results[f'best_dev_{metric}']:.1f}%)")
         results.update(self.evaluate("test", "final eval"))
-        if f"zero_shot_{metric}" in results:
-            self.say(f"zero-shot {metric}: {100 * results[f'zero_shot_{metric}']:.1f}%  ->  fine-tuned {metric}: "
-                     f"{100 * results[metric]:.1f}%  ({len(self.test_set)} {self.task.name} test examples)")
-        else:
-            self.say(f"fine-tuned {metric}: {100 * results[metric]:.1f}% ({len(self.test_set)} test examples)")
+        baseline = results.get(f"zero_shot_{metric}")
+        change = "" if baseline is None else \
+            f", {100 * (results[metric] - baseline):+.1f} points from zero-shot {100 * baseline:.1f}%"
+        self.say(f"fine-tuned {metric}: {100 * results[metric]:.1f}% ({len(self.test_set)} {self.task.name} test "
+                 f"examples{change})")
         if self.ctx.is_main:
-            plot_run(self.run.path)
+            plot_run(self.run.path, results)
         self.run.finish(results)
         return results
 

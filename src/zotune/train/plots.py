@@ -1,4 +1,5 @@
-"""A run's curves as a PNG: training loss (raw and smoothed) and the dev metric, by step."""
+"""A run's curves as a PNG: training loss (raw and smoothed), the dev metric by step, and the test metric
+before (zero-shot) and after training."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import json
 from pathlib import Path
 
 
-def plot_run(run_dir: Path, out_name: str = "curves.png") -> Path:
-    """Draw ``run_dir/log.jsonl`` into ``run_dir/curves.png`` (headless backend)."""
+def plot_run(run_dir: Path, results: dict | None = None, out_name: str = "curves.png") -> Path:
+    """Draw ``run_dir/log.jsonl`` into ``run_dir/curves.png`` (headless backend); with the run's
+    ``results``, the zero-shot and final test metric are marked on the metric's axis."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -31,13 +33,22 @@ def plot_run(run_dir: Path, out_name: str = "curves.png") -> Path:
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss")
     handles, labels = ax_loss.get_legend_handles_labels()
-    if dev:
+    metric = dev_key[len("dev_"):]
+    results = results or {}
+    marks = [(f"zero-shot test {metric}", results.get(f"zero_shot_{metric}"), 0, "x", "tab:gray"),
+             (f"final test {metric}", results.get(metric), steps[-1] if steps else 0, "*", "tab:red")]
+    marks = [mark for mark in marks if isinstance(mark[1], (int, float))]
+    if dev or marks:
         ax_dev = ax_loss.twinx()
-        ax_dev.plot([s for s, _ in dev], [100 * a for _, a in dev], "o-", color="tab:orange", label=dev_name)
-        ax_dev.set_ylabel(f"{dev_name} (%)")
+        if dev:
+            ax_dev.plot([s for s, _ in dev], [100 * a for _, a in dev], "o-", color="tab:orange", label=dev_name)
+        for label, value, step, marker, color in marks:
+            ax_dev.plot([step], [100 * value], marker, color=color, markersize=11, linestyle="none",
+                        label=f"{label} {100 * value:.1f}%")
+        ax_dev.set_ylabel(f"{metric} (%)")
         more_handles, more_labels = ax_dev.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    ax_loss.legend(handles, labels, loc="upper right", fontsize=8)
+    ax_loss.legend(handles, labels, loc="best", fontsize=8)
     ax_loss.set_title(Path(run_dir).name, fontsize=9)
     fig.tight_layout()
     out = Path(run_dir) / out_name
