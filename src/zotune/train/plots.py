@@ -36,7 +36,8 @@ def plot_run(run_dir: Path, results: dict | None = None, out_name: str = "curves
     metric = dev_key[len("dev_"):]
     results = results or {}
     marks = [(f"zero-shot test {metric}", results.get(f"zero_shot_{metric}"), 0, "x", "tab:gray"),
-             (f"final test {metric}", results.get(metric), steps[-1] if steps else 0, "*", "tab:red")]
+             (f"final test {metric}", results.get(metric),  # at the step whose weights were tested
+              results.get("best_step", steps[-1] if steps else 0), "*", "tab:red")]
     marks = [mark for mark in marks if isinstance(mark[1], (int, float))]
     if dev or marks:
         ax_dev = ax_loss.twinx()
