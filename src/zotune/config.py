@@ -107,8 +107,10 @@ class TrainConfig:
     seed: int = _f(0, "run seed: data order and every ZO direction derive from it")
     output_dir: str = _f("runs", "where run folders are written")
     run_name: typing.Optional[str] = _f(None, "run folder name (default: task-method-timestamp)")
-    guard_spike: float = _f(0.0, "divergence guard: reject a step whose loss exceeds this factor times the running "
-                                 "median (0: off; NaN/inf steps are then skipped, not raised)")
+    guard_spike: typing.Optional[float] = _f(None, "divergence guard: skip a step with a NaN/inf loss or a loss "
+                                                   "above this factor times the running median, and say so "
+                                                   "(default: 5 for ZO methods, off for adamw; 0: off, and a "
+                                                   "NaN/inf loss then stops the run)")
     guard_window: int = _f(50, "divergence guard: accepted losses in the running median")
     guard_action: str = _f("skip", "divergence guard: skip the suspect update, or rollback the ones before it too")
     guard_rollback_steps: int = _f(1, "divergence guard: updates undone by a rollback (SGD-type methods)")

@@ -29,3 +29,5 @@ def test_config_parses_and_validates(path):
         assert cfg.adapter.kind == method_dir.split("_")[1]
     else:
         assert cfg.optim.method == method_dir
+    if method_dir in ("lozo", "tezo"):  # the papers' learning rates assume their raw scaling of Z
+        assert cfg.optim.options["unit_variance"] is False

@@ -149,3 +149,12 @@ def test_zero_shot_sees_the_model_without_its_adapters():
         again = model(input_ids=ids).logits
     assert not torch.allclose(adapted, base)
     assert torch.equal(bypassed, base) and torch.equal(again, adapted)
+
+
+def test_the_divergence_guard_is_on_by_default_for_zo_runs():
+    from zotune.train.setup import DEFAULT_GUARD_SPIKE, build_guard
+
+    assert build_guard(RunConfig()).spike_factor == DEFAULT_GUARD_SPIKE
+    assert build_guard(apply_overrides(RunConfig(), {"optim.method": "adamw"})) is None  # first-order: off
+    assert build_guard(apply_overrides(RunConfig(), {"train.guard_spike": "0"})) is None  # the flag turns it off
+    assert build_guard(apply_overrides(RunConfig(), {"train.guard_spike": "3"})).spike_factor == 3.0

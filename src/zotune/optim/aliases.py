@@ -48,6 +48,8 @@ class LowRankOptions:
     rank: int = option(2, "rank r of the directions U Vᵀ")
     nu: int = option(50, "steps per V window ν")
     scale: float = option(1.0, "κ in ĝ = κ g Z (1 matches the published learning rates)")
+    unit_variance: bool = option(True, "Z = U Vᵀ/√r, one per entry like MeZO's (false: the paper's raw U Vᵀ, "
+                                       "which its published learning rates assume)")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class TemporalCPOptions:
     r_th: float = option(0.5, "singular-value threshold of rank=auto")
     r_max: int = option(64, "rank cap of rank=auto")
     scale: float = option(1.0, "κ in ĝ = κ g Z (1 matches the published learning rates)")
+    unit_variance: bool = option(True, "Z = U diag(τ) Vᵀ/√r, one per entry like MeZO's (false: the paper's "
+                                       "raw scaling)")
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ def lozo(
     rank: int = LowRankOptions.rank,
     nu: int = LowRankOptions.nu,
     scale: float = LowRankOptions.scale,
+    unit_variance: bool = LowRankOptions.unit_variance,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -163,9 +168,12 @@ def lozo(
 
     Defaults from the official code (``run_lozo.py``): r = 2, ν = 50, κ = 1 (the published
     learning rates, lr 1e-6 / 1e-7 on OPT-13B, assume κ = 1; κ = 1/r is the unbiased scaling).
+    By default Z = U Vᵀ/√r has one per entry, as MeZO's Z, so one learning rate means one step
+    size across methods; ``unit_variance=False`` is the official code's raw U Vᵀ, which its
+    published learning rates assume (the shipped paper configs set it).
     One-dimensional parameters get dense Gaussian directions. See :class:`~zotune.optim.factored.LowRank`.
     """
-    return _compose(params, lr, LowRank(rank, nu, scale), SGD(), eps, num_queries, two_sided, kwargs)
+    return _compose(params, lr, LowRank(rank, nu, scale, unit_variance), SGD(), eps, num_queries, two_sided, kwargs)
 
 
 def lozo_m(
@@ -177,6 +185,7 @@ def lozo_m(
     nu: int = LowRankMomentumOptions.nu,
     beta: float = LowRankMomentumOptions.beta,
     scale: float = LowRankMomentumOptions.scale,
+    unit_variance: bool = LowRankMomentumOptions.unit_variance,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -188,7 +197,7 @@ def lozo_m(
     seed, not stored. β = 0.9 as the official ``lozo.sh`` passes it.
     """
     rule = Momentum(beta, "ema")
-    return _compose(params, lr, LowRank(rank, nu, scale), rule, eps, num_queries, two_sided, kwargs)
+    return _compose(params, lr, LowRank(rank, nu, scale, unit_variance), rule, eps, num_queries, two_sided, kwargs)
 
 
 def tezo(
@@ -200,6 +209,7 @@ def tezo(
     r_th: float = TemporalCPOptions.r_th,
     r_max: int = TemporalCPOptions.r_max,
     scale: float = TemporalCPOptions.scale,
+    unit_variance: bool = TemporalCPOptions.unit_variance,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -209,8 +219,10 @@ def tezo(
     No official code exists; r = 32 approximates the average rank ≈ 31.5 the paper reports on
     OPT-13B, and ``rank="auto"`` chooses a rank per matrix from its spectrum
     (see :class:`~zotune.optim.temporal_cp.TemporalCP`). ε = 1e-3 follows the MeZO protocol.
+    By default Z is scaled to one per entry (V/√r); ``unit_variance=False`` is the paper's raw scaling.
     """
-    return _compose(params, lr, TemporalCP(rank, r_th, r_max, scale), SGD(), eps, num_queries, two_sided, kwargs)
+    perturbation = TemporalCP(rank, r_th, r_max, scale, unit_variance)
+    return _compose(params, lr, perturbation, SGD(), eps, num_queries, two_sided, kwargs)
 
 
 def tezo_m(
@@ -223,12 +235,13 @@ def tezo_m(
     r_th: float = TemporalCPMomentumOptions.r_th,
     r_max: int = TemporalCPMomentumOptions.r_max,
     scale: float = TemporalCPMomentumOptions.scale,
+    unit_variance: bool = TemporalCPMomentumOptions.unit_variance,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
 ) -> ZOOptimizer:
     """TeZO-m: TeZO with EMA momentum kept as one r-vector per matrix (exact, U and V being fixed)."""
-    perturbation = TemporalCP(rank, r_th, r_max, scale)
+    perturbation = TemporalCP(rank, r_th, r_max, scale, unit_variance)
     return _compose(params, lr, perturbation, Momentum(beta, "ema"), eps, num_queries, two_sided, kwargs)
 
 
@@ -243,6 +256,7 @@ def tezo_adam(
     r_th: float = TemporalCPAdamOptions.r_th,
     r_max: int = TemporalCPAdamOptions.r_max,
     scale: float = TemporalCPAdamOptions.scale,
+    unit_variance: bool = TemporalCPAdamOptions.unit_variance,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -250,7 +264,8 @@ def tezo_adam(
     """TeZO-Adam: two r-vector moments per matrix, second moment by the separable approximation
     (U∘U) diag(w) (V∘V)ᵀ (see :class:`~zotune.optim.rules.SeparableAdam`)."""
     rule = SeparableAdam(betas[0], betas[1], adam_eps)
-    return _compose(params, lr, TemporalCP(rank, r_th, r_max, scale), rule, eps, num_queries, two_sided, kwargs)
+    perturbation = TemporalCP(rank, r_th, r_max, scale, unit_variance)
+    return _compose(params, lr, perturbation, rule, eps, num_queries, two_sided, kwargs)
 
 
 def adazeta(

@@ -41,10 +41,11 @@ def as_matrix(param: Tensor) -> Tensor:
 class _Factored(FactoredPerturbation):
     """Shared machinery; subclasses say what a query draws fresh and how it becomes factors."""
 
-    def __init__(self, scale: float) -> None:
+    def __init__(self, scale: float, unit_variance: bool) -> None:
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")
         self.kappa = float(scale)
+        self.unit_variance = bool(unit_variance)
         self._generators = DeviceGenerators()
         self._prepared: list[tuple[int, Tensor]] = []  # the parameters the per-query draw covers
         # index -> (group, start, shape) in the per-query draw; group = (device, dtype)
@@ -219,6 +220,12 @@ class _Factored(FactoredPerturbation):
     def scale(self, param: Tensor) -> float:
         return self.kappa if param.dim() >= 2 else 1.0
 
+    def _right_scale(self, rank: int) -> float:
+        """What the right factor is multiplied by when drawn: 1/√r makes every entry of a rank-r product
+        L Rᵀ (r terms, each a product of two unit normals) have variance 1, as MeZO's Z does; 1 keeps the
+        papers' raw scaling (variance r per entry)."""
+        return rank ** -0.5 if self.unit_variance else 1.0
+
     def scratch_numel(self) -> int:
         # One draw per query (q x the layout), and the virtual path's S scaled copies.
         points = sum(buf.numel() for scaled, _ in self._points.values() for buf in scaled.values())
@@ -300,15 +307,18 @@ class LowRank(_Factored):
         nu: ν, steps per V window.
         scale: κ in ĝ = κ g U Vᵀ. 1 (default) matches the official code and its learning
             rates; 1/r makes the estimator unbiased over fresh U and V.
+        unit_variance: draw V scaled by 1/√r, so that Z = U Vᵀ has E[Z_ij²] = 1 like MeZO's
+            directions and MeZO's learning rates are a safe start (default); False is the
+            official code's raw U Vᵀ (E[Z_ij²] = r), which its published learning rates assume.
     Coordinates of a matrix are U-space: ĝ = (κ Σ_i g_i/q U_i) Vᵀ, an m×r matrix.
     """
 
-    def __init__(self, rank: int = 2, nu: int = 50, scale: float = 1.0) -> None:
+    def __init__(self, rank: int = 2, nu: int = 50, scale: float = 1.0, unit_variance: bool = True) -> None:
         if int(rank) != rank or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank}")
         if int(nu) != nu or nu < 1:
             raise ValueError(f"nu must be a positive integer, got {nu}")
-        super().__init__(scale)
+        super().__init__(scale, unit_variance)
         self.rank, self.nu = int(rank), int(nu)
         self.changes_basis = True  # V changes every nu steps: moments must be re-projected
         self._v_cache: dict[int, tuple[int, int, Tensor, Tensor]] = {}  # index -> (seed, window, V, Vᵀ)
@@ -337,6 +347,8 @@ class LowRank(_Factored):
             return cached[2], cached[3]
         v = self._randn((as_matrix(param).shape[1], self.rank), param.device, param.dtype,
                         run_seed, _TAG_V, window, index)
+        if self.unit_variance:
+            v.mul_(self._right_scale(self.rank))
         self._v_cache[index] = (run_seed, window, v, v.T)
         return v, v.T
 
@@ -372,9 +384,10 @@ class LowRank(_Factored):
         return key.run_seed, self.window(key.step)  # U views are fixed; V changes with the window
 
     def transport(self, coords: Tensor, param: Tensor, index: int, old: DrawKey, new: DrawKey) -> Tensor:
-        """LOZO-M's projection N ← N (V_oldᵀ V_new) / n onto the new window's row space."""
+        """LOZO-M's projection N ← N (V_oldᵀ V_new) / n onto the new window's row space (V unscaled: with
+        unit variance the drawn V are V/√r, so the product is divided by n/r)."""
         if param.dim() < 2 or self.window(old.step) == self.window(new.step):
             return coords
         v_old = self.v(param, index, old.run_seed, self.window(old.step)).to(coords.dtype)
         v_new = self.v(param, index, new.run_seed, self.window(new.step)).to(coords.dtype)
-        return coords @ (v_old.T @ v_new) / v_new.shape[0]
+        return coords @ (v_old.T @ v_new) / (v_new.shape[0] * self._right_scale(self.rank) ** 2)

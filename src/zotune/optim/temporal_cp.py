@@ -30,14 +30,17 @@ class TemporalCP(_Factored):
         r_th, r_max: threshold and cap of the ``"auto"`` rule.
         scale: κ in ĝ = κ g Z (1 by default; 1/r makes the estimator unbiased over the initial
             draw of U and V).
+        unit_variance: draw V scaled by 1/√r_l, so that E[Z_ij²] = 1 like MeZO's directions
+            (default); False is the raw U diag(τ) Vᵀ (E[Z_ij²] = r_l) of the paper.
     """
 
-    def __init__(self, rank: int | str = 32, r_th: float = 0.5, r_max: int = 64, scale: float = 1.0) -> None:
+    def __init__(self, rank: int | str = 32, r_th: float = 0.5, r_max: int = 64, scale: float = 1.0,
+                 unit_variance: bool = True) -> None:
         if rank != "auto" and (int(rank) != rank or rank < 1):
             raise ValueError(f"rank must be a positive integer or 'auto', got {rank!r}")
         if not 0.0 < r_th <= 1.0 or r_max < 1:
             raise ValueError(f"need 0 < r_th <= 1 and r_max >= 1, got r_th={r_th}, r_max={r_max}")
-        super().__init__(scale)
+        super().__init__(scale, unit_variance)
         self.rank, self.r_th, self.r_max = rank, float(r_th), int(r_max)
         self.ranks: dict[int, int] = {}  # parameter index -> r_l (part of the state: chosen once)
         self._factors: dict[int, tuple[int, Tensor, Tensor]] = {}  # index -> (seed, U, V)
@@ -81,6 +84,8 @@ class TemporalCP(_Factored):
         r = self._rank_of(param, index)
         u = self._randn((matrix.shape[0], r), param.device, param.dtype, run_seed, _TAG_CP_U, index)
         v = self._randn((matrix.shape[1], r), param.device, param.dtype, run_seed, _TAG_CP_V, index)
+        if self.unit_variance:
+            v.mul_(self._right_scale(r))
         self._factors[index] = (run_seed, u, v)
         return u, v
 

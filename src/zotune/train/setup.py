@@ -258,11 +258,18 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int, nan_policy: s
         return spec(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
     return spec(groups, lr=cfg.lr, eps=cfg.eps, num_queries=cfg.num_queries, two_sided=cfg.two_sided, seed=seed,
                 nan_policy=nan_policy or cfg.nan_policy, execution=build_execution(cfg, model, layout), **options)
+#: The divergence guard's spike factor for ZO runs when ``train.guard_spike`` is not given.
+DEFAULT_GUARD_SPIKE = 5.0
+
+
 def build_guard(cfg: RunConfig):
-    """The divergence guard, or None when ``train.guard_spike`` is 0."""
+    """The divergence guard, or None when it is off (``train.guard_spike`` 0, or not given for a first-order run)."""
     from .guard import DivergenceGuard
 
     t = cfg.train
-    if not t.guard_spike:
+    spike = t.guard_spike
+    if spike is None:
+        spike = DEFAULT_GUARD_SPIKE if get_method(cfg.optim.method).zeroth_order else 0.0
+    if not spike:
         return None
-    return DivergenceGuard(t.guard_spike, t.guard_window, t.guard_action, t.guard_rollback_steps, t.guard_lr_factor)
+    return DivergenceGuard(spike, t.guard_window, t.guard_action, t.guard_rollback_steps, t.guard_lr_factor)
