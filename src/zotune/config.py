@@ -63,8 +63,11 @@ class OptimConfig:
     num_queries: int = _f(1, "directions per step q")
     two_sided: bool = _f(True, "central (2 forwards per query) or forward difference")
     weight_decay: float = _f(0.0, "coupled weight decay λ; never applied to norms and biases")
-    trainable: str = _f("auto", "parameters to tune: auto (the adapters when adapter.kind is set, else the model "
-                                "family's final norm), all, norms, adapters, or regex:<pattern> over parameter names")
+    trainable: typing.Optional[str] = _f(None, "parameters to tune: auto (the adapters when adapter.kind is set, "
+                                               "else all: full fine-tuning, the papers' setting), all, final_norm "
+                                               "(the model family's), norms, adapters, or regex:<pattern> over "
+                                               "parameter names; unset: the built-in demo's choice, the adapters "
+                                               "when adapter.kind is set, else final_norm")
     drift_safe: typing.Optional[bool] = _f(None, "perturb at use instead of in place (default: on for "
                                                  "float16/bfloat16)")
     virtual: bool = _f(False, "measure all ±ε points in one batched forward, never writing the weights (methods "

@@ -15,13 +15,17 @@ from zotune.train.setup import prepare_trainable, trainable_kind
     (tiny_gpt2, {"transformer.ln_f.weight", "transformer.ln_f.bias"}),
     (tiny_bert, {"cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias"}),
 ])
-def test_auto_trains_the_final_norm_of_every_family(make, expected):
-    # trainable=auto selected nothing on OPT, GPT-2 and BERT (a LLaMA-only pattern) and the run stopped.
+def test_the_default_trains_the_final_norm_of_every_family(make, expected):
+    # The default trainable set (trainable=auto then) selected nothing on OPT, GPT-2 and BERT (a LLaMA-only
+    # pattern) and the run stopped; it is now the family's final norm, and auto means full fine-tuning.
     model = make()
     count = prepare_trainable(model, RunConfig())
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     assert count == sum(p.numel() for n, p in model.named_parameters() if n in expected)
     assert trainable_kind(model, RunConfig()) == "norms"
+    auto = apply_overrides(RunConfig(), {"optim.trainable": "auto"})
+    assert prepare_trainable(model, auto) == sum(p.numel() for p in model.parameters())  # full fine-tuning
+    assert trainable_kind(model, auto) == "all"
 
 
 def test_an_unknown_family_names_a_working_choice():

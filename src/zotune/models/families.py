@@ -2,7 +2,7 @@
 
 A :class:`Family` entry holds everything that depends on the architecture: the ``model_type``
 values of its ``transformers`` configs, the parameter names of its final norm (the built-in
-demo's small trainable set, ``optim.trainable=auto`` without adapters), where LoRETTA_adp puts
+demo's small trainable set, ``optim.trainable=final_norm``, the default without adapters), where LoRETTA_adp puts
 its adapters, and which projections LoRETTA_rep and LoRA adapt. The virtual path needs no entry:
 it dispatches on module types (:data:`zotune.optim.virtual.HOOKS`). A model of a family not
 listed here works with explicit choices (``optim.trainable``, ``adapter.target_modules``); the

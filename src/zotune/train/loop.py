@@ -174,6 +174,7 @@ class Training:
                                          nan_policy="skip" if self.guard else None,
                                          layout=self.layout if ctx.enabled else None)
         self.spec = get_method(cfg.optim.method)
+        self.trainable_name = cfg.optim.trainable or ("adapters" if cfg.adapter.kind != "none" else "final_norm")
         self.run = RunFolder.create(path, cfg, writer=ctx.is_main)
         self.trajectory = None  # the log a ZO run can be rebuilt from (a first-order run cannot)
         self.metric = self.task.metric
@@ -224,12 +225,12 @@ class Training:
             )
         if self.spec.virtual and not any(p.dim() >= 2 for p in self.model.parameters() if p.requires_grad):
             self.say(f"note: {cfg.optim.method} draws low-rank directions for matrices, and the trainable set "
-                     f"({cfg.optim.trainable}) has none: every parameter gets dense Gaussian directions, as MeZO's. "
+                     f"({self.trainable_name}) has none: every parameter gets dense Gaussian directions, as MeZO's. "
                      "Train matrices with --optim.trainable all (or regex:<pattern>)")
         self.say(
             f"{cfg.model.name} on {self.task.name} ({self.splits.source}): {len(self.train_set)} train / "
             f"{len(self.dev_set)} dev / {len(self.test_set)} test; {cfg.optim.method} at lr {cfg.optim.lr:g}, "
-            f"{self.n_trainable:,} trainable parameters ({cfg.optim.trainable}); run folder {run.path}"
+            f"{self.n_trainable:,} trainable parameters ({self.trainable_name}); run folder {run.path}"
         )
         return first
 

@@ -133,8 +133,10 @@ def prepare_trainable(model: nn.Module, cfg: RunConfig) -> int:
     elif kind != "none":
         inject(model, adapter_config(cfg.adapter))
     spec = cfg.optim.trainable
-    if spec == "auto":
-        spec = "adapters" if kind != "none" else "regex:" + _final_norm(model)
+    if spec is None or spec == "auto":  # the adapters when there are any; else the demo's or the papers' set
+        spec = "adapters" if kind != "none" else "final_norm" if spec is None else "all"
+    if spec == "final_norm":
+        spec = "regex:" + _final_norm(model)
     if spec == "adapters":
         if kind == "none":
             raise ConfigError("optim.trainable=adapters needs adapter.kind adp, rep or lora")
@@ -144,7 +146,7 @@ def prepare_trainable(model: nn.Module, cfg: RunConfig) -> int:
 
 def _final_norm(model: nn.Module) -> str:
     try:
-        return family_of(model_type_of(model), "final-norm entry (optim.trainable=auto)",
+        return family_of(model_type_of(model), "final-norm entry (optim.trainable=final_norm, the default)",
                          "--optim.trainable all (full fine-tuning), norms, or regex:<pattern>").final_norm
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -162,8 +164,8 @@ def select_trainable(model: nn.Module, spec: str) -> int:
         pattern = re.compile(spec[len("regex:"):])
         chosen = [p for name, p in model.named_parameters() if pattern.search(name)]
     else:
-        raise ConfigError(f"optim.trainable: unknown selection {spec!r}; valid: auto, all, norms, adapters, "
-                          "regex:<pattern>")
+        raise ConfigError(f"optim.trainable: unknown selection {spec!r}; valid: auto, all, final_norm, norms, "
+                          "adapters, regex:<pattern>")
     if not chosen:
         raise ConfigError(f"optim.trainable={spec!r} selects no parameter of this model; --optim.trainable all "
                           "(full fine-tuning) or norms work for every model")
@@ -175,7 +177,7 @@ def select_trainable(model: nn.Module, spec: str) -> int:
 def trainable_kind(model: nn.Module, cfg: RunConfig) -> str:
     """Which default learning rate applies (:data:`zotune.optim.registry.TRAINABLE_KINDS`), after
     :func:`prepare_trainable`: LoRA, the TT adapters, norms only, or anything else ("all")."""
-    if cfg.optim.trainable in ("auto", "adapters") and cfg.adapter.kind != "none":
+    if cfg.optim.trainable in (None, "auto", "adapters") and cfg.adapter.kind != "none":
         return "lora" if cfg.adapter.kind == "lora" else "adapters"
     norm_params = {id(p) for m in model.modules() if is_norm_module(m) for p in m.parameters(recurse=False)}
     trainable = [p for p in model.parameters() if p.requires_grad]
