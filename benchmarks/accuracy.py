@@ -1,0 +1,286 @@
+"""The accuracy sweep: a grid of method x learning rate x task x seed from one YAML, run as
+``zotune train`` processes, several at once; finished cells are kept in a CSV, so a half-done
+grid continues where it stopped (in a later session too).
+
+    python benchmarks/accuracy.py benchmarks/accuracy.yaml --stage lr --parallel 8
+    python benchmarks/accuracy.py benchmarks/accuracy.yaml --stage tasks --parallel 8
+    python benchmarks/accuracy.py benchmarks/accuracy.yaml --report          # table and plot only
+
+The YAML names ``base`` overrides (every run), ``rows`` (a method and its trainable set, as
+overrides), ``stages`` (``lr``: each row's learning rates on the tuning task, as factors of the
+method's default lr for its trainable kind; later stages: tasks and seeds at the row's best lr, the
+one with the best dev metric in the ``lr`` stage), and ``baselines`` (``zotune eval`` settings:
+zero-shot, in-context). A cell's run folder is ``runs_dir/<row>-<task>-lr<lr>-s<seed>``; one that
+is unfinished is resumed. ``--report`` rewrites the table between the markers of ``results_md`` and
+draws the dev curves of each row's best lr on the tuning task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+FIELDS = ["row", "stage", "task", "lr", "seed", "steps", "best_dev", "test", "zero_shot", "max_loss_ratio",
+          "median_step_s", "skipped", "run_dir"]
+BEGIN, END = "<!-- results table: begin (benchmarks/accuracy.py --report) -->", "<!-- results table: end -->"
+
+
+def load_grid(path: Path) -> dict:
+    grid = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for key in ("base", "rows", "stages", "runs_dir", "results_csv"):
+        if key not in grid:
+            raise SystemExit(f"{path}: no '{key}' section")
+    return grid
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: (r["row"], r["stage"], r["task"], float(r["lr"]), int(r["seed"]))))
+    tmp.replace(path)
+
+
+def default_lr(overrides: dict) -> float:
+    """The method's default lr for the row's trainable kind, as a run would resolve it."""
+    from zotune.optim import METHODS
+
+    spec = METHODS[overrides["optim.method"]]
+    adapter = overrides.get("adapter.kind", "none")
+    trainable = overrides.get("optim.trainable")
+    if adapter != "none" and trainable in (None, "auto", "adapters"):
+        kind = "lora" if adapter == "lora" else "adapters"
+    else:
+        kind = "norms" if trainable in (None, "final_norm", "norms") else "all"
+    return spec.default_lr[kind]
+
+
+def cells(grid: dict, stage: str, done: list[dict]) -> list[dict]:
+    """The cells of ``stage``: (row, task, lr, seed) with their overrides."""
+    spec = grid["stages"][stage]
+    out = []
+    for row, overrides in grid["rows"].items():
+        if stage == "lr":
+            lrs = [default_lr(overrides) * factor for factor in spec["lr_factors"]]
+        else:
+            best = best_lr(done, row, grid["stages"]["lr"]["tasks"][0])
+            if best is None:
+                print(f"{row}: no finished lr-stage cell yet; skipped in stage {stage}")
+                continue
+            lrs = [best]
+        for task in spec["tasks"]:
+            for lr in lrs:
+                for seed in spec["seeds"]:
+                    out.append({"row": row, "stage": stage, "task": task, "lr": float(f"{lr:.3g}"), "seed": seed,
+                                "overrides": {**grid["base"], **overrides, **spec.get("overrides", {})}})
+    return out
+
+
+def best_lr(done: list[dict], row: str, task: str) -> float | None:
+    candidates = [r for r in done if r["row"] == row and r["stage"] == "lr" and r["task"] == task and r["best_dev"]]
+    if not candidates:
+        return None
+    return float(max(candidates, key=lambda r: float(r["best_dev"]))["lr"])
+
+
+def run_name(cell: dict) -> str:
+    return f"{cell['row']}-{cell['task']}-lr{cell['lr']:g}-s{cell['seed']}"
+
+
+def command(cell: dict, runs_dir: Path) -> list[str]:
+    flags = {**cell["overrides"], "data.task": cell["task"], "optim.lr": cell["lr"], "train.seed": cell["seed"],
+             "train.output_dir": str(runs_dir), "train.run_name": run_name(cell)}
+    folder = runs_dir / run_name(cell)
+    if (folder / "checkpoints").is_dir():
+        flags["train.resume"] = "true"  # an unfinished cell continues from its last checkpoint
+    elif folder.is_dir():
+        shutil.rmtree(folder)  # killed before its first checkpoint: start it again
+    argv = [sys.executable, "-m", "zotune", "train"]
+    for key, value in flags.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def summarise(cell: dict, run_dir: Path) -> dict:
+    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    seconds = [r["seconds"] for r in rows if "seconds" in r]
+    metric = next(k for k in ("accuracy", "f1") if k in results)
+    finite = [loss for loss in losses if math.isfinite(loss)]
+    return {"row": cell["row"], "stage": cell["stage"], "task": cell["task"], "lr": cell["lr"], "seed": cell["seed"],
+            "steps": results["steps"], "best_dev": results.get(f"best_dev_{metric}", ""),
+            "test": results[metric], "zero_shot": results.get(f"zero_shot_{metric}", ""),
+            "max_loss_ratio": round(max(finite) / finite[0], 3) if finite else "",
+            "median_step_s": round(statistics.median(seconds), 4) if seconds else "",
+            "skipped": results.get("skipped_steps", 0), "run_dir": str(run_dir)}
+
+
+def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: float | None = None) -> None:
+    """Run the stage's missing cells, ``parallel`` at once; no new cell starts ``stop_after`` seconds in."""
+    runs_dir, results_csv = Path(grid["runs_dir"]), Path(grid["results_csv"])
+    done = read_rows(results_csv)
+    finished = {(r["row"], r["stage"], r["task"], float(r["lr"]), int(r["seed"])) for r in done}
+    todo = [c for c in cells(grid, stage, done)
+            if (c["row"], c["stage"], c["task"], c["lr"], c["seed"]) not in finished]
+    print(f"stage {stage}: {len(todo)} cells to run ({len(finished)} cells done in all)")
+    if dry_run:
+        for cell in todo:
+            print(" ".join(command(cell, runs_dir)))
+        return
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    running: list[tuple[dict, subprocess.Popen, float]] = []
+    began = time.time()
+    while todo or running:
+        if stop_after is not None and time.time() - began > stop_after and todo:
+            print(f"{len(todo)} cells left for a later call (--stop-after {stop_after:g} s)")
+            todo = []
+        while todo and len(running) < parallel:
+            cell = todo.pop(0)
+            log = open(runs_dir / f"{run_name(cell)}.out", "a", encoding="utf-8")
+            running.append((cell, subprocess.Popen(command(cell, runs_dir), stdout=log, stderr=subprocess.STDOUT),
+                            time.time()))
+        time.sleep(2)
+        for item in list(running):
+            cell, proc, start = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            run_dir = runs_dir / run_name(cell)
+            if proc.returncode == 0 and (run_dir / "results.json").exists():
+                done = [r for r in read_rows(results_csv)] + [summarise(cell, run_dir)]
+                write_rows(results_csv, done)  # after every cell: an interrupted sweep keeps what finished
+                print(f"done {run_name(cell)} in {time.time() - start:.0f} s: test {done[-1]['test']:.3f}")
+            else:
+                print(f"FAILED {run_name(cell)} (exit {proc.returncode}); see {runs_dir / run_name(cell)}.out")
+
+
+def run_baselines(grid: dict) -> None:
+    """``zotune eval`` settings (zero-shot, in-context), recorded as rows of stage 'baseline'."""
+    results_csv = Path(grid["results_csv"])
+    done = read_rows(results_csv)
+    for name, spec in grid.get("baselines", {}).items():
+        for task in spec["tasks"]:
+            if any(r["row"] == name and r["task"] == task for r in done):
+                continue
+            flags = {**{k: v for k, v in grid["base"].items() if k.startswith(("model.", "data."))},
+                     **spec.get("overrides", {}), "data.task": task, "train.progress": "false"}
+            argv = [sys.executable, "-m", "zotune", "eval"] + [a for k, v in flags.items() for a in (f"--{k}", str(v))]
+            out = subprocess.run(argv, capture_output=True, text=True)
+            found = re.findall(r": (\d+\.\d)%", out.stdout)
+            if out.returncode or not found:
+                print(f"FAILED baseline {name} {task}: {out.stderr[-500:]}")
+                continue
+            done.append({"row": name, "stage": "baseline", "task": task, "lr": 0, "seed": 0, "steps": 0,
+                         "best_dev": "", "test": float(found[-1]) / 100, "zero_shot": "", "max_loss_ratio": "",
+                         "median_step_s": "", "skipped": 0, "run_dir": ""})
+            write_rows(results_csv, done)
+            print(f"done baseline {name} {task}: {found[-1]}%")
+
+
+def report(grid: dict) -> None:
+    """The Markdown table (rows x tasks, mean ± std over seeds at the best lr) and the dev-curve plot."""
+    done = read_rows(Path(grid["results_csv"]))
+    tuning = grid["stages"]["lr"]["tasks"][0]
+    tasks = list(dict.fromkeys([tuning] + [t for s in grid["stages"].values() for t in s["tasks"]]))
+    lines = ["| row | lr (chosen on " + tuning + " dev) | " + " | ".join(tasks) + " | max loss / first |",
+             "|---|---|" + "---|" * len(tasks) + "---|"]
+    for row in list(grid.get("baselines", {})) + list(grid["rows"]):
+        best = best_lr(done, row, tuning)
+        mine = [r for r in done if r["row"] == row and (r["stage"] == "baseline" or float(r["lr"]) == best)]
+        if not mine:
+            continue
+        cells_ = []
+        for task in tasks:
+            scores = [100 * float(r["test"]) for r in mine if r["task"] == task]
+            if not scores:
+                cells_.append("")
+            elif len(scores) == 1:
+                cells_.append(f"{scores[0]:.1f}")
+            else:
+                cells_.append(f"{statistics.mean(scores):.1f} ± {statistics.stdev(scores):.1f} ({len(scores)})")
+        ratios = [float(r["max_loss_ratio"]) for r in mine if r["max_loss_ratio"]]
+        tried = sorted({float(r["lr"]) for r in done if r["row"] == row and r["stage"] == "lr"})
+        lr_text = "" if best is None else f"{best:g} of {', '.join(f'{lr:g}' for lr in tried)}"
+        lines.append(f"| {row} | {lr_text} | " + " | ".join(cells_) + f" | {max(ratios):.2f} |" if ratios else
+                     f"| {row} | {lr_text} | " + " | ".join(cells_) + " |  |")
+    table = "\n".join(lines)
+    md = Path(grid["results_md"])
+    text = md.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{md}: no table markers ({BEGIN} ... {END})")
+    md.write_text(text[: text.index(BEGIN) + len(BEGIN)] + "\n" + table + "\n" + text[text.index(END):],
+                  encoding="utf-8")
+    print(table)
+    plot_dev_curves(grid, done, tuning)
+
+
+def plot_dev_curves(grid: dict, done: list[dict], task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for row in grid["rows"]:
+        best = best_lr(done, row, task)
+        found = [r for r in done if r["row"] == row and r["task"] == task and r["stage"] == "lr"
+                 and best is not None and float(r["lr"]) == best]
+        if not found or not Path(found[0]["run_dir"], "log.jsonl").exists():
+            continue
+        records = [json.loads(line) for line in Path(found[0]["run_dir"], "log.jsonl").read_text().splitlines()]
+        dev = [(r["step"], 100 * r["dev_accuracy"]) for r in records if "dev_accuracy" in r]
+        if dev:
+            ax.plot(*zip(*dev), "o-", label=f"{row} (lr {best:g})", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{task} dev accuracy (%)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out = Path(grid["results_md"]).with_name("results_dev_curves.png")
+    fig.savefig(out)
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("grid", type=Path)
+    parser.add_argument("--stage", help="run this stage's missing cells (lr, tasks, seeds) or 'baselines'")
+    parser.add_argument("--parallel", type=int, default=1, help="training processes at once (they share the GPU)")
+    parser.add_argument("--only", help="comma-separated rows to run (default: all)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--stop-after", type=float, help="start no new cell after this many seconds")
+    parser.add_argument("--report", action="store_true", help="rewrite the table and the plot from the CSV")
+    args = parser.parse_args()
+    grid = load_grid(args.grid)
+    if args.only:
+        grid["rows"] = {k: v for k, v in grid["rows"].items() if k in args.only.split(",")}
+    if args.stage == "baselines":
+        run_baselines(grid)
+    elif args.stage:
+        run_stage(grid, args.stage, args.parallel, args.dry_run, args.stop_after)
+    if args.report:
+        report(load_grid(args.grid))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""benchmarks/accuracy.py on a tiny model: runs a stage, keeps finished cells, continues, reports."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import SHARED_DATA, needs_shared_data
+
+SWEEP = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy.py"
+
+pytestmark = needs_shared_data
+
+
+def test_a_stage_runs_its_cells_once_and_the_report_fills_the_table(tiny_model_dir, tmp_path):
+    grid = {
+        "base": {"model.name": str(tiny_model_dir), "data.data_dir": str(SHARED_DATA), "data.n_train": 16,
+                 "data.n_dev": 8, "data.n_test": 8, "train.steps": 4, "train.batch_size": 4,
+                 "train.progress": "false", "train.zero_shot": "false"},
+        "runs_dir": str(tmp_path / "runs"), "results_csv": str(tmp_path / "results.csv"),
+        "results_md": str(tmp_path / "results.md"),
+        "rows": {"mezo": {"optim.method": "mezo", "optim.trainable": "all"},
+                 "lozo": {"optim.method": "lozo", "optim.trainable": "all"}},
+        "stages": {"lr": {"tasks": ["sst2"], "seeds": [0], "lr_factors": [1, 10]},
+                   "seeds": {"tasks": ["sst2"], "seeds": [1]}},
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    (tmp_path / "results.md").write_text("# r\n<!-- results table: begin (benchmarks/accuracy.py --report) -->\n"
+                                         "<!-- results table: end -->\n")
+
+    def sweep(*args):
+        done = subprocess.run([sys.executable, str(SWEEP), str(path), *args], capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    assert "stage lr: 4 cells to run" in sweep("--stage", "lr", "--parallel", "2")
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert sorted((r["row"], float(r["lr"])) for r in rows) == [("lozo", 1e-6), ("lozo", 1e-5), ("mezo", 1e-6),
+                                                                ("mezo", 1e-5)]
+    assert all(0 <= float(r["test"]) <= 1 and r["best_dev"] for r in rows)
+    assert "stage lr: 0 cells to run (4 cells done in all)" in sweep("--stage", "lr")  # a finished grid continues
+    assert "stage seeds: 2 cells to run" in sweep("--stage", "seeds", "--report")  # each row at its best lr
+    table = (tmp_path / "results.md").read_text()
+    assert "| mezo |" in table and "| lozo |" in table and (tmp_path / "results_dev_curves.png").exists()
