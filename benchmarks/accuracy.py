@@ -143,6 +143,11 @@ def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: 
     finished = {(r["row"], r["stage"], r["task"], float(r["lr"]), int(r["seed"])) for r in done}
     todo = [c for c in cells(grid, stage, done)
             if (c["row"], c["stage"], c["task"], c["lr"], c["seed"]) not in finished]
+    collected = [c for c in todo if (runs_dir / run_name(c) / "results.json").exists()]
+    if collected:  # finished runs whose rows a stopped sweep did not write
+        write_rows(results_csv, done + [summarise(c, runs_dir / run_name(c)) for c in collected])
+        todo = [c for c in todo if c not in collected]
+        print(f"collected {len(collected)} finished runs from {runs_dir}")
     print(f"stage {stage}: {len(todo)} cells to run ({len(finished)} cells done in all)")
     if dry_run:
         for cell in todo:
@@ -242,6 +247,7 @@ def plot_dev_curves(grid: dict, done: list[dict], task: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    drawn = 0
     for row in grid["rows"]:
         best = best_lr(done, row, task)
         found = [r for r in done if r["row"] == row and r["task"] == task and r["stage"] == "lr"
@@ -252,11 +258,16 @@ def plot_dev_curves(grid: dict, done: list[dict], task: str) -> None:
         dev = [(r["step"], 100 * r["dev_accuracy"]) for r in records if "dev_accuracy" in r]
         if dev:
             ax.plot(*zip(*dev), "o-", label=f"{row} (lr {best:g})", markersize=3)
+            drawn += 1
+    out = Path(grid["results_md"]).with_name("results_dev_curves.png")
+    if not drawn:  # the run folders live where the sweep ran (a GPU machine): keep the plot drawn there
+        plt.close(fig)
+        print(f"no run logs under the CSV's run folders here; {out} kept")
+        return
     ax.set_xlabel("step")
     ax.set_ylabel(f"{task} dev accuracy (%)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    out = Path(grid["results_md"]).with_name("results_dev_curves.png")
     fig.savefig(out)
     print(f"wrote {out}")
 

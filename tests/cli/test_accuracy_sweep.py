@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+import zotune
 from conftest import SHARED_DATA, needs_shared_data
 
 SWEEP = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy.py"
@@ -39,8 +40,9 @@ def test_a_stage_runs_its_cells_once_and_the_report_fills_the_table(tiny_model_d
 
     assert "stage lr: 4 cells to run" in sweep("--stage", "lr", "--parallel", "2")
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert sorted((r["row"], float(r["lr"])) for r in rows) == [("lozo", 1e-6), ("lozo", 1e-5), ("mezo", 1e-6),
-                                                                ("mezo", 1e-5)]
+    default = zotune.METHODS["mezo"].default_lr["all"]  # lozo's too: the rows' lrs are 1x and 10x it
+    assert sorted((r["row"], float(r["lr"])) for r in rows) == sorted(
+        (row, float(f"{default * factor:.3g}")) for row in ("lozo", "mezo") for factor in (1, 10))
     assert all(0 <= float(r["test"]) <= 1 and r["best_dev"] for r in rows)
     assert "stage lr: 0 cells to run (4 cells done in all)" in sweep("--stage", "lr")  # a finished grid continues
     assert "stage seeds: 2 cells to run" in sweep("--stage", "seeds", "--report")  # each row at its best lr
