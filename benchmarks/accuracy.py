@@ -64,15 +64,13 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 def default_lr(overrides: dict) -> float:
     """The method's default lr for the row's trainable kind, as a run would resolve it."""
     from zotune.optim import METHODS
+    from zotune.train.setup import selection_kind
 
-    spec = METHODS[overrides["optim.method"]]
-    adapter = overrides.get("adapter.kind", "none")
-    trainable = overrides.get("optim.trainable")
-    if adapter != "none" and trainable in (None, "auto", "adapters"):
-        kind = "lora" if adapter == "lora" else "adapters"
-    else:
-        kind = "norms" if trainable in (None, "final_norm", "norms") else "all"
-    return spec.default_lr[kind]
+    kind = selection_kind(overrides.get("optim.trainable"), overrides.get("adapter.kind", "none"))
+    if kind is None:
+        raise SystemExit(f"{overrides}: a regex selection has no default lr here; give the row optim.lr factors "
+                         "of an explicit trainable kind")
+    return METHODS[overrides["optim.method"]].default_lr[kind]
 
 
 def cells(grid: dict, stage: str, done: list[dict]) -> list[dict]:
@@ -148,7 +146,7 @@ def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: 
         write_rows(results_csv, done + [summarise(c, runs_dir / run_name(c)) for c in collected])
         todo = [c for c in todo if c not in collected]
         print(f"collected {len(collected)} finished runs from {runs_dir}")
-    print(f"stage {stage}: {len(todo)} cells to run ({len(finished)} cells done in all)")
+    print(f"stage {stage}: {len(todo)} cells to run ({len(finished) + len(collected)} cells done in all)")
     if dry_run:
         for cell in todo:
             print(" ".join(command(cell, runs_dir)))
@@ -173,7 +171,7 @@ def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: 
             running.remove(item)
             run_dir = runs_dir / run_name(cell)
             if proc.returncode == 0 and (run_dir / "results.json").exists():
-                done = [r for r in read_rows(results_csv)] + [summarise(cell, run_dir)]
+                done = read_rows(results_csv) + [summarise(cell, run_dir)]
                 write_rows(results_csv, done)  # after every cell: an interrupted sweep keeps what finished
                 print(f"done {run_name(cell)} in {time.time() - start:.0f} s: test {done[-1]['test']:.3f}")
             else:

@@ -174,11 +174,20 @@ def select_trainable(model: nn.Module, spec: str) -> int:
     return trainable_numel(model)
 
 
+def selection_kind(trainable: str | None, adapter_kind: str) -> str | None:
+    """The trainable kind (:data:`zotune.optim.registry.TRAINABLE_KINDS`) a selection stands for, or None
+    when only the selected parameters tell (``regex:``)."""
+    if trainable in (None, "auto", "adapters") and adapter_kind != "none":
+        return "lora" if adapter_kind == "lora" else "adapters"
+    return {None: "norms", "final_norm": "norms", "norms": "norms", "auto": "all", "all": "all"}.get(trainable)
+
+
 def trainable_kind(model: nn.Module, cfg: RunConfig) -> str:
-    """Which default learning rate applies (:data:`zotune.optim.registry.TRAINABLE_KINDS`), after
-    :func:`prepare_trainable`: LoRA, the TT adapters, norms only, or anything else ("all")."""
-    if cfg.optim.trainable in (None, "auto", "adapters") and cfg.adapter.kind != "none":
-        return "lora" if cfg.adapter.kind == "lora" else "adapters"
+    """Which default learning rate applies, after :func:`prepare_trainable`: LoRA, the TT adapters,
+    norms only, or anything else ("all")."""
+    kind = selection_kind(cfg.optim.trainable, cfg.adapter.kind)
+    if kind is not None:
+        return kind
     norm_params = {id(p) for m in model.modules() if is_norm_module(m) for p in m.parameters(recurse=False)}
     trainable = [p for p in model.parameters() if p.requires_grad]
     return "norms" if trainable and all(id(p) in norm_params for p in trainable) else "all"
@@ -199,12 +208,11 @@ def check_optim(cfg: OptimConfig) -> MethodSpec:
         spec.check_options(cfg.options)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    for name, value, ok in (("lr", cfg.lr, cfg.lr is None or cfg.lr >= 0), ("eps", cfg.eps, cfg.eps > 0),
-                            ("num_queries", cfg.num_queries, cfg.num_queries >= 1),
-                            ("weight_decay", cfg.weight_decay, cfg.weight_decay >= 0)):
-        if not ok:
-            bound = {"lr": ">= 0", "eps": "> 0", "num_queries": ">= 1", "weight_decay": ">= 0"}[name]
-            raise ConfigError(f"optim.{name} must be {bound}, got {value}")
+    for name, bound, ok in (("lr", ">= 0", cfg.lr is None or cfg.lr >= 0), ("eps", "> 0", cfg.eps > 0),
+                            ("num_queries", ">= 1", cfg.num_queries >= 1),
+                            ("weight_decay", ">= 0", cfg.weight_decay >= 0)):
+        if not ok:  # (NaN fails every comparison, so it is refused too)
+            raise ConfigError(f"optim.{name} must be {bound}, got {getattr(cfg, name)}")
     if not spec.zeroth_order and (cfg.virtual or cfg.drift_safe or cfg.num_queries != 1):
         raise ConfigError(f"{cfg.method} is first-order: optim.virtual, drift_safe and num_queries do not apply")
     if cfg.virtual and not spec.virtual:
