@@ -1,4 +1,4 @@
-"""Command line: ``zotune train | eval | bench | replay | methods | tasks``.
+"""Command line: ``zotune train | eval | bench | replay | export | methods | tasks``.
 
 Configuration flags are dotted field names (``--optim.lr 1e-6`` or ``--optim.lr=1e-6``),
 applied on top of an optional ``--config FILE.yaml`` and the built-in defaults.
@@ -18,6 +18,8 @@ commands:
   eval      the test metric of a model on a task (zero-shot, or in-context with --data.icl_demos K)
   bench     step time and peak memory of the configured method against inference and backprop (AdamW)
   replay    zotune replay BASE_MODEL RUN_DIR [OUTPUT]: rebuild a run's weights from its trajectory log
+  export    zotune export RUN_DIR OUT_DIR [--base-model NAME] [--trajectory]: the fine-tuned model as a
+            folder that transformers loads (LoRA and LoRETTA_rep merged)
   methods   list the registered ZO methods
   tasks     list the tasks
 
@@ -96,8 +98,28 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("usage: zotune replay BASE_MODEL RUN_DIR [OUTPUT.safetensors]")
             replay(*rest)
             return 0
+        if command == "export":
+            from .train.export import export
+
+            options = {"--base-model": None, "--trajectory": False}
+            paths = []
+            args = iter(rest)
+            for arg in args:
+                if arg == "--trajectory":
+                    options[arg] = True
+                elif arg == "--base-model":
+                    options[arg] = next(args, None)
+                    if options[arg] is None:
+                        raise ConfigError("--base-model needs a model name")
+                else:
+                    paths.append(arg)
+            if len(paths) != 2:
+                raise ConfigError("usage: zotune export RUN_DIR OUT_DIR [--base-model NAME] [--trajectory]")
+            export(*paths, base_model=options["--base-model"], from_trajectory=options["--trajectory"])
+            return 0
         if command not in ("train", "eval", "bench"):
-            raise ConfigError(f"unknown command {command!r}; valid: train, eval, bench, replay, methods, tasks")
+            raise ConfigError(f"unknown command {command!r}; valid: train, eval, bench, replay, export, methods, "
+                              "tasks")
         config = parse_config(rest)
         if command == "train":
             from .train import loop
