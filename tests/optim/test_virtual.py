@@ -265,3 +265,24 @@ def test_a_dtype_change_between_steps_is_followed(method, batch):
                                                               execution=path(virtual, model)),
         batch, steps=4, before_step=double_at_step_2)
     torch.testing.assert_close(virtual, in_place, rtol=2e-3, atol=2e-3)
+
+
+def test_a_tied_weight_used_by_an_unsupported_module_is_refused():
+    # The weight of an embedding with its own forward, tied to a Linear head: the head's hook alone would
+    # perturb one of its two uses, and the measurement would be silently wrong.
+    class Doubled(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = Doubled(16, 8), torch.nn.Linear(8, 16, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    model = Tied()
+    with pytest.raises(ValueError, match=r"embed.weight \(Doubled\)"):
+        zotune.lozo(model.parameters(), lr=1e-3, execution=zotune.Virtual(model))

@@ -97,9 +97,11 @@ class Virtual(ExecutionPath):
                 self._owned.append((module, kind, supported))
                 if kind is LINEAR and any(name == "weight" for name, _ in supported):
                     siblings.setdefault((module_name.rpartition(".")[0], module.in_features), []).append(module)
-        # A tied parameter is fine when one of its owners is supported (BERT's decoder bias is
-        # registered on both the prediction head and its decoder Linear, which is what uses it).
-        unsupported = [where for pid, where in unsupported.items() if pid not in found]
+        # A tied bias is fine when one of its owners is supported (BERT's decoder bias is registered on
+        # both the prediction head and its decoder Linear, which is what uses it); a tied weight used by
+        # a module the path cannot perturb (an embedding with its own forward) would be measured wrong.
+        unsupported = [where for pid, where in unsupported.items() if pid not in found or not where.split(" ")[0]
+                       .endswith(".bias")]
         if unsupported:
             raise ValueError(
                 "the virtual path cannot perturb these trainable parameters without writing them: "
@@ -332,11 +334,14 @@ def _embedding_hook(module, owned, copies, product) -> Callable:
     weight = owned["weight"]
     left, right = weight[0].transpose(1, 2), weight[1]  # (S, vocab, r), (d, r)
     right_t = right.T.expand(copies, -1, -1)  # (S, r, d)
+    # Scaled embeddings (Gemma's W[ids]·c): the perturbation is scaled with the rows, c (L_s[ids] Rᵀ).
+    scale = getattr(module, "embed_scale", None)
+    alpha = 1.0 if scale is None else float(scale)  # read once per set of factors, not per call (a GPU sync)
 
     def hook(mod, args, output):
         out = _by_copy(output, copies, args[0])
         ids = args[0].reshape(copies, -1, 1).expand(-1, -1, left.shape[-1])  # (S, N, r)
-        out.baddbmm_(torch.gather(left, 1, ids), right_t)  # += L_s[ids_s] Rᵀ
+        out.baddbmm_(torch.gather(left, 1, ids), right_t, alpha=alpha)  # += c L_s[ids_s] Rᵀ
         return output
 
     return hook
@@ -393,6 +398,10 @@ class _HookKind:
     build: Callable[..., Callable]  # (module, owned factors, copies, Linear product) -> hook
 
 
+def _is_scaled_embedding(module: nn.Module) -> bool:  # transformers' ...ScaledWordEmbedding: W[ids] * embed_scale
+    return type(module).__name__.endswith("ScaledWordEmbedding") and getattr(module, "embed_scale", None) is not None
+
+
 def _is_conv1d(module: nn.Module) -> bool:  # transformers' Conv1D, recognised without importing transformers
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -406,9 +415,11 @@ LINEAR = _HookKind("Linear weights and biases", lambda m: isinstance(m, nn.Linea
 HOOKS: tuple[_HookKind, ...] = (
     LINEAR,
     _HookKind("GPT-2 Conv1D weights and biases", _is_conv1d, _matrix_weight_or_bias, _conv1d_hook),
-    # A subclass that overrides forward (scaled or sparse embeddings) computes something else.
-    _HookKind("Embedding weights", lambda m: isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward,
-              lambda m, name, p: name == "weight", _embedding_hook),
+    # A subclass that overrides forward computes something else, except the scaled embedding
+    # W[ids]·c (Gemma), whose scale the hook applies.
+    _HookKind("Embedding weights", lambda m: isinstance(m, nn.Embedding) and (
+        type(m).forward is nn.Embedding.forward or _is_scaled_embedding(m)), lambda m, name, p: name == "weight",
+        _embedding_hook),
     _HookKind("LayerNorm", lambda m: isinstance(m, nn.LayerNorm), lambda m, name, p: name in ("weight", "bias"),
               _layer_norm_hook),
 )
