@@ -34,8 +34,17 @@ def load_model(*args, **kwargs):
     return _load_model(*args, **kwargs)
 
 
+def __getattr__(name: str):
+    """``zotune.ZOTrainer`` is imported on first use (it imports ``transformers``' Trainer)."""
+    if name == "ZOTrainer":
+        from .hf_trainer import ZOTrainer
+
+        return ZOTrainer
+    raise AttributeError(f"module 'zotune' has no attribute {name!r}")
+
+
 __all__ = [
     "METHODS", "DriftSafe", "InPlace", "NonFiniteLossError", "QuerySchedule", "Virtual", "ZOOptimizer", "adazeta",
     "load_model", "lozo", "lozo_m", "mezo", "mezo_adam", "mezo_momentum", "param_groups", "tezo", "tezo_adam",
-    "tezo_m", "__version__",
+    "tezo_m", "ZOTrainer", "__version__",
 ]
