@@ -127,8 +127,8 @@ class ZOTrainer(Trainer):
     def _closure(self, model: nn.Module, inputs: dict):
         def closure(copies: int | None = None):
             with torch.no_grad():
-                if copies is None:
-                    return self.compute_loss(model, inputs)
+                if copies is None:  # a fresh dict each time: compute_loss may pop "labels" from it
+                    return self.compute_loss(model, dict(inputs))
                 return per_copy_causal_lm_loss(model, inputs, copies)
 
         return closure

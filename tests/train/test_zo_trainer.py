@@ -20,13 +20,13 @@ def pattern_data(n, seed):
     return rows
 
 
-def trainer_for(model, out, steps=40, lr=3e-3, ga=1, batch=8, **kw):
+def trainer_for(model, out, steps=40, lr=3e-3, ga=1, batch=8, trainer_class=None, **kw):
     args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
                              lr_scheduler_type="linear", warmup_steps=2, gradient_accumulation_steps=ga,
                              save_steps=steps // 2, logging_steps=10, report_to=[], use_cpu=True, seed=0,
                              disable_tqdm=True)
-    return zotune.ZOTrainer(model=model, args=args, train_dataset=pattern_data(64, 0),
-                            eval_dataset=pattern_data(16, 1), **kw)
+    return (trainer_class or zotune.ZOTrainer)(model=model, args=args, train_dataset=pattern_data(64, 0),
+                                              eval_dataset=pattern_data(16, 1), **kw)
 
 
 def test_the_loss_falls_and_a_resume_equals_the_uninterrupted_run(tmp_path):
@@ -83,3 +83,16 @@ def test_first_order_methods_are_refused():
     with pytest.raises(ValueError, match="first-order"):
         zotune.ZOTrainer(model=tiny_llama(), args=TrainingArguments(output_dir="unused", use_cpu=True, report_to=[]),
                          method="adamw")
+
+
+def test_a_compute_loss_that_pops_the_labels_is_measured_at_every_point(tmp_path):
+    # A step measures the loss at +εZ and −εZ on the same inputs; a compute_loss that pops "labels" (as the
+    # Trainer's own does with a label smoother) must get them at both points.
+    class Popping(zotune.ZOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            return model(**inputs, labels=labels).loss
+
+    trainer = trainer_for(tiny_llama(), tmp_path, steps=2, method="mezo", trainer_class=Popping)
+    trainer.train()
+    assert trainer.zo_optimizer.num_steps == 2 and len(trainer.zo_optimizer.last_record.losses) == 2
