@@ -125,7 +125,7 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
             with _stop_requests() as stop, run.progress(first) as bar:
                 for step in range(first, cfg.train.steps):
                     loss = run.step(step)
-                    bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.set_postfix(run.progress_fields(loss))
                     bar.update()
                     run.evaluate_and_checkpoint(step + 1, stop_requested=ctx.any(stop["stop"]))
             results = run.finish()
@@ -245,6 +245,13 @@ class Training:
     def progress(self, first: int):
         return tqdm(total=self.cfg.train.steps, initial=first, desc="train", unit="step",
                     disable=not (self.cfg.train.progress and self.ctx.is_main))
+
+    def progress_fields(self, smoothed_loss: float) -> dict:
+        """What the progress bar shows: the smoothed loss, the learning rate, and q for a ZO step."""
+        fields = {"loss": f"{smoothed_loss:.4f}", "lr": f"{self.optimizer.param_groups[0]['lr']:.3g}"}
+        if self.optimizer.last_record.projected_grads:
+            fields["q"] = len(self.optimizer.last_record.projected_grads)
+        return fields
 
     def step(self, step: int) -> float:
         """One optimizer step on the step's batch, guarded and logged; returns the smoothed loss."""
