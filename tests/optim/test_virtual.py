@@ -112,7 +112,7 @@ def test_linear_bias_rides_in_the_low_rank_product(batch, monkeypatch):
     # LOZO lays each Linear's Uᵀ and its bias's z out next to each other, so the virtual hook adds
     # the bias perturbation inside the same batched product. It must fire on OPT's biased
     # Linears and measure what the separate bias addition measures.
-    from zotune.optim import virtual as virtual_module
+    from zotune.optim import virtual_hooks as virtual_module
 
     fused_calls = []
     original = virtual_module._with_bias_row

@@ -159,12 +159,19 @@ def merge(model: nn.Module) -> nn.Module:
     config = _config_of(model)
     if config.kind != "rep":
         raise ValueError("merge() folds LoRETTA_rep updates; LoRETTA_adp adapters are non-linear and stay separate")
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LorettaRepLayer):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.merged())
+    unwrap(model, LorettaRepLayer, lambda layer: layer.merged())
     delattr(model, _CONFIG_ATTR)
     return model
+
+
+def unwrap(model: nn.Module, wrapper: type, inner) -> int:
+    """Replace every submodule of type ``wrapper`` by ``inner(submodule)`` (its base layer, merged or not);
+    returns how many were replaced."""
+    found = [(name, module) for name, module in model.named_modules() if isinstance(module, wrapper)]
+    for name, module in found:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, inner(module))
+    return len(found)
 
 
 def _config_of(model: nn.Module):

@@ -159,14 +159,11 @@ def check_records(task: Task, records: list[dict], origin: str) -> None:
 
 
 def to_examples(task: Task, records: list[dict], origin: str, masked: bool = False) -> list[Example]:
+    """Records (checked by :func:`check_records`) through the task's prompt template."""
     examples = []
-    needs_label = task.metric == "accuracy"
     template = template_of(task, masked)
-    for position, record in enumerate(records):
+    for position, record in enumerate(records):  # (fields and labels: check_records, over the whole file)
         where = f"{origin}:{record.get('_line', position + 1)}"
-        for name in (*task.fields, *((task.label_field,) if needs_label else ())):
-            if name not in record or record[name] is None:
-                raise DataError(f"{where}: missing field {name!r} (task {task.name} needs {list(task.fields)})")
         try:
             example = template(record, label_index(task, record.get(task.label_field), where))
         except (KeyError, TypeError, AttributeError, IndexError) as err:
@@ -215,30 +212,9 @@ def _hub_split(task: Task, split: str) -> tuple[list[dict], str]:
     return [dict(r) for r in dataset], f"hub:{path}/{name}[{split}]"
 
 
-def load_splits(
-    task: Task,
-    data_dir: str | None = None,
-    n_train: int | None = None,
-    n_dev: int | None = None,
-    n_test: int | None = None,
-    seed: int = 0,
-    masked: bool = False,
-    k_shot: int | None = None,
-) -> Splits:
-    """Sample train / dev (disjoint, both from the training split) and test (from the test split).
-
-    Sizes default to the task's protocol values and are capped by what exists. A task with no
-    local training file is split deterministically from its validation file (half to test),
-    and the returned notes say so. ``masked`` uses the task's masked-LM prompt. ``k_shot`` is the
-    LM-BFF protocol: k training and k dev examples per class from the training split (data seeds
-    13, 21, 42, 87, 100 in the papers), and the whole test split unless ``n_test`` is given.
-    """
-    template_of(task, masked)  # fail early for a task without a prompt for this kind of model
-    n_train = task.n_train if n_train is None else n_train
-    n_dev = task.n_dev if n_dev is None else n_dev
-    n_test = (task.n_test if k_shot is None else 10**9) if n_test is None else n_test
-    rng = np.random.default_rng(seed)  # a local generator: the global numpy RNG is not touched
-    notes: list[str] = []
+def _records(task: Task, data_dir: str | None, rng, seed: int, notes: list[str]):
+    """(train rows, their origin, test rows, their origin, source) of the task, expanded into one record
+    per example; a task with no training file is split from its validation file (noted in ``notes``)."""
     root = find_data_dir(task, data_dir)
     if root is not None:
         test_records = _local_split(task, root, task.test_split)
@@ -271,6 +247,34 @@ def load_splits(
         train_rows, train_origin = train_records
         train_rows = usable(task, expand_records(task, train_rows, train_origin))
         test_rows = usable(task, expand_records(task, test_rows, test_origin))
+    return train_rows, train_origin, test_rows, test_origin, source
+
+
+def load_splits(
+    task: Task,
+    data_dir: str | None = None,
+    n_train: int | None = None,
+    n_dev: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    masked: bool = False,
+    k_shot: int | None = None,
+) -> Splits:
+    """Sample train / dev (disjoint, both from the training split) and test (from the test split).
+
+    Sizes default to the task's protocol values and are capped by what exists. A task with no
+    local training file is split deterministically from its validation file (half to test),
+    and the returned notes say so. ``masked`` uses the task's masked-LM prompt. ``k_shot`` is the
+    LM-BFF protocol: k training and k dev examples per class from the training split (data seeds
+    13, 21, 42, 87, 100 in the papers), and the whole test split unless ``n_test`` is given.
+    """
+    template_of(task, masked)  # fail early for a task without a prompt for this kind of model
+    n_train = task.n_train if n_train is None else n_train
+    n_dev = task.n_dev if n_dev is None else n_dev
+    n_test = (task.n_test if k_shot is None else 10**9) if n_test is None else n_test
+    rng = np.random.default_rng(seed)  # a local generator: the global numpy RNG is not touched
+    notes: list[str] = []
+    train_rows, train_origin, test_rows, test_origin, source = _records(task, data_dir, rng, seed, notes)
     check_records(task, train_rows, train_origin)
     check_records(task, test_rows, test_origin)
     if len(test_rows) > n_test:

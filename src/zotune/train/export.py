@@ -37,14 +37,13 @@ def merge_lora(model: nn.Module) -> int:
     """Fold every PEFT LoRA layer into its base layer and put the base layer back; returns how many."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    merged = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.get_base_layer())
-            merged += 1
-    return merged
+    from ..adapters.model import unwrap
+
+    def merged(layer):
+        layer.merge()  # PEFT folds B A into the base weight
+        return layer.get_base_layer()
+
+    return unwrap(model, BaseTunerLayer, merged)
 
 
 def export(run_dir: str | Path, out_dir: str | Path, base_model: str | None = None, from_trajectory: bool = False,
@@ -97,10 +96,8 @@ def export(run_dir: str | Path, out_dir: str | Path, base_model: str | None = No
 def _without_adp(model: nn.Module) -> nn.Module:
     """The model with each LoRETTA_adp wrapper replaced by its base layer (the adapters were saved apart)."""
     from ..adapters.layers import LorettaAdpLayer
+    from ..adapters.model import unwrap
 
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LorettaAdpLayer):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.base_layer)
+    unwrap(model, LorettaAdpLayer, lambda layer: layer.base_layer)
     model.__dict__.pop("zotune_adapter_config", None)  # (inject's record of the adapters, now gone)
     return model
