@@ -123,7 +123,12 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
     resume: bool = _f(False, "continue the run in output_dir/run_name from its last complete checkpoint")
     progress: bool = _f(True, "show progress bars")
-    tensorboard: bool = _f(False, "also log to TensorBoard in the run folder (needs the tensorboard package)")
+    report_to: list[str] = _f([], "also send the log's numbers to these: tensorboard (a tensorboard/ folder in the "
+                                  "run folder), wandb (Weights & Biases; WANDB_PROJECT, WANDB_MODE apply); "
+                                  "e.g. tensorboard,wandb")
+    cuda_graphs: bool = _f(True, "on CUDA, replay the training forwards of the in-place path from CUDA graphs "
+                                 "(sequence lengths padded to multiples of 32); falls back to eager forwards, "
+                                 "with a warning, where capture fails")
     threads: typing.Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
     query_parallel: int = _f(1, "under torchrun: ranks that split each step's queries (the others split the batch); "
                                 "must divide the world size")
@@ -189,6 +194,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
                 raise ConfigError(f"{key}: expected a list such as [a, b], got {value!r}") from None
+            if isinstance(value, str):  # a, or a,b: the command line's short forms
+                value = [item.strip() for item in value.split(",") if item.strip()]
+            elif value is None:
+                value = []
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return list(value)

@@ -183,6 +183,18 @@ def test_replay_says_what_the_log_holds(tiny_model_dir, tmp_path, straight_run):
     assert not any("bit-identical" in line for line in said)  # no final weights to compare with
 
 
+def test_replay_refuses_a_log_drawn_on_another_kind_of_device(tiny_model_dir, tmp_path, straight_run):
+    import shutil
+
+    assert json.loads((straight_run / trajectory.HEADER).read_text())["devices"] == ["cpu"]
+    moved = tmp_path / "gpu-run"
+    shutil.copytree(straight_run, moved)
+    header = json.loads((moved / trajectory.HEADER).read_text())
+    (moved / trajectory.HEADER).write_text(json.dumps({**header, "devices": ["cuda"]}))  # as a GPU run records it
+    with pytest.raises(ValueError, match="recorded with the trainable weights on cuda and they are on cpu here"):
+        replay(str(tiny_model_dir), moved, progress=False, say=lambda _: None)
+
+
 def test_a_resume_refuses_a_changed_setting_and_records_an_allowed_one(tiny_model_dir, tmp_path):
     subprocess.run(train_args(tiny_model_dir, tmp_path, "run", steps=10), check=True, capture_output=True)
     run_dir = tmp_path / "run"

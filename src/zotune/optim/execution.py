@@ -110,8 +110,7 @@ class InPlace(ExecutionPath):
             terms = [(-alpha, k) for alpha, k in self._applied if k != key]
             already = sum(alpha for alpha, k in self._applied if k == key)
             terms.append((offset - already, key))
-            for index, param in self.params:
-                self.perturbation.add_(param, index, terms)
+            self.perturbation.add_each_(self.params, terms, ())
             self._applied = [(offset, key)]
             losses.append(mean_loss(closures))
         return losses

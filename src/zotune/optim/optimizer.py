@@ -238,8 +238,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _restore(self) -> None:
         restore = self.execution.take_restore_terms()
         if restore:
-            for index, p in self._indexed:
-                self.perturbation.add_(p, index, restore)
+            self.perturbation.add_each_(self._indexed, restore, ())
 
     def _update(self, step: int, keys: list[DrawKey], grads: list[float]) -> None:
         """Restore the weights (in-place path) and apply θ ← θ − η(direction(ĝ) + λθ), one pass per tensor."""

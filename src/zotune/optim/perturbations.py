@@ -8,14 +8,17 @@ perturbations plug into the same step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import importlib.util
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .seeding import DeviceGenerators
+from . import philox
+from .seeding import DeviceGenerators, derive_seed
 
 
 @dataclass(frozen=True)
@@ -118,23 +121,114 @@ class FactoredPerturbation(Perturbation):
 class Gaussian(Perturbation):
     """Dense i.i.d. N(0, 1) directions, as in MeZO (Malladi et al., 2023, Alg. 1).
 
-    Z is drawn in the parameter's dtype and device, in flat chunks, each chunk from its own
-    counter-based seed. The transient memory of a perturbation pass is therefore one chunk,
-    not one copy of the largest parameter as in the reference implementation. Chunks hold
-    ``chunk_numel`` elements: by default 2²² on the CPU (16 MiB in float32) and 2²⁶ on a GPU
-    (128 MiB in float16; fewer, larger draws keep the launch overhead off the critical path).
-    Z depends on the chunk size, so a run must be resumed with the same one.
+    Two generators draw them (``generator``):
+
+    * ``"philox"``: element e of parameter i is a pure function of (draw key, i, e)
+      (:mod:`zotune.optim.philox`). On CUDA with Triton installed a fused kernel
+      (:mod:`zotune.optim.fused`) generates Z in registers while it adds Σ α_k Z_k to every
+      trainable tensor of a dtype in one launch: one read and one write of each weight per pass,
+      nothing of Z stored. Elsewhere the same stream is computed in torch (slower; the normals
+      agree with the kernel's to float32 rounding).
+    * ``"torch"``: a ``torch.Generator`` seeded per flat chunk of ``chunk_numel`` elements
+      (2²² on the CPU, 2²⁶ on a GPU), Z drawn into a chunk-sized scratch buffer and added term
+      by term. Z depends on the chunk size, so a run must be resumed with the same one.
+
+    ``"auto"`` (the default) is ``"philox"`` for CUDA parameters when Triton is installed and
+    ``"torch"`` otherwise. The two give different directions, and so do torch's CPU and CUDA
+    generators: a run resumes and replays bit-identically on the kind of device it ran on.
 
     Coordinates are the full-size tensor (so moments are full-size, as in MeZO-Adam).
     """
 
-    def __init__(self, chunk_numel: int | None = None) -> None:
+    GENERATORS = ("auto", "philox", "torch")
+
+    def __init__(self, chunk_numel: int | None = None, generator: str = "auto") -> None:
         if chunk_numel is not None and chunk_numel < 1:
             raise ValueError(f"chunk_numel must be positive, got {chunk_numel}")
-        self.chunk_numel = chunk_numel
+        if generator not in self.GENERATORS:
+            raise ValueError(f"generator must be one of {self.GENERATORS}, got {generator!r}")
+        self.chunk_numel, self.generator = chunk_numel, generator
         self._generators = DeviceGenerators()
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._fused = None  # the Triton kernel's launcher, made on first CUDA use
 
+    # ------------------------------------------------------------ which generator
+    def uses_philox(self, param: Tensor) -> bool:
+        if self.generator == "auto":
+            return param.is_cuda and _triton_installed()
+        return self.generator == "philox"
+
+    def _kernel_for(self, param: Tensor):
+        """The fused launcher if it serves ``param`` (CUDA, Triton, a float dtype), else None."""
+        if not (param.is_cuda and _triton_installed()):
+            return None
+        if self._fused is None:
+            from .fused import FusedPerturber
+
+            self._fused = FusedPerturber()
+        return self._fused if self._fused.supports(param) else None
+
+    @staticmethod
+    def philox_key(key: DrawKey) -> int:
+        return derive_seed(key.run_seed, key.step, key.query)
+
+    # ------------------------------------------------------------ the Perturbation contract
+    def add_(self, param: Tensor, index: int, terms: Sequence[Term]) -> None:
+        self.add_each_([(index, param)], terms, ())
+
+    def add_each_(self, params, terms, scaled) -> None:
+        terms = merge_terms([*terms, *scaled])  # κ = 1
+        if not terms:
+            return
+        philox = [(index, p) for index, p in params if self.uses_philox(p)]
+        for index, p in params:
+            if not self.uses_philox(p):
+                self._torch_add(self._flat(p), index, terms)
+        self._philox_add(philox, terms)
+
+    def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
+        # float32 at least (half-precision moments underflow), float64 kept as is.
+        out = torch.zeros(param.shape, device=param.device, dtype=torch.promote_types(param.dtype, torch.float32))
+        if self.uses_philox(param):
+            self._philox_add([(index, out)], merge_terms(terms))
+        else:
+            self._torch_add(out.view(-1), index, terms)
+        return out
+
+    def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float, key: DrawKey) -> None:
+        param.add_(coords.to(param.dtype), alpha=alpha)
+
+    def scratch_numel(self) -> int:
+        return sum(buf.numel() for buf in self._scratch.values())
+
+    # ------------------------------------------------------------ philox
+    def _philox_add(self, params: Sequence[tuple[int, Tensor]], terms: Sequence[Term]) -> None:
+        """Same-device, same-dtype tensors go through the kernel together; others through torch."""
+        if not params:
+            return
+        keyed = [(alpha, self.philox_key(key)) for alpha, key in terms]
+        groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
+        for index, p in params:
+            flat = self._flat(p)
+            if self._kernel_for(flat) is not None:
+                groups.setdefault((flat.device, flat.dtype), []).append((index, flat))
+            else:
+                self._philox_torch_add(flat, index, keyed)
+        for group in groups.values():
+            self._fused.add_(group, keyed)
+
+    def _philox_torch_add(self, flat: Tensor, index: int, keyed: Sequence[tuple[float, int]]) -> None:
+        # Accumulate in float32 (float64 for float64) and round once, as the kernel does.
+        size = self._chunk_numel(flat.device) // 4 * 4
+        for start in range(0, flat.numel(), size):
+            chunk = flat[start : start + size]
+            total = chunk.to(torch.promote_types(chunk.dtype, torch.float32))
+            for alpha, seed in keyed:
+                total.add_(philox.normals(seed, index, start, chunk.numel(), chunk.device).to(total.dtype),
+                           alpha=alpha)
+            chunk.copy_(total)
+
+    # ------------------------------------------------------------ torch.Generator
     def _chunk_numel(self, device: torch.device) -> int:
         if self.chunk_numel is not None:
             return self.chunk_numel
@@ -156,34 +250,18 @@ class Gaussian(Perturbation):
         gen = self._generators.seeded(like.device, key.run_seed, key.step, key.query, index, chunk_index)
         return buf[: like.numel()].normal_(generator=gen)
 
+    def _torch_add(self, flat: Tensor, index: int, terms: Sequence[Term]) -> None:
+        for chunk_index, chunk in self._chunks(flat):
+            for alpha, key in terms:
+                chunk.add_(self._draw(chunk, index, key, chunk_index), alpha=alpha)
+
     @staticmethod
     def _flat(param: Tensor) -> Tensor:
         if not param.is_contiguous():
             raise ValueError("Gaussian perturbation needs contiguous parameters")
         return param.view(-1)
 
-    def add_(self, param: Tensor, index: int, terms: Sequence[Term]) -> None:
-        terms = merge_terms(terms)
-        if not terms:
-            return
-        for chunk_index, chunk in self._chunks(self._flat(param)):
-            for alpha, key in terms:
-                chunk.add_(self._draw(chunk, index, key, chunk_index), alpha=alpha)
 
-    def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
-        # float32 at least (half-precision moments underflow), float64 kept as is.
-        out = torch.zeros(param.shape, device=param.device, dtype=torch.promote_types(param.dtype, torch.float32))
-        out_flat = out.view(-1)
-        size = self._chunk_numel(param.device)
-        for chunk_index, chunk in self._chunks(self._flat(param)):
-            start = chunk_index * size
-            target = out_flat[start : start + chunk.numel()]
-            for alpha, key in terms:
-                target.add_(self._draw(chunk, index, key, chunk_index), alpha=alpha)
-        return out
-
-    def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float, key: DrawKey) -> None:
-        param.add_(coords.to(param.dtype), alpha=alpha)
-
-    def scratch_numel(self) -> int:
-        return sum(buf.numel() for buf in self._scratch.values())
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None

@@ -31,8 +31,9 @@ from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save
 from .losses import LOSSES
 from .plots import plot_run
 from .recipe import setup
+from .reporters import check_reporters
 from .run_folder import RunFolder
-from .setup import adapter_config, build_guard, build_optimizer, check_device, check_optim
+from .setup import adapter_config, build_guard, build_optimizer, check_device, check_optim, training_forward
 
 BEST = "best.safetensors"  # trainable weights at the best dev evaluation so far (train.keep_best)
 
@@ -95,11 +96,7 @@ def validate(cfg: RunConfig) -> None:
                           "train.batch_size >= 1")
     if t.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints must be >= 1")
-    if t.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+    check_reporters(t.report_to)
     if cfg.data.icl_demos:
         raise ConfigError("data.icl_demos is the in-context baseline of `zotune eval`; training uses no demonstrations")
     guard = build_guard(cfg)  # validates the guard's own fields
@@ -174,6 +171,7 @@ class Training:
                                          nan_policy="skip" if self.guard else None,
                                          layout=self.layout if ctx.enabled else None)
         self.spec = get_method(cfg.optim.method)
+        self.train_model = training_forward(self.model, cfg, self.optimizer, pieces.masked, say)  # CUDA graphs
         self.trainable_name = cfg.optim.trainable or ("adapters" if cfg.adapter.kind != "none" else "final_norm")
         self.run = RunFolder.create(path, cfg, writer=ctx.is_main)
         self.trajectory = None  # the log a ZO run can be rebuilt from (a first-order run cannot)
@@ -220,7 +218,8 @@ class Training:
         if self.spec.zeroth_order and self.ctx.is_main:
             estimator = self.optimizer.estimator
             self.trajectory = trajectory.TrajectoryWriter(
-                run.path, {"config": to_dict(cfg), "trainable_names": list(trainable_state(self.model))},
+                run.path, {"config": to_dict(cfg), "trainable_names": list(trainable_state(self.model)),
+                           "devices": trajectory.direction_devices(self.optimizer)},
                 estimator.num_points(self.optimizer.max_num_queries), len(self.optimizer.param_groups),
             )
         if self.spec.virtual and not any(p.dim() >= 2 for p in self.model.parameters() if p.requires_grad):
@@ -261,7 +260,7 @@ class Training:
         steps_per_epoch = self.sampler.steps_per_epoch
         optimizer.start_epoch(step // steps_per_epoch, self.cfg.train.steps / steps_per_epoch)  # AdaZeta's q
         t0 = time.perf_counter()
-        loss = optimizer.step(lambda copies=None: self.loss_fn(self.model, batch, self.pad_id, copies),
+        loss = optimizer.step(lambda copies=None: self.loss_fn(self.train_model, batch, self.pad_id, copies),
                               accept=guard.accept if guard else None)
         record = optimizer.last_record
         event = guard.after_step(optimizer, record, lrs) if guard else None

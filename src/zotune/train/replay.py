@@ -46,6 +46,8 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
     if not records:
         raise ValueError(f"{run_dir / trajectory.RECORDS} records no step: nothing to replay (the run stopped "
                          "before its first step ended)")
+    if "cuda" in header.get("devices", []) and not torch.cuda.is_available():
+        trajectory.check_devices(header, ["cpu"])  # before loading: the recorded config's device is not here
     pieces = setup(from_dict(header["config"]), data=False, base_model=base_model, say=say)
     cfg, model = pieces.cfg, pieces.model
     names = list(trainable_state(model))
@@ -53,6 +55,7 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
         raise ValueError(f"{base_model} does not have the trainable parameters the log was written for")
     guarded = build_guard(cfg) is not None
     optimizer = build_optimizer(cfg.optim, model, cfg.train.seed, nan_policy="skip" if guarded else None)
+    trajectory.check_devices(header, trajectory.direction_devices(optimizer))
     if len(optimizer.param_groups) != header["num_groups"]:
         raise ValueError("the rebuilt optimizer has a different number of param groups than the log")
     applied = []  # (record, lrs) of applied updates, for the guard's rollbacks

@@ -13,11 +13,12 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError, RunConfig, apply_overrides, flatten, to_dict
+from .reporters import open_reporters
 
 #: Settings a resume may change: how the run is watched, where its data lives, how long it goes on.
 CHANGEABLE_ON_RESUME = frozenset({
     "train.progress", "train.threads", "train.dist_timeout", "train.eval_batch_size",
-    "train.eval_every", "train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.tensorboard",
+    "train.eval_every", "train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.report_to",
     "data.data_dir",
 })
 
@@ -31,14 +32,10 @@ def _atomic_write(path: Path, text: str) -> None:
 class RunFolder:
     """Writes into ``path``; with ``writer=False`` (ranks other than 0 of a distributed run) it only knows the path."""
 
-    def __init__(self, path: Path, writer: bool = True, tensorboard: bool = False) -> None:
+    def __init__(self, path: Path, writer: bool = True, reporters: list | None = None) -> None:
         self.path, self.writer = path, writer
         self._log = open(path / "log.jsonl", "a", encoding="utf-8") if writer else None
-        self._board = None
-        if writer and tensorboard:  # optional: the JSONL log is the record, TensorBoard a view of it
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._board = SummaryWriter(str(path / "tensorboard"))
+        self._reporters = reporters or []  # views of the log (train.report_to)
 
     @staticmethod
     def check(cfg: RunConfig) -> Path:
@@ -95,7 +92,7 @@ class RunFolder:
             return cls(path, writer=False)
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        return cls(path, tensorboard=cfg.train.tensorboard)
+        return cls(path, reporters=open_reporters(path, cfg))
 
     def truncate_log(self, steps: int) -> None:
         """Drop log lines of steps after ``steps`` (written after the checkpoint we resume from)."""
@@ -112,17 +109,19 @@ class RunFolder:
             return
         self._log.write(json.dumps(record) + "\n")
         self._log.flush()
-        if self._board is not None and "step" in record:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._board.add_scalar(key, value, record["step"])
+        scalars = {key: value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if self._reporters and "step" in record and scalars:
+            for reporter in self._reporters:
+                reporter.scalars(record["step"], scalars)
 
     def close(self) -> None:
         """Close the log files (idempotent; the run's phases call it however the run ends)."""
         if self._log is not None:
             self._log.close()
-        if self._board is not None:
-            self._board.close()
+        for reporter in self._reporters:
+            reporter.close()
+        self._reporters = []
 
     def finish(self, results: dict) -> None:
         self.close()

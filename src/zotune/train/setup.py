@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError, ModelConfig, OptimConfig, RunConfig, apply_overrides
+from ..models.captured import CapturedCausalLM, capture_unsupported
 from ..models.families import family_of, model_type_of
 from ..optim import METHODS, DriftSafe, ExecutionPath, InPlace, MethodSpec, Virtual, get_method, param_groups
 from ..optim.groups import is_norm_module, trainable_numel
@@ -249,6 +250,21 @@ def build_execution(cfg: OptimConfig, model: nn.Module, layout=None) -> Executio
 
         path = Distributed(path, layout)
     return path
+
+
+def training_forward(model: nn.Module, cfg, optimizer, masked: bool, say) -> nn.Module:
+    """The model as the training loss calls it: :class:`~zotune.models.captured.CapturedCausalLM` where
+    CUDA graphs apply (a ZO method on the in-place path, a causal LM on one GPU), else the model itself."""
+    path = getattr(optimizer, "execution", None)
+    path = getattr(path, "inner", path)  # under torchrun, the path each rank runs
+    if not (cfg.train.cuda_graphs and isinstance(path, InPlace) and not masked
+            and any(p.is_cuda for p in model.parameters())):
+        return model
+    why = capture_unsupported(model)
+    if why is not None:
+        say(f"note: training forwards run eagerly, not from CUDA graphs: {why}")
+        return model
+    return CapturedCausalLM(model)
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int, nan_policy: str | None = None, layout=None):

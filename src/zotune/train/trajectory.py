@@ -24,6 +24,24 @@ HEADER = "trajectory.json"
 RECORDS = "trajectory.bin"
 
 
+def direction_devices(optimizer) -> list[str]:
+    """The kinds of device whose generators drew the run's directions (``cpu``, ``cuda``): directions
+    differ between them, so a log is replayed on the kinds it was recorded on."""
+    return sorted({p.device.type for group in optimizer.param_groups for p in group["params"]})
+
+
+def check_devices(header: dict, here: list[str]) -> None:
+    """Refuse to replay a log on other kinds of device than it was recorded on (``here``)."""
+    recorded = header.get("devices")
+    if recorded is not None and recorded != here:
+        raise ValueError(
+            f"this trajectory was recorded with the trainable weights on {'+'.join(recorded)} and they are on "
+            f"{'+'.join(here)} here; each kind of device draws other directions (torch's CPU and CUDA generators "
+            "differ, and CUDA runs draw with the fused Philox kernel), so the weights would not be the run's. "
+            f"Replay it on a machine where they can (model.device in the run's config.yaml)"
+        )
+
+
 def record_format(num_losses: int, num_groups: int) -> struct.Struct:
     return struct.Struct(f"<qBBH{num_losses}d{num_groups}d")
 

@@ -1,0 +1,136 @@
+"""Training forwards replayed from CUDA graphs (``train.cuda_graphs``).
+
+A ZO step on a small model is bound by the host launching the forward's kernels, not by the
+GPU running them: SmolLM2-135M's forward is ~450 launches of microseconds each. A CUDA graph
+records the launches once and replays them with one call. Replays read the weights from the
+storage they were captured with, and the in-place execution path writes the perturbation into
+that same storage, so one capture serves every step (no re-capture between the ± evaluations).
+
+:class:`CapturedCausalLM` stands in for the model where the training loss calls it
+(``model(input_ids=..., attention_mask=..., position_ids=..., logits_to_keep=...)``):
+
+* shapes must repeat, so the sequence length is left-padded up to a multiple of ``bucket``
+  tokens (left padding keeps the last positions, the ones scored, where they were);
+* the padding mask becomes the 4-D mask the attention reads (causal and key-is-real, plus the
+  diagonal so that a padding query attends to itself and stays finite), built inside the graph:
+  transformers' own mask code inspects the mask's values on the host, which capture forbids;
+* a shape's first call warms up and captures (all graphs share one memory pool); a capture that
+  fails (a model with host synchronisation or dynamic control flow in its forward) warns once
+  and every later call runs the model eagerly, unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor, nn
+
+#: Attention implementations whose 4-D mask format is known: sdpa takes a boolean mask (True:
+#: attend), eager an additive one (0 or the dtype's minimum).
+MASK_FORMATS = ("sdpa", "eager")
+
+
+def capture_unsupported(model: nn.Module) -> str | None:
+    """Why ``model``'s training forwards cannot be captured, or None."""
+    params = list(model.parameters())
+    if not params or any(not p.is_cuda for p in params):
+        return "the model is not (entirely) on a CUDA device"
+    if len({p.device for p in params}) > 1:
+        return "the model is spread over several devices"
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation not in MASK_FORMATS:
+        return f"attention implementation {implementation!r} (CUDA graphs support {', '.join(MASK_FORMATS)})"
+    return None
+
+
+class CapturedCausalLM:
+    """Calls a causal LM like the scoring code does, replaying one CUDA graph per input shape."""
+
+    def __init__(self, model: nn.Module, bucket: int = 32, capture: bool = True) -> None:
+        self.model, self.bucket, self.capture = model, bucket, capture
+        self.forward = model.forward  # the scoring code reads its signature
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, Tensor]] = {}
+        self._pool = None
+        self.failure: str | None = None  # why capture was abandoned, once it was
+
+    def parameters(self, recurse: bool = True):
+        return self.model.parameters(recurse)
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
+                 logits_to_keep: int = 0, **rest) -> SimpleNamespace:
+        if self.failure is not None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              logits_to_keep=logits_to_keep, **rest)
+        if logits_to_keep < 1:
+            raise ValueError("CapturedCausalLM needs logits_to_keep >= 1 (the scored positions)")
+        length = input_ids.shape[1]
+        padded = math.ceil(length / self.bucket) * self.bucket
+        inputs = {"input_ids": _left_pad(input_ids, padded, 0), "attention_mask": _left_pad(attention_mask, padded, 0),
+                  "position_ids": _left_pad(position_ids if position_ids is not None else _positions(attention_mask),
+                                            padded, 0)}
+        key = (input_ids.shape[0], padded, logits_to_keep, str(input_ids.device))
+        if not self.capture:  # the same computation, eagerly: what the tests compare on the CPU
+            return SimpleNamespace(logits=self._logits(inputs, logits_to_keep))
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._graphs[key] = self._record(inputs, logits_to_keep)
+            except Exception as error:  # noqa: BLE001 -- any capture failure falls back to eager forwards
+                self.failure = f"{type(error).__name__}: {error}".splitlines()[0]
+                warnings.warn(f"CUDA graph capture of {type(self.model).__name__}'s forward failed ({self.failure}); "
+                              "the training forwards run eagerly (train.cuda_graphs=false skips the attempt)",
+                              RuntimeWarning, stacklevel=2)
+                torch.cuda.synchronize()
+                return self(input_ids, attention_mask, position_ids, logits_to_keep, **rest)
+        graph, static, out = entry
+        for name, value in inputs.items():
+            static[name].copy_(value)
+        graph.replay()
+        return SimpleNamespace(logits=out.clone())  # the next replay overwrites ``out``
+
+    def _logits(self, inputs: dict[str, Tensor], keep: int) -> Tensor:
+        """(B, keep, vocab) logits at the last ``keep`` positions, with the mask built from the inputs."""
+        mask = _attention_mask_4d(inputs["attention_mask"], self.model.config._attn_implementation,
+                                  self.model.dtype)
+        return self.model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"],
+                          logits_to_keep=keep, use_cache=False).logits
+
+    def _record(self, inputs: dict[str, Tensor], keep: int):
+        static = {name: value.clone() for name, value in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):  # warm-up outside the graph: lazy initialisation, cuBLAS workspaces
+                self._logits(static, keep)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
+            out = self._logits(static, keep)
+        self._pool = graph.pool()
+        return graph, static, out
+
+
+def _left_pad(values: Tensor, length: int, fill: int) -> Tensor:
+    missing = length - values.shape[1]
+    if missing == 0:
+        return values
+    return torch.cat([values.new_full((values.shape[0], missing), fill), values], dim=1)
+
+
+def _positions(attention_mask: Tensor) -> Tensor:
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _attention_mask_4d(padding: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
+    """(B, 1, L, L) mask from a (B, L) padding mask: causal, real keys only, and the diagonal."""
+    length = padding.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=padding.device).tril()
+    allowed = causal & padding.bool()[:, None, None, :]
+    allowed = allowed | torch.eye(length, dtype=torch.bool, device=padding.device)
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=padding.device).masked_fill_(~allowed,
+                                                                                       torch.finfo(dtype).min)

@@ -1,0 +1,82 @@
+"""Counter-based Gaussian directions: Philox4x32-10 and Box-Muller, addressed by element.
+
+The fused CUDA kernel (:mod:`zotune.optim.fused`) and this pure-torch version compute the same
+direction, so the kernel's logic can be checked anywhere. Element ``e`` of parameter ``index``
+under a draw whose 64-bit key is ``seed``:
+
+* ``(x0, x1, x2, x3) = Philox4x32-10(key = (seed_lo, seed_hi), counter = (c_lo, c_hi, index, 0))``
+  with ``c = e // 4`` (Salmon et al., SC 2011; the rounds and constants of Random123, which
+  Triton's ``tl.philox`` implements);
+* each word becomes a uniform in [0, 1): its int32 reading, complemented if negative, times
+  4.6566127342e-10 (so 2³¹ − 1 maps just below 1);
+* two Box-Muller pairs, ``(x0, x1) -> (n0, n1)`` and ``(x2, x3) -> (n2, n3)``, with the first
+  uniform clamped at 1e-7 (|z| <= 5.68); element ``e`` takes ``n[e % 4]``.
+
+One Philox call yields four normals, so a pass over a weight costs a quarter of the rounds of
+drawing each element separately. The integer words are bit-identical here and in the kernel;
+the normals agree to float32 rounding of log, sqrt, cos and sin, which differ between CPU and
+GPU math libraries. That is why a run's directions are tied to the kind of device that drew them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ROUNDS = 10
+ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox4x32 multipliers
+KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl increments of the key
+UNIFORM_SCALE = 4.6566127342e-10
+MIN_UNIFORM = 1.0e-7
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32 bits of the 64-bit product of the constant ``a`` and uint32 values ``b``
+    (held in int64). The high word is assembled from 16-bit partial products, which int64 holds
+    without overflow; the low word is the wrapped product's low bits."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    low = a_lo * b_lo
+    high = a_hi * b_hi + ((a_hi * b_lo + a_lo * b_hi + (low >> 16)) >> 16)
+    return high & _U32, (a * b) & _U32
+
+
+def philox4x32(seed: int, counter: Tensor, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four uint32 words (as int64) for each counter value (int64 tensor, < 2⁶³)."""
+    return philox_rounds(seed & _U32, (seed >> 32) & _U32, counter & _U32, (counter >> 32) & _U32,
+                         torch.full_like(counter, index & _U32), torch.zeros_like(counter))
+
+
+def philox_rounds(k0: int, k1: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32-10 on uint32 words held in int64 tensors."""
+    for _ in range(ROUNDS):
+        hi_b, lo_b = _mulhilo(ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + KEY_A) & _U32, (k1 + KEY_B) & _U32
+    return c0, c1, c2, c3
+
+
+def _uniform(word: Tensor) -> Tensor:
+    signed = torch.where(word >= 1 << 31, word - (1 << 32), word)  # the int32 reading
+    signed = torch.where(signed < 0, -signed - 1, signed)  # ~x: the complement maps negatives onto [0, 2³¹)
+    return signed.to(torch.float32) * UNIFORM_SCALE
+
+
+def _box_muller(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
+    radius = torch.sqrt(-2.0 * torch.log(torch.clamp(_uniform(first), min=MIN_UNIFORM)))
+    angle = 6.283185307179586 * _uniform(second)
+    return radius * torch.cos(angle), radius * torch.sin(angle)
+
+
+def normals(seed: int, index: int, start: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
+    """Elements ``start .. start + numel - 1`` of the direction (float32); ``start`` a multiple of 4."""
+    if start % 4:
+        raise ValueError(f"start must be a multiple of 4, got {start}")
+    counters = torch.arange(start // 4, (start + numel + 3) // 4, device=device, dtype=torch.int64)
+    x0, x1, x2, x3 = philox4x32(seed, counters, index)
+    n0, n1 = _box_muller(x0, x1)
+    n2, n3 = _box_muller(x2, x3)
+    return torch.stack((n0, n1, n2, n3), dim=1).view(-1)[:numel]  # (counters, 4) -> element order 4c + j

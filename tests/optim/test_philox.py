@@ -1,0 +1,150 @@
+"""The counter-based Gaussian stream (zotune.optim.philox), the fused Triton kernel that draws it
+(checked through Triton's interpreter on the CPU, and on CUDA where there is one), and the Gaussian
+perturbation's philox generator."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from zotune.optim import ZOOptimizer
+from zotune.optim.estimators import SPSA
+from zotune.optim.perturbations import DrawKey, Gaussian
+from zotune.optim.philox import normals, philox_rounds
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@pytest.mark.parametrize("key,counter,expected", [
+    # Known-answer vectors of Philox4x32-10 published with Random123 (kat_vectors).
+    ((0, 0), (0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 2, (0xFFFFFFFF,) * 4, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_matches_the_published_known_answers(key, counter, expected):
+    words = philox_rounds(*key, *(torch.tensor([c]) for c in counter))
+    assert tuple(int(w) for w in words) == expected
+
+
+def test_the_stream_is_addressed_by_element():
+    whole = normals(seed=123, index=7, start=0, numel=10_000)
+    assert torch.equal(normals(123, 7, 4096, 100), whole[4096:4196])  # any window is the same numbers
+    assert not torch.equal(normals(123, 8, 0, 100), whole[:100])  # another parameter, another stream
+    with pytest.raises(ValueError, match="multiple of 4"):
+        normals(123, 7, 2, 10)
+
+
+N = 1 << 20
+
+
+def test_directions_are_standard_normal_and_uncorrelated():
+    # Fixed seeds. For n = 2^20 i.i.d. N(0, 1): the mean has sd 1/sqrt(n) ~ 0.001, the variance
+    # sd sqrt(2/n) ~ 0.0014, a sample correlation of independent streams sd 1/sqrt(n); bounds at
+    # 5 sd fail a correct generator with probability below 1e-6 each.
+    bound = 5 / N ** 0.5
+    z = normals(seed=2024, index=0, start=0, numel=N).double()
+    assert abs(z.mean()) < bound
+    assert abs(z.var() - 1) < 5 * (2 / N) ** 0.5
+    assert abs((z.abs() > 1.96).double().mean() - 0.05) < 5 * (0.05 * 0.95 / N) ** 0.5  # the tails too
+    others = {
+        "next element (same Philox call)": z.roll(1),
+        "parameter": normals(2024, 1, 0, N),
+        "step or query (another key)": normals(2025, 0, 0, N),
+    }
+    for what, other in others.items():
+        corr = torch.corrcoef(torch.stack([z, other.double()]))[0, 1]
+        assert abs(corr) < bound, what
+
+
+KERNEL_CHECK = textwrap.dedent("""
+    import json, sys, torch
+    from zotune.optim.fused import FusedPerturber, MAX_TERMS
+    from zotune.optim.philox import normals
+    out = {}
+
+    def rounded(x, dtype):  # the interpreter casts float32 to bfloat16 by truncation (GPUs round to nearest)
+        if dtype == torch.bfloat16:
+            return (x.view(torch.int32) & -65536).view(torch.float32)
+        return x.to(dtype).float()
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        sizes = [(3001,), (70, 30), (5,)]  # blocks cut mid-tensor, a tail of 1, a tensor under one block
+        tensors = [(i * 3 + 2, torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dtype))
+                   for i, s in enumerate(sizes)]
+        terms = [(0.5, 11), (-1.25, 2**62 + 12345), (1e-3, 7), (2.0, 99), (-0.75, 5)]  # two launches
+        before = [t.clone() for _, t in tensors]
+        FusedPerturber().add_(tensors, terms)
+        errors = []
+        for (index, t), b in zip(tensors, before):
+            want, spread = b.float().view(-1), 0
+            for launch in (terms[:4], terms[4:]):  # the kernel rounds once per launch of up to 4 terms
+                for alpha, seed in launch:
+                    z = normals(seed, index, 0, t.numel())
+                    want, spread = want + alpha * z, spread + abs(alpha) * z.abs()
+                want = rounded(want, dtype)
+            # one rounding of the result, plus 8 float32 ulps of each term for the math libraries
+            tolerance = torch.finfo(dtype).eps * want.abs().clamp(min=1) + 8 * torch.finfo(torch.float32).eps * spread
+            errors.append(float(((t.view(-1).float() - want).abs() / tolerance).max()))
+        out[str(dtype)] = max(errors)
+    print(json.dumps({"max_error_over_tolerance": out, "max_terms": MAX_TERMS}))
+""")
+
+
+@needs_triton
+def test_the_kernel_draws_the_reference_stream_through_the_interpreter():
+    # The interpreter runs the kernel's code on the CPU with numpy: Philox's integer words are exact
+    # there, and log/sqrt/cos/sin differ from torch's by float32 rounding. A wrong word would change a
+    # normal by O(1), millions of float32 ulps; agreement within a few ulps means every word agrees.
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["max_terms"] == 4
+    for dtype, error in report["max_error_over_tolerance"].items():
+        assert error <= 1, (dtype, error)
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_kernel_on_cuda_draws_the_reference_stream():
+    from zotune.optim.fused import FusedPerturber
+
+    t = torch.zeros(1 << 20, device="cuda")
+    FusedPerturber().add_([(3, t)], [(1.0, 42)])
+    want = normals(42, 3, 0, t.numel(), "cuda")  # torch on CUDA, the same float32 formulas
+    assert torch.allclose(t, want, atol=1e-5, rtol=1e-5)
+
+
+def test_philox_generator_gives_the_same_estimate_as_its_stream():
+    # One MeZO step on f(θ) = ½|θ|² with the philox generator (torch stream on the CPU): the projected
+    # gradient is (f(θ+εz) − f(θ−εz)) / 2ε = θ·z exactly for a quadratic, and the update θ − lr·g·z.
+    theta = torch.nn.Parameter(torch.randn(1000, generator=torch.Generator().manual_seed(0)))
+    start = theta.detach().clone()
+    opt = ZOOptimizer([theta], lr=0.1, perturbation=Gaussian(generator="philox"), estimator=SPSA(eps=1e-3), seed=5)
+    opt.step(lambda: 0.5 * float((theta.double() ** 2).sum()))
+    z = normals(Gaussian.philox_key(DrawKey(5, 0, 0)), 0, 0, 1000)
+    g = float(start.double() @ z.double())
+    assert opt.last_record.projected_grads[0] == pytest.approx(g, rel=1e-4)
+    assert torch.allclose(theta.detach(), start - 0.1 * opt.last_record.projected_grads[0] * z, atol=1e-5)
+
+
+def test_an_lr_zero_step_restores_float32_within_the_documented_bound():
+    # In place, float32: +εz, −2εz, +εz each round once; |θ| ~ 1, |εz| <= 1e-3 · 5.7, so the restored
+    # weights are within a few float32 ulps of θ (3 roundings, each at most half an ulp of ~|θ|+6e-3).
+    theta = torch.nn.Parameter(torch.randn(4096, generator=torch.Generator().manual_seed(1)))
+    start = theta.detach().clone()
+    opt = ZOOptimizer([theta], lr=0.0, perturbation=Gaussian(generator="philox"), estimator=SPSA(eps=1e-3))
+    opt.step(lambda: float(theta.sum()))
+    ulp = torch.finfo(torch.float32).eps * start.abs().clamp(min=1)
+    assert ((theta.detach() - start).abs() / ulp).max() <= 2
+
+
+def test_generator_names_are_checked():
+    with pytest.raises(ValueError, match="generator must be one of"):
+        Gaussian(generator="mt19937")
