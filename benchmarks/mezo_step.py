@@ -1,11 +1,17 @@
 """Speed and memory of one MeZO step, measured side by side in one run.
 
 Speed (same process, same model, same batch, variants interleaved, median of repeats):
-  * zotune       -- ``zotune.mezo`` (in place: +ε, −2ε, then restore fused with the update)
+  * zotune       -- ``zotune.mezo`` (in place: +ε, −2ε, then restore fused with the update; on CUDA
+                    the directions come from the fused Philox kernel)
+  * zotune, torch generator -- the same step drawing with torch.Generator chunks (CUDA only: the
+                    path before the fused kernel)
+  * zotune, captured forwards -- the step with its forwards replayed from CUDA graphs, as
+                    ``zotune train`` runs them on CUDA (CapturedCausalLM)
   * reference    -- MeZO's published algorithm: four passes (perturb +ε, perturb −2ε,
                     perturb +ε to restore, update), each reseeding the global RNG and drawing
                     a full-size z per parameter (Malladi et al. 2023, Alg. 1)
   * mezo (PyPI)  -- ``mezo.update`` from the ``mezo`` package, when it is installed
+  * forward only (x2) -- the two forwards alone, eager and (CUDA) captured: the floor of a step
 Memory (one fresh subprocess per mode; peak resident memory after the model is built, or
 peak CUDA allocation on a GPU):
   * inference    -- two no-grad forwards
@@ -56,18 +62,41 @@ def reference_mezo_step(model, ids, lr: float, eps: float, seed: int) -> float:
     return loss_plus
 
 
+def captured_loss(model, ids):
+    """``loss_of`` with the forward replayed from a CUDA graph (CapturedCausalLM, as training runs it)."""
+    import torch.nn.functional as F
+
+    from zotune.models.captured import CapturedCausalLM
+
+    captured = CapturedCausalLM(model, bucket=ids.shape[1])
+    mask = torch.ones_like(ids)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+
+    def loss():
+        logits = captured(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          logits_to_keep=ids.shape[1]).logits[:, :-1]
+        return F.cross_entropy(logits.transpose(1, 2).float(), ids[:, 1:])
+
+    return loss
+
+
 def speed(args) -> dict[str, float]:
     import zotune
+    from zotune.optim.perturbations import Gaussian
 
     dtype = getattr(torch, args.dtype)
     model = build_model(args.shape, args.device, dtype)
     ids = make_batch(model, args.batch, args.tokens, args.device)
     lr, eps = 1e-7, 1e-3
     optimizer = zotune.mezo(model.parameters(), lr=lr, eps=eps, seed=0)
-    variants = {
-        "zotune": lambda: optimizer.step(lambda: loss_of(model, ids)),
-        "reference (4-pass)": lambda: reference_mezo_step(model, ids, lr, eps, seed=1),
-    }
+    variants = {"zotune": lambda: optimizer.step(lambda: loss_of(model, ids))}
+    if args.device.startswith("cuda"):
+        torch_generator = zotune.ZOOptimizer(model.parameters(), lr=lr, perturbation=Gaussian(generator="torch"),
+                                             estimator=zotune.optim.SPSA(eps=eps), seed=0)
+        variants["zotune, torch generator"] = lambda: torch_generator.step(lambda: loss_of(model, ids))
+        graphed = captured_loss(model, ids)
+        variants["zotune, captured forwards"] = lambda: optimizer.step(graphed)
+    variants["reference (4-pass)"] = lambda: reference_mezo_step(model, ids, lr, eps, seed=1)
     try:
         import mezo
 
@@ -75,6 +104,8 @@ def speed(args) -> dict[str, float]:
     except ImportError:
         print("mezo package not installed (pip install --no-deps mezo): skipping it", file=sys.stderr)
     variants["forward only (x2)"] = lambda: [float(loss_of(model, ids)) for _ in range(2)]
+    if args.device.startswith("cuda"):
+        variants["forward only (x2, captured)"] = lambda: [float(graphed()) for _ in range(2)]
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad():
         for name, fn in variants.items():  # warm-up
@@ -134,6 +165,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--memory-mode", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_mode:
@@ -146,9 +178,15 @@ def main() -> None:
     times = speed(args)
     reference = times["reference (4-pass)"]
     print(f"\nMeZO step time ({where}; median of {args.repeats}, interleaved)")
-    print("| variant | seconds / step | vs reference |\n|---|---|---|")
+    forwards = times["forward only (x2)"]
+    print("| variant | seconds / step | vs reference | vs two forwards |\n|---|---|---|---|")
     for name, seconds in times.items():
-        print(f"| {name} | {seconds:.3f} | {seconds / reference:.2f}x |")
+        print(f"| {name} | {seconds:.4f} | {seconds / reference:.2f}x | {seconds / forwards:.2f}x |")
+    if "zotune, captured forwards" in times:
+        ratio = times["zotune, captured forwards"] / times["forward only (x2, captured)"]
+        print(f"\ncaptured step / its two captured forwards: {ratio:.2f}x")
+    if args.no_memory:
+        return
     peaks = memory(args)
     print(f"\nPeak memory of one step ({'CUDA allocated' if args.device.startswith('cuda') else 'resident'}, MiB)")
     print("| mode | peak MiB | vs inference |\n|---|---|---|")

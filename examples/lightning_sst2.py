@@ -81,8 +81,8 @@ def main() -> None:
     zero_shot = accuracy()
 
     pad_id = tokenizer.pad_token_id
-    module = EncodedExamplesModule(model, lambda m, batch: classification_loss(m, batch, pad_id), method=args.method, lr=args.lr,
-                      seed=0)
+    module = EncodedExamplesModule(model, lambda m, batch: classification_loss(m, batch, pad_id),
+                                   method=args.method, lr=args.lr, seed=0)
     batches = torch.utils.data.DataLoader(train, batch_size=16, shuffle=True, collate_fn=list,
                                           generator=torch.Generator().manual_seed(0))
     trainer = L.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False, log_every_n_steps=25)

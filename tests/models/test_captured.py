@@ -4,7 +4,7 @@ eagerly on the CPU); the capture itself runs where CUDA exists."""
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_opt
 from zotune.eval.scoring import tail_logprobs
 from zotune.models.captured import CapturedCausalLM, capture_unsupported
 
@@ -18,9 +18,10 @@ def rows(n, seed):
     return out
 
 
+@pytest.mark.parametrize("build", [tiny_llama, tiny_opt])
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_bucketed_masked_forward_scores_like_the_model(implementation):
-    model = tiny_llama()
+def test_bucketed_masked_forward_scores_like_the_model(implementation, build):
+    model = build()
     model.config._attn_implementation = implementation
     batch = rows(6, 0)  # lengths 3..19, left-padded to the longest, then to the 32-token bucket
     plain = tail_logprobs(model, batch, pad_id=0)

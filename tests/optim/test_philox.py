@@ -36,8 +36,8 @@ def test_the_stream_is_addressed_by_element():
     whole = normals(seed=123, index=7, start=0, numel=10_000)
     assert torch.equal(normals(123, 7, 4096, 100), whole[4096:4196])  # any window is the same numbers
     assert not torch.equal(normals(123, 8, 0, 100), whole[:100])  # another parameter, another stream
-    with pytest.raises(ValueError, match="multiple of 4"):
-        normals(123, 7, 2, 10)
+    with pytest.raises(ValueError, match="multiple of 1024"):
+        normals(123, 7, 4, 10)
 
 
 N = 1 << 20
@@ -53,7 +53,8 @@ def test_directions_are_standard_normal_and_uncorrelated():
     assert abs(z.var() - 1) < 5 * (2 / N) ** 0.5
     assert abs((z.abs() > 1.96).double().mean() - 0.05) < 5 * (0.05 * 0.95 / N) ** 0.5  # the tails too
     others = {
-        "next element (same Philox call)": z.roll(1),
+        "next element": z.roll(1),
+        "the same Philox call's next word": z.roll(256),
         "parameter": normals(2024, 1, 0, N),
         "step or query (another key)": normals(2025, 0, 0, N),
     }

@@ -20,10 +20,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .philox import MIN_UNIFORM, UNIFORM_SCALE
+from .philox import MIN_UNIFORM, QUADS, UNIFORM_SCALE
 
 MAX_TERMS = 4  # terms fused in one launch (a pass with more runs in several)
-QUADS = 256  # Philox calls per program: blocks of 1,024 elements
+_SCALE, _FLOOR = tl.constexpr(UNIFORM_SCALE), tl.constexpr(MIN_UNIFORM)  # globals a kernel reads are constexpr
 _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -31,25 +31,31 @@ _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16:
 def _uniform(word):
     signed = word.to(tl.int32, bitcast=True)
     signed = tl.where(signed < 0, ~signed, signed)
-    return signed.to(tl.float32) * UNIFORM_SCALE
+    return signed.to(tl.float32) * _SCALE
 
 
 @triton.jit
 def _box_muller(first, second):
-    radius = tl.sqrt(-2.0 * tl.log(tl.maximum(_uniform(first), MIN_UNIFORM)))
+    radius = tl.sqrt(-2.0 * tl.log(tl.maximum(_uniform(first), _FLOOR)))
     angle = 6.283185307179586 * _uniform(second)
     return radius * tl.cos(angle), radius * tl.sin(angle)
 
 
 @triton.jit
 def _direction(seed, counter, index):
-    """4·QUADS normals: element 4c + j of the block is word j's normal of counter c."""
+    """The block's four quarters of normals (QUADS each), from one Philox call per counter."""
     low = counter.to(tl.uint32)
     zero = low * 0
     x0, x1, x2, x3 = tl.philox(seed, low, (counter >> 32).to(tl.uint32), zero + index.to(tl.uint32), zero)
     n0, n1 = _box_muller(x0, x1)
     n2, n3 = _box_muller(x2, x3)
-    return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _add_term(x0, x1, x2, x3, alpha, seed, counter, index):
+    n0, n1, n2, n3 = _direction(seed, counter, index)
+    return x0 + alpha * n0, x1 + alpha * n1, x2 + alpha * n2, x3 + alpha * n3
 
 
 @triton.jit(do_not_specialize=["seed0", "seed1", "seed2", "seed3", "alpha0", "alpha1", "alpha2", "alpha3"])
@@ -62,18 +68,26 @@ def _perturb_kernel(addresses, numels, indices, block_tensor, block_start,
     numel = tl.load(numels + tensor)
     index = tl.load(indices + tensor)  # the optimizer's parameter index: part of the Philox counter
     pointer = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
-    offsets = start + tl.arange(0, 4 * QUADS)
-    inside = offsets < numel
-    x = tl.load(pointer + offsets, mask=inside).to(tl.float32)
-    counter = start // 4 + tl.arange(0, QUADS)
-    x += alpha0 * _direction(seed0, counter, index)
+    lanes = tl.arange(0, QUADS)
+    # the block's four quarters, each a contiguous run of QUADS elements (coalesced loads and stores)
+    o0 = start + lanes
+    o1, o2, o3 = o0 + QUADS, o0 + 2 * QUADS, o0 + 3 * QUADS
+    x0 = tl.load(pointer + o0, mask=o0 < numel).to(tl.float32)
+    x1 = tl.load(pointer + o1, mask=o1 < numel).to(tl.float32)
+    x2 = tl.load(pointer + o2, mask=o2 < numel).to(tl.float32)
+    x3 = tl.load(pointer + o3, mask=o3 < numel).to(tl.float32)
+    counter = start // 4 + lanes
+    x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha0, seed0, counter, index)
     if TERMS > 1:
-        x += alpha1 * _direction(seed1, counter, index)
+        x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha1, seed1, counter, index)
     if TERMS > 2:
-        x += alpha2 * _direction(seed2, counter, index)
+        x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha2, seed2, counter, index)
     if TERMS > 3:
-        x += alpha3 * _direction(seed3, counter, index)
-    tl.store(pointer + offsets, x.to(DTYPE), mask=inside)
+        x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha3, seed3, counter, index)
+    tl.store(pointer + o0, x0.to(DTYPE), mask=o0 < numel)
+    tl.store(pointer + o1, x1.to(DTYPE), mask=o1 < numel)
+    tl.store(pointer + o2, x2.to(DTYPE), mask=o2 < numel)
+    tl.store(pointer + o3, x3.to(DTYPE), mask=o3 < numel)
 
 
 @dataclass
@@ -91,7 +105,8 @@ class _Tables:
 class FusedPerturber:
     """Applies Σ α_k Z_k to groups of same-device, same-dtype contiguous tensors."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_warps: int = 4) -> None:
+        self.num_warps = num_warps
         self._tables: dict[tuple, _Tables] = {}
 
     @staticmethod
@@ -129,4 +144,4 @@ class FusedPerturber:
             seeds = [int(seed) for _, seed in padded]
             _perturb_kernel[(tables.block_tensor.numel(),)](
                 tables.addresses, tables.numels, tables.indices, tables.block_tensor, tables.block_start,
-                *seeds, *alphas, TERMS=len(chunk), QUADS=QUADS, DTYPE=tables.dtype)
+                *seeds, *alphas, TERMS=len(chunk), QUADS=QUADS, DTYPE=tables.dtype, num_warps=self.num_warps)

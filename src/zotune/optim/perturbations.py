@@ -219,7 +219,7 @@ class Gaussian(Perturbation):
 
     def _philox_torch_add(self, flat: Tensor, index: int, keyed: Sequence[tuple[float, int]]) -> None:
         # Accumulate in float32 (float64 for float64) and round once, as the kernel does.
-        size = self._chunk_numel(flat.device) // 4 * 4
+        size = max(self._chunk_numel(flat.device) // philox.BLOCK, 1) * philox.BLOCK
         for start in range(0, flat.numel(), size):
             chunk = flat[start : start + size]
             total = chunk.to(torch.promote_types(chunk.dtype, torch.float32))

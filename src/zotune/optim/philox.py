@@ -4,16 +4,19 @@ The fused CUDA kernel (:mod:`zotune.optim.fused`) and this pure-torch version co
 direction, so the kernel's logic can be checked anywhere. Element ``e`` of parameter ``index``
 under a draw whose 64-bit key is ``seed``:
 
+* elements come in blocks of ``BLOCK = 4 · QUADS`` (1,024): element ``e`` is in block
+  ``b = e // BLOCK``, quarter ``j = (e % BLOCK) // QUADS``, lane ``l = e % QUADS``;
 * ``(x0, x1, x2, x3) = Philox4x32-10(key = (seed_lo, seed_hi), counter = (c_lo, c_hi, index, 0))``
-  with ``c = e // 4`` (Salmon et al., SC 2011; the rounds and constants of Random123, which
-  Triton's ``tl.philox`` implements);
+  with ``c = QUADS · b + l`` (Salmon et al., SC 2011; the rounds and constants of Random123,
+  which Triton's ``tl.philox`` implements);
 * each word becomes a uniform in [0, 1): its int32 reading, complemented if negative, times
   4.6566127342e-10 (so 2³¹ − 1 maps just below 1);
 * two Box-Muller pairs, ``(x0, x1) -> (n0, n1)`` and ``(x2, x3) -> (n2, n3)``, with the first
-  uniform clamped at 1e-7 (|z| <= 5.68); element ``e`` takes ``n[e % 4]``.
+  uniform clamped at 1e-7 (|z| <= 5.68); element ``e`` takes ``n_j``.
 
 One Philox call yields four normals, so a pass over a weight costs a quarter of the rounds of
-drawing each element separately. The integer words are bit-identical here and in the kernel;
+drawing each element separately; the quarters are contiguous, so the kernel reads and writes
+each as one coalesced run. The integer words are bit-identical here and in the kernel;
 the normals agree to float32 rounding of log, sqrt, cos and sin, which differ between CPU and
 GPU math libraries. That is why a run's directions are tied to the kind of device that drew them.
 """
@@ -24,6 +27,8 @@ import torch
 from torch import Tensor
 
 ROUNDS = 10
+QUADS = 256  # Philox calls per block
+BLOCK = 4 * QUADS
 ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox4x32 multipliers
 KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl increments of the key
 UNIFORM_SCALE = 4.6566127342e-10
@@ -72,11 +77,13 @@ def _box_muller(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def normals(seed: int, index: int, start: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
-    """Elements ``start .. start + numel - 1`` of the direction (float32); ``start`` a multiple of 4."""
-    if start % 4:
-        raise ValueError(f"start must be a multiple of 4, got {start}")
-    counters = torch.arange(start // 4, (start + numel + 3) // 4, device=device, dtype=torch.int64)
+    """Elements ``start .. start + numel - 1`` of the direction (float32); ``start`` a multiple of BLOCK."""
+    if start % BLOCK:
+        raise ValueError(f"start must be a multiple of {BLOCK}, got {start}")
+    blocks = -(-numel // BLOCK)
+    counters = torch.arange(start // 4, start // 4 + blocks * QUADS, device=device, dtype=torch.int64)
     x0, x1, x2, x3 = philox4x32(seed, counters, index)
     n0, n1 = _box_muller(x0, x1)
     n2, n3 = _box_muller(x2, x3)
-    return torch.stack((n0, n1, n2, n3), dim=1).view(-1)[:numel]  # (counters, 4) -> element order 4c + j
+    quarters = torch.stack([n.view(blocks, QUADS) for n in (n0, n1, n2, n3)], dim=1)  # (blocks, 4, QUADS)
+    return quarters.view(-1)[:numel]

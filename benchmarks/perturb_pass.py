@@ -1,0 +1,73 @@
+"""Bandwidth of one perturbation pass on CUDA: the fused Philox kernel against the memory floor.
+
+    python benchmarks/perturb_pass.py                   # float16 and bfloat16, one 1 GiB tensor and
+                                                        # SmolLM2-135M's 272 tensors (float32)
+
+A pass reads and writes every weight once, so its floor is an in-place ``add_`` of a constant over
+the same tensors (``torch._foreach_add_``). Printed: milliseconds per pass (median of 20, CUDA
+events) and the bytes moved per second (2 x the tensors' bytes / time), beside the torch-generator
+path (draw z into a chunk buffer, then add: the path before the fused kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build_model  # noqa: E402
+
+from zotune.optim.fused import FusedPerturber  # noqa: E402
+from zotune.optim.perturbations import DrawKey, Gaussian  # noqa: E402
+
+
+def timed_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure(name: str, tensors: list[torch.Tensor], repeats: int) -> None:
+    indexed = list(enumerate(tensors))
+    moved = 2 * sum(t.numel() * t.element_size() for t in tensors)
+    key = DrawKey(0, 0, 0)
+    torch_generator = Gaussian(generator="torch")
+    variants = {
+        "in-place add (floor)": lambda: torch._foreach_add_(tensors, 1e-3),
+        "fused, 1 term, 4 warps": lambda: FusedPerturber(4).add_(indexed, [(1e-3, 1)]),
+        "fused, 1 term, 8 warps": lambda: FusedPerturber(8).add_(indexed, [(1e-3, 1)]),
+        "fused, 2 terms": lambda: FusedPerturber().add_(indexed, [(1e-3, 1), (-1e-3, 2)]),
+        "torch generator, 1 term": lambda: torch_generator.add_each_(indexed, [(1e-3, key)], ()),
+    }
+    print(f"\n{name}: {len(tensors)} tensors, {moved / 2 / 2**20:.0f} MiB")
+    print("| variant | ms / pass | GB/s | vs floor |\n|---|---|---|---|")
+    floor = None
+    for label, fn in variants.items():
+        ms = timed_ms(fn, repeats)
+        floor = floor or ms
+        print(f"| {label} | {ms:.3f} | {moved / ms / 1e6:.0f} | {ms / floor:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    for dtype in (torch.float16, torch.bfloat16):
+        measure(f"one tensor, {dtype}", [torch.zeros(1 << 29, device="cuda", dtype=dtype)], args.repeats)
+    model = build_model("smollm2-135m", "cuda", torch.float32)
+    measure("SmolLM2-135M's parameters, float32", list(model.parameters()), args.repeats)
+
+
+if __name__ == "__main__":
+    main()
