@@ -92,6 +92,28 @@ def tail_logprobs(model: nn.Module, rows: list[tuple[tuple[int, ...], int]], pad
     return F.log_softmax(logits.float(), dim=-1)
 
 
+def _gathered(logp: Tensor, spans: list[tuple[int, list[int], int]]) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of scored tokens, gathered in one indexing op.
+
+    ``spans[n] = (row, tokens, end)``: the span's tokens are predicted at the positions ending
+    ``end`` from the last (``end = 0``: the last token predicts the span's last one, i.e. the span
+    follows the row; ``end = 1``: the span is the row's own last tokens). Returns ``(values,
+    mask)``, both ``(spans, longest span)``, padding entries masked out.
+    """
+    longest = max(len(tokens) for _, tokens, _ in spans)
+    last = logp.shape[1] - 1
+    rows, positions, picked, mask = [], [], [], []
+    for row, tokens, end in spans:
+        pad = longest - len(tokens)
+        rows += [row] * longest
+        positions += [last - end - len(tokens) + 1 + t for t in range(len(tokens))] + [0] * pad
+        picked += list(tokens) + [0] * pad
+        mask += [1.0] * len(tokens) + [0.0] * pad
+    index = torch.tensor([rows, positions, picked]).to(logp.device)  # one transfer for the whole batch
+    values = logp[index[0], index[1], index[2]].view(len(spans), longest)
+    return values, torch.tensor(mask, device=logp.device).view(len(spans), longest)
+
+
 def candidate_scores(model: nn.Module, batch: list[Encoded], pad_id: int) -> Tensor:
     """``(B, C)`` mean log-likelihood per token of each candidate given its prompt.
 
@@ -102,28 +124,24 @@ def candidate_scores(model: nn.Module, batch: list[Encoded], pad_id: int) -> Ten
     if batch and isinstance(batch[0], MaskedEncoded):
         return masked_scores(model, batch, pad_id)
     rows: list[tuple[tuple[int, ...], int]] = []
-    where: list[tuple[int, int | None, int]] = []  # (example, candidate or None if shared, row)
+    spans: list[tuple[int, list[int], int]] = []  # per (example, candidate): what it scores (see _gathered)
+    slots: list[tuple[int, int]] = []
     for i, ex in enumerate(batch):
-        if ex.shared_prompt:
-            where.append((i, None, len(rows)))
+        if ex.shared_prompt:  # one row; each candidate is its first token after the prompt
             rows.append((ex.prompt, 0))
+            spans += [(len(rows) - 1, [cand[0]], 0) for cand in ex.candidates]
         else:
-            for j, cand in enumerate(ex.candidates):
-                where.append((i, j, len(rows)))
+            for cand in ex.candidates:
                 rows.append((ex.prompt + cand, len(cand)))
+                spans.append((len(rows) - 1, list(cand), 1))
+        slots += [(i, j) for j in range(len(ex.candidates))]
     logp = tail_logprobs(model, rows, pad_id)  # (rows, K, vocab)
+    values, mask = _gathered(logp, spans)
+    means = (values * mask).sum(-1) / mask.sum(-1)  # (candidates of the batch,)
     num_candidates = max(len(ex.candidates) for ex in batch)
     scores = torch.full((len(batch), num_candidates), float("-inf"), device=logp.device)
-    for i, j, r in where:
-        ex = batch[i]
-        if j is None:
-            first_tokens = torch.tensor([c[0] for c in ex.candidates], device=logp.device)
-            scores[i, : len(ex.candidates)] = logp[r, -1, first_tokens]
-        else:
-            tokens = torch.tensor(ex.candidates[j], device=logp.device)
-            k = len(tokens)
-            positions = torch.arange(logp.shape[1] - 1 - k, logp.shape[1] - 1, device=logp.device)
-            scores[i, j] = logp[r, positions, tokens].mean()
+    where = torch.tensor(slots).to(logp.device)
+    scores[where[:, 0], where[:, 1]] = means
     return scores
 
 
@@ -136,13 +154,7 @@ def gold_lm_loss(model: nn.Module, batch: list[Encoded], pad_id: int, copies: in
     """
     rows = [(ex.prompt + ex.candidates[ex.label], len(ex.candidates[ex.label])) for ex in batch]
     logp = tail_logprobs(model, rows, pad_id)
-    sums = logp.new_zeros(len(batch))
-    counts = torch.zeros(len(batch), device=logp.device)
-    for r, ex in enumerate(batch):
-        tokens = torch.tensor(ex.candidates[ex.label], device=logp.device)
-        k = len(tokens)
-        positions = torch.arange(logp.shape[1] - 1 - k, logp.shape[1] - 1, device=logp.device)
-        sums[r] = -logp[r, positions, tokens].sum()
-        counts[r] = k
+    values, mask = _gathered(logp, [(r, list(ex.candidates[ex.label]), 1) for r, ex in enumerate(batch)])
+    sums, counts = -(values * mask).sum(-1), mask.sum(-1)  # (B,)
     per_copy = sums.view(copies or 1, -1).sum(1) / counts.view(copies or 1, -1).sum(1)
     return per_copy[0] if copies is None else per_copy

@@ -103,40 +103,37 @@ class _Tables:
 
 
 class FusedPerturber:
-    """Applies Σ α_k Z_k to groups of same-device, same-dtype contiguous tensors."""
+    """Applies Σ α_k Z_k to groups of same-device, same-dtype contiguous tensors (one launch per
+    group and up to MAX_TERMS terms)."""
 
     def __init__(self, num_warps: int = 4) -> None:
         self.num_warps = num_warps
-        self._tables: dict[tuple, _Tables] = {}
 
     @staticmethod
     def supports(param: Tensor) -> bool:
         return param.dtype in _DTYPES and param.is_contiguous()
 
-    def _tables_for(self, tensors: Sequence[tuple[int, Tensor]]) -> _Tables:
-        key = tuple((index, t.data_ptr(), t.numel()) for index, t in tensors)
-        tables = self._tables.get(key)
-        if tables is None:
-            device = tensors[0][1].device
-            block = 4 * QUADS
-            owner = [i for i, (_, t) in enumerate(tensors) for _ in range(0, t.numel(), block)]
-            starts = [s for _, t in tensors for s in range(0, t.numel(), block)]
+    @staticmethod
+    def tables(tensors: Sequence[tuple[int, Tensor]]) -> _Tables:
+        """The launch tables of same-device, same-dtype contiguous ``(index, tensor)`` pairs (keep them:
+        they stay valid while the tensors keep their storage)."""
+        device, block = tensors[0][1].device, 4 * QUADS
+        numels = torch.tensor([t.numel() for _, t in tensors], dtype=torch.int64)
+        blocks = (numels + block - 1) // block  # (tensors,)
+        owner = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32), blocks)
+        first = torch.cumsum(blocks, 0) - blocks  # each tensor's first block
+        starts = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first, blocks)) * block
+        return _Tables(torch.tensor([t.data_ptr() for _, t in tensors], dtype=torch.int64, device=device),
+                       numels.to(device), torch.tensor([index for index, _ in tensors], dtype=torch.int64,
+                                                       device=device),
+                       owner.to(device), starts.to(device), _DTYPES[tensors[0][1].dtype])
 
-            def table(values, dtype):
-                return torch.tensor(values, dtype=dtype, device=device)
-
-            tables = _Tables(table([t.data_ptr() for _, t in tensors], torch.int64),
-                             table([t.numel() for _, t in tensors], torch.int64),
-                             table([index for index, _ in tensors], torch.int64),
-                             table(owner, torch.int32), table(starts, torch.int64), _DTYPES[tensors[0][1].dtype])
-            self._tables[key] = tables
-        return tables
-
-    def add_(self, tensors: Sequence[tuple[int, Tensor]], terms: Sequence[tuple[float, int]]) -> None:
-        """``t += Σ α_k Z(seed_k, index)`` for every ``(index, t)``; terms are (α, 64-bit key)."""
+    def add_(self, tensors: Sequence[tuple[int, Tensor]] | _Tables, terms: Sequence[tuple[float, int]]) -> None:
+        """``t += Σ α_k Z(seed_k, index)`` for every ``(index, t)`` (or the tensors of prebuilt tables);
+        terms are (α, 64-bit key)."""
         if not tensors or not terms:
             return
-        tables = self._tables_for(tensors)
+        tables = tensors if isinstance(tensors, _Tables) else self.tables(tensors)
         for first in range(0, len(terms), MAX_TERMS):
             chunk = list(terms[first:first + MAX_TERMS])
             padded = chunk + [(0.0, 0)] * (MAX_TERMS - len(chunk))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import philox
 from .seeding import DeviceGenerators, derive_seed
@@ -151,6 +151,7 @@ class Gaussian(Perturbation):
         self._generators = DeviceGenerators()
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._fused = None  # the Triton kernel's launcher, made on first CUDA use
+        self._plans: dict[tuple, _Plan] = {}
 
     # ------------------------------------------------------------ which generator
     def uses_philox(self, param: Tensor) -> bool:
@@ -180,19 +181,19 @@ class Gaussian(Perturbation):
         terms = merge_terms([*terms, *scaled])  # κ = 1
         if not terms:
             return
-        philox = [(index, p) for index, p in params if self.uses_philox(p)]
-        for index, p in params:
-            if not self.uses_philox(p):
-                self._torch_add(self._flat(p), index, terms)
-        self._philox_add(philox, terms)
+        plan = self._plan(params)
+        for index, flat in plan.torch:
+            self._torch_add(flat, index, terms)
+        keyed = [(alpha, self.philox_key(key)) for alpha, key in terms]
+        for index, flat in plan.philox_in_torch:
+            self._philox_torch_add(flat, index, keyed)
+        for tables in plan.kernel_groups:
+            self._fused.add_(tables, keyed)
 
     def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
         # float32 at least (half-precision moments underflow), float64 kept as is.
         out = torch.zeros(param.shape, device=param.device, dtype=torch.promote_types(param.dtype, torch.float32))
-        if self.uses_philox(param):
-            self._philox_add([(index, out)], merge_terms(terms))
-        else:
-            self._torch_add(out.view(-1), index, terms)
+        self.add_each_([(index, out)], terms, ())  # (a fresh tensor each time: its plan is not kept)
         return out
 
     def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float, key: DrawKey) -> None:
@@ -201,21 +202,31 @@ class Gaussian(Perturbation):
     def scratch_numel(self) -> int:
         return sum(buf.numel() for buf in self._scratch.values())
 
-    # ------------------------------------------------------------ philox
-    def _philox_add(self, params: Sequence[tuple[int, Tensor]], terms: Sequence[Term]) -> None:
-        """Same-device, same-dtype tensors go through the kernel together; others through torch."""
-        if not params:
-            return
-        keyed = [(alpha, self.philox_key(key)) for alpha, key in terms]
+    # ------------------------------------------------------------ which tensors go where
+    def _plan(self, params: Sequence[tuple[int, Tensor]]) -> "_Plan":
+        """How a pass over ``params`` runs: which tensors the torch generator serves, which the Philox
+        stream in torch, and the kernel's launch tables per (device, dtype). Kept per parameter list
+        (a pass over the same weights is planned once), unless the list is a one-off."""
+        key = tuple((id(p), p.data_ptr()) for _, p in params)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        plan = _Plan([], [], [])
         groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
         for index, p in params:
             flat = self._flat(p)
-            if self._kernel_for(flat) is not None:
+            if not self.uses_philox(p):
+                plan.torch.append((index, flat))
+            elif self._kernel_for(flat) is not None:
                 groups.setdefault((flat.device, flat.dtype), []).append((index, flat))
             else:
-                self._philox_torch_add(flat, index, keyed)
-        for group in groups.values():
-            self._fused.add_(group, keyed)
+                plan.philox_in_torch.append((index, flat))
+        plan.kernel_groups = [self._fused.tables(group) for group in groups.values()]
+        if all(isinstance(p, nn.Parameter) for _, p in params):  # the optimizer's weights: passes repeat
+            self._plans[key] = plan
+        return plan
+
+    # ------------------------------------------------------------ philox
 
     def _philox_torch_add(self, flat: Tensor, index: int, keyed: Sequence[tuple[float, int]]) -> None:
         # Accumulate in float32 (float64 for float64) and round once, as the kernel does.
@@ -260,6 +271,13 @@ class Gaussian(Perturbation):
         if not param.is_contiguous():
             raise ValueError("Gaussian perturbation needs contiguous parameters")
         return param.view(-1)
+
+
+@dataclass
+class _Plan:
+    torch: list  # (index, flat tensor) drawn with torch.Generator chunks
+    philox_in_torch: list  # (index, flat tensor) drawn from the Philox stream by torch ops
+    kernel_groups: list  # launch tables of the fused kernel, one per (device, dtype)
 
 
 @functools.cache

@@ -45,6 +45,8 @@ def setup(cfg: RunConfig, *, data: bool = True, sizes: tuple | None = None, trai
     check_device(cfg.model)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.model.device.startswith("cuda") or cfg.model.device_map:  # torch's process-wide switch, set by the run
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.model.tf32
     task = splits = None
     masked = False
     if data:
