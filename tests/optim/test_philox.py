@@ -118,8 +118,9 @@ def test_the_kernel_on_cuda_draws_the_reference_stream():
 
     t = torch.zeros(1 << 20, device="cuda")
     FusedPerturber().add_([(3, t)], [(1.0, 42)])
-    want = normals(42, 3, 0, t.numel(), "cuda")  # torch on CUDA, the same float32 formulas
-    assert torch.allclose(t, want, atol=1e-5, rtol=1e-5)
+    want = normals(42, 3, 0, t.numel(), "cuda")  # torch on CUDA, the same formulas with precise math
+    # The kernel's approximate log, sin and cos on CUDA: absolute errors of about 2^-21 in each, times |z| <= 5.7.
+    assert torch.allclose(t, want, atol=1e-4, rtol=1e-5)
 
 
 def test_philox_generator_gives_the_same_estimate_as_its_stream():

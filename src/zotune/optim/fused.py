@@ -12,6 +12,7 @@ Imported only where it runs: on CUDA, or on the CPU through Triton's interpreter
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,10 +20,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 from .philox import MIN_UNIFORM, QUADS, UNIFORM_SCALE
 
 MAX_TERMS = 4  # terms fused in one launch (a pass with more runs in several)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
 _SCALE, _FLOOR = tl.constexpr(UNIFORM_SCALE), tl.constexpr(MIN_UNIFORM)  # globals a kernel reads are constexpr
 _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -35,33 +38,39 @@ def _uniform(word):
 
 
 @triton.jit
-def _box_muller(first, second):
-    radius = tl.sqrt(-2.0 * tl.log(tl.maximum(_uniform(first), _FLOOR)))
-    angle = 6.283185307179586 * _uniform(second)
+def _box_muller(first, second, FAST: tl.constexpr):
+    # FAST: the hardware's approximate log, sin and cos (a few ulps off on [-π, π]; the precise ones
+    # made a pass over 16-bit weights compute-bound). The interpreter only has the precise ones.
+    uniform = tl.maximum(_uniform(first), _FLOOR)
+    angle = 6.283185307179586 * _uniform(second) - 3.141592653589793
+    if FAST:
+        radius = tl.sqrt(-2.0 * libdevice.fast_logf(uniform))
+        return radius * libdevice.fast_cosf(angle), radius * libdevice.fast_sinf(angle)
+    radius = tl.sqrt(-2.0 * tl.log(uniform))
     return radius * tl.cos(angle), radius * tl.sin(angle)
 
 
 @triton.jit
-def _direction(seed, counter, index):
+def _direction(seed, counter, index, FAST: tl.constexpr):
     """The block's four quarters of normals (QUADS each), from one Philox call per counter."""
     low = counter.to(tl.uint32)
     zero = low * 0
     x0, x1, x2, x3 = tl.philox(seed, low, (counter >> 32).to(tl.uint32), zero + index.to(tl.uint32), zero)
-    n0, n1 = _box_muller(x0, x1)
-    n2, n3 = _box_muller(x2, x3)
+    n0, n1 = _box_muller(x0, x1, FAST)
+    n2, n3 = _box_muller(x2, x3, FAST)
     return n0, n1, n2, n3
 
 
 @triton.jit
-def _add_term(x0, x1, x2, x3, alpha, seed, counter, index):
-    n0, n1, n2, n3 = _direction(seed, counter, index)
+def _add_term(x0, x1, x2, x3, alpha, seed, counter, index, FAST: tl.constexpr):
+    n0, n1, n2, n3 = _direction(seed, counter, index, FAST)
     return x0 + alpha * n0, x1 + alpha * n1, x2 + alpha * n2, x3 + alpha * n3
 
 
 @triton.jit(do_not_specialize=["seed0", "seed1", "seed2", "seed3", "alpha0", "alpha1", "alpha2", "alpha3"])
 def _perturb_kernel(addresses, numels, indices, block_tensor, block_start,
                     seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3,
-                    TERMS: tl.constexpr, QUADS: tl.constexpr, DTYPE: tl.constexpr):
+                    TERMS: tl.constexpr, QUADS: tl.constexpr, DTYPE: tl.constexpr, FAST: tl.constexpr):
     program = tl.program_id(0)
     tensor = tl.load(block_tensor + program)
     start = tl.load(block_start + program)  # a multiple of 4·QUADS
@@ -77,13 +86,13 @@ def _perturb_kernel(addresses, numels, indices, block_tensor, block_start,
     x2 = tl.load(pointer + o2, mask=o2 < numel).to(tl.float32)
     x3 = tl.load(pointer + o3, mask=o3 < numel).to(tl.float32)
     counter = start // 4 + lanes
-    x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha0, seed0, counter, index)
+    x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha0, seed0, counter, index, FAST)
     if TERMS > 1:
-        x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha1, seed1, counter, index)
+        x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha1, seed1, counter, index, FAST)
     if TERMS > 2:
-        x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha2, seed2, counter, index)
+        x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha2, seed2, counter, index, FAST)
     if TERMS > 3:
-        x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha3, seed3, counter, index)
+        x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha3, seed3, counter, index, FAST)
     tl.store(pointer + o0, x0.to(DTYPE), mask=o0 < numel)
     tl.store(pointer + o1, x1.to(DTYPE), mask=o1 < numel)
     tl.store(pointer + o2, x2.to(DTYPE), mask=o2 < numel)
@@ -141,4 +150,5 @@ class FusedPerturber:
             seeds = [int(seed) for _, seed in padded]
             _perturb_kernel[(tables.block_tensor.numel(),)](
                 tables.addresses, tables.numels, tables.indices, tables.block_tensor, tables.block_start,
-                *seeds, *alphas, TERMS=len(chunk), QUADS=QUADS, DTYPE=tables.dtype, num_warps=self.num_warps)
+                *seeds, *alphas, TERMS=len(chunk), QUADS=QUADS, DTYPE=tables.dtype, FAST=not _INTERPRETED,
+                num_warps=self.num_warps)

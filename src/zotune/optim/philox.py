@@ -11,14 +11,16 @@ under a draw whose 64-bit key is ``seed``:
   which Triton's ``tl.philox`` implements);
 * each word becomes a uniform in [0, 1): its int32 reading, complemented if negative, times
   4.6566127342e-10 (so 2³¹ − 1 maps just below 1);
-* two Box-Muller pairs, ``(x0, x1) -> (n0, n1)`` and ``(x2, x3) -> (n2, n3)``, with the first
-  uniform clamped at 1e-7 (|z| <= 5.68); element ``e`` takes ``n_j``.
+* two Box-Muller pairs, ``(x0, x1) -> (n0, n1)`` and ``(x2, x3) -> (n2, n3)``:
+  ``r = sqrt(-2 log max(u_a, 1e-7))`` (so |z| <= 5.68), ``θ = 2π u_b − π``, ``(r cos θ, r sin θ)``;
+  element ``e`` takes ``n_j``.
 
 One Philox call yields four normals, so a pass over a weight costs a quarter of the rounds of
 drawing each element separately; the quarters are contiguous, so the kernel reads and writes
 each as one coalesced run. The integer words are bit-identical here and in the kernel;
 the normals agree to float32 rounding of log, sqrt, cos and sin, which differ between CPU and
-GPU math libraries. That is why a run's directions are tied to the kind of device that drew them.
+GPU math libraries (the CUDA kernel uses the hardware's approximate log, sin and cos: a few ulps
+on [-π, π], which is why θ is centred). That is why a run's directions are tied to the kind of device that drew them.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def _uniform(word: Tensor) -> Tensor:
 
 def _box_muller(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
     radius = torch.sqrt(-2.0 * torch.log(torch.clamp(_uniform(first), min=MIN_UNIFORM)))
-    angle = 6.283185307179586 * _uniform(second)
+    angle = 6.283185307179586 * _uniform(second) - 3.141592653589793
     return radius * torch.cos(angle), radius * torch.sin(angle)
 
 
