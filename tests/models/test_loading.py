@@ -1,6 +1,7 @@
 """Loading from local folders, hub-style ids and the built-in offline models."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +57,11 @@ def test_smollm2_conversion_matches_the_gguf_model(tmp_path, monkeypatch):
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
     again, _ = zotune.load_model("smollm2-135m")  # second load reads the cached folder
     assert torch.equal(again.model.norm.weight, model.model.norm.weight)
+    # Two runs started together both convert; the one that finishes second finds the folder made.
+    from zotune.models.loading import _convert_gguf
+
+    _convert_gguf(Path(package_dir), spec.gguf_file, tmp_path / "models" / "smollm2-135m")
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["smollm2-135m"]  # no temporary left
 
 
 @pytest.mark.slow

@@ -82,6 +82,11 @@ def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+        # Another process (runs started together) converted it first: its folder is the same model.
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
