@@ -124,6 +124,11 @@ class TrainConfig:
     checkpoint_every: int = _f(100, "save a checkpoint every this many steps (0: only when interrupted); also on "
                                     "SIGTERM/SIGINT")
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
+    checkpoint: typing.Optional[str] = _f(None, "what a checkpoint holds: weights (the trainable weights and the "
+                                                "optimizer state) or trajectory (the optimizer state only; a resume "
+                                                "replays the trajectory log onto the base model; ZO methods). "
+                                                "Default: trajectory for SGD-type ZO methods training over 1B "
+                                                "parameters, else weights")
     resume: bool = _f(False, "continue the run in output_dir/run_name from its last complete checkpoint")
     progress: bool = _f(True, "show progress bars")
     report_to: list[str] = _f([], "also send the log's numbers to these: tensorboard (a tensorboard/ folder in the "

@@ -93,6 +93,38 @@ def test_sigterm_checkpoints_and_exits(tiny_model_dir, tmp_path, straight_run):
     assert_same(weights(run_dir), weights(straight_run))
 
 
+def test_a_trajectory_checkpoint_holds_no_weights_and_resumes_bit_identically(tiny_model_dir, tmp_path,
+                                                                              straight_run):
+    args = train_args(tiny_model_dir, tmp_path, "logged", extra=("--train.checkpoint", "trajectory"))
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "logged"
+    while logged_steps(run_dir) < 23 and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    checkpoint = latest_checkpoint(run_dir)
+    manifest = verify(checkpoint)
+    assert manifest["weights"] == "trajectory" and not (checkpoint / "trainable.safetensors").exists()
+    with pytest.raises(CheckpointError, match="holds no weights"):
+        load_checkpoint(checkpoint, tiny_llama(), None)
+    done = subprocess.run(args + ["--train.resume", "true"], check=True, capture_output=True, text=True)
+    assert f"rebuilt the weights of step {manifest['step']} from the trajectory log" in done.stdout
+    assert_same(weights(run_dir), weights(straight_run))
+
+
+def test_big_sgd_type_runs_checkpoint_their_trajectory_by_default():
+    from zotune.optim import get_method
+    from zotune.train.setup import checkpoint_kind
+
+    assert checkpoint_kind(None, get_method("mezo"), 13 * 10**9) == "trajectory"
+    assert checkpoint_kind(None, get_method("lozo"), 7 * 10**9) == "trajectory"
+    assert checkpoint_kind(None, get_method("mezo"), 135 * 10**6) == "weights"  # small: weights are cheap
+    assert checkpoint_kind(None, get_method("mezo_adam"), 13 * 10**9) == "weights"  # moments: not SGD-type
+    assert checkpoint_kind(None, get_method("adamw"), 13 * 10**9) == "weights"
+    assert checkpoint_kind("trajectory", get_method("mezo"), 10) == "trajectory"
+
+
 ADAZETA = ("--adapter.kind", "adp", "--adapter.bottleneck", "8", "--adapter.tt_rank", "2", "--optim.trainable",
            "auto", "--optim.q_alpha", "2", "--optim.q_max", "3", "--optim.q_beta", "1")
 

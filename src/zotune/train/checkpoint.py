@@ -2,7 +2,9 @@
 
 A checkpoint is a folder ``checkpoints/step-000123/`` holding
 
-* ``trainable.safetensors``: the trainable weights (safetensors: no pickled objects);
+* ``trainable.safetensors``: the trainable weights (safetensors: no pickled objects); absent from
+  a trajectory checkpoint (``train.checkpoint=trajectory``), whose weights are the base model's
+  with the run's trajectory log replayed onto them up to the checkpoint's step;
 * ``optimizer.pt``: the optimizer's state dict (tensors, numbers and strings only, loaded with
   ``torch.load(weights_only=True)``: no arbitrary objects are ever unpickled);
 * ``manifest.json``: the step, the loop's extra state (resolved config, data-order position,
@@ -21,6 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -51,16 +54,23 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, extra: dict, keep: int = 2) -> Path:
-    """Write ``run_dir/checkpoints/step-{step}`` atomically; keep the ``keep`` newest."""
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, extra: dict, keep: int = 2,
+                    weights: bool = True) -> Path:
+    """Write ``run_dir/checkpoints/step-{step}`` atomically; keep the ``keep`` newest.
+
+    ``weights=False`` writes a trajectory checkpoint: the optimizer state and the manifest only.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:09d}"
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
     try:
-        save_file(trainable_state(model), str(tmp / FILES[0]))
+        files = FILES if weights else FILES[1:]
+        if weights:
+            save_file(trainable_state(model), str(tmp / FILES[0]))
         torch.save(optimizer.state_dict(), tmp / FILES[1])
-        manifest = {"step": step, "extra": extra, "sha256": {name: _sha256(tmp / name) for name in FILES}}
+        manifest = {"step": step, "weights": "file" if weights else "trajectory", "extra": extra,
+                    "sha256": {name: _sha256(tmp / name) for name in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
@@ -83,7 +93,8 @@ def verify(path: Path) -> dict:
         expected = manifest["sha256"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
-    for name in FILES:
+    holds = FILES if manifest.get("weights", "file") == "file" else FILES[1:]
+    for name in holds:
         file = Path(path) / name
         if not file.exists():
             raise CheckpointError(f"{file}: missing")
@@ -115,9 +126,19 @@ def load_trainable(model: nn.Module, file: Path) -> None:
             params[name].copy_(value)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
-    """Restore trainable weights and optimizer state in place; returns the manifest."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer, replay: Callable[[int], None] | None = None) -> dict:
+    """Restore trainable weights and optimizer state in place; returns the manifest.
+
+    A trajectory checkpoint's weights come from ``replay(step)``, which must bring the base
+    model's weights to that step (the trajectory log replayed onto them).
+    """
     manifest = verify(path)
-    load_trainable(model, Path(path) / FILES[0])
+    if manifest.get("weights", "file") == "file":
+        load_trainable(model, Path(path) / FILES[0])
+    elif replay is None:
+        raise CheckpointError(f"{path} holds no weights (a trajectory checkpoint): they are rebuilt by replaying "
+                              "the run's trajectory log onto the base model")
+    else:
+        replay(manifest["step"])
     optimizer.load_state_dict(torch.load(Path(path) / FILES[1], weights_only=True))
     return manifest

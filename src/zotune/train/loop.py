@@ -27,13 +27,16 @@ from ..eval.evaluate import evaluate_task
 from ..optim import get_method
 from ..tasks import get_task
 from . import trajectory
-from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
+from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint,
+                         trainable_state)
 from .losses import LOSSES
 from .plots import plot_run
 from .recipe import setup
+from .replay import apply_records
 from .reporters import check_reporters
 from .run_folder import RunFolder
-from .setup import adapter_config, build_guard, build_optimizer, check_device, check_optim, training_forward
+from .setup import (adapter_config, build_guard, build_optimizer, check_device, check_optim, checkpoint_kind,
+                    training_forward)
 
 BEST = "best.safetensors"  # trainable weights at the best dev evaluation so far (train.keep_best)
 
@@ -96,6 +99,11 @@ def validate(cfg: RunConfig) -> None:
                           "train.batch_size >= 1")
     if t.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints must be >= 1")
+    if t.checkpoint not in (None, "weights", "trajectory"):
+        raise ConfigError(f"train.checkpoint must be weights or trajectory, got {t.checkpoint!r}")
+    if t.checkpoint == "trajectory" and not spec.zeroth_order:
+        raise ConfigError(f"train.checkpoint=trajectory rebuilds weights from a ZO run's log; {cfg.optim.method!r} "
+                          "is first-order: use train.checkpoint=weights")
     check_reporters(t.report_to)
     if cfg.data.icl_demos:
         raise ConfigError("data.icl_demos is the in-context baseline of `zotune eval`; training uses no demonstrations")
@@ -171,6 +179,7 @@ class Training:
                                          nan_policy="skip" if self.guard else None,
                                          layout=self.layout if ctx.enabled else None)
         self.spec = get_method(cfg.optim.method)
+        self.checkpoint_kind = checkpoint_kind(cfg.train.checkpoint, self.spec, self.n_trainable)
         self.train_model = training_forward(self.model, cfg, self.optimizer, pieces.masked, say)  # CUDA graphs
         self.trainable_name = cfg.optim.trainable or ("adapters" if cfg.adapter.kind != "none" else "final_norm")
         self.run = RunFolder.create(path, cfg, writer=ctx.is_main)
@@ -204,7 +213,7 @@ class Training:
         first = 0
         checkpoint = latest_checkpoint(run.path) if cfg.train.resume else None
         if checkpoint is not None:
-            manifest = load_checkpoint(checkpoint, self.model, self.optimizer)
+            manifest = load_checkpoint(checkpoint, self.model, self.optimizer, replay=self._replay_trajectory)
             first = manifest["step"]
             self.results.update(manifest["extra"].get("results", {}))
             if self.guard is not None:
@@ -343,4 +352,19 @@ class Training:
             "results": self.results,
             "guard": self.guard.state_dict() if self.guard else {},
         }
-        return save_checkpoint(self.run.path, step, self.model, self.optimizer, extra, self.cfg.train.keep_checkpoints)
+        return save_checkpoint(self.run.path, step, self.model, self.optimizer, extra, self.cfg.train.keep_checkpoints,
+                               weights=self.checkpoint_kind == "weights")
+
+    def _replay_trajectory(self, step: int) -> None:
+        """The weights of ``step`` for a trajectory checkpoint: the base model's (as loaded) with the run's
+        first ``step`` trajectory records replayed onto them, by an optimizer of the same configuration."""
+        header, records = trajectory.read(self.run.path)
+        trajectory.check_devices(header, trajectory.direction_devices(self.optimizer))
+        if len(records) < step:
+            raise CheckpointError(f"{self.run.path}: the trajectory log holds {len(records)} steps, the checkpoint "
+                                  f"{step}: the weights cannot be rebuilt")
+        replayer = build_optimizer(self.cfg.optim, self.model, self.cfg.train.seed,
+                                   nan_policy="skip" if self.guard else None)
+        started = time.perf_counter()
+        apply_records(replayer, records[:step], progress=self.cfg.train.progress and self.ctx.is_main)
+        self.say(f"rebuilt the weights of step {step} from the trajectory log ({time.perf_counter() - started:.1f} s)")

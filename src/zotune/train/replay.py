@@ -29,6 +29,26 @@ def recorded_closure(losses: tuple[float, ...]):
     return closure
 
 
+def apply_records(optimizer, records: list[tuple], progress: bool = True) -> None:
+    """Repeat the recorded steps on the optimizer's weights, the recorded losses standing in for the
+    measurements (learning rates, query counts, guard rejections and rollbacks as recorded)."""
+    applied = []  # (record, lrs) of applied updates, for the guard's rollbacks
+    for _, losses, lrs, rejected, rolled_back in tqdm(records, desc="replay", disable=not progress, unit="step"):
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        # q of this step (a query schedule changes it): its measurements over the points per query
+        optimizer.set_num_queries(optimizer.estimator.queries_for(len(losses)))
+        try:
+            optimizer.step(recorded_closure(losses), accept=lambda _record, ok=not rejected: ok)
+        except NonFiniteLossError:
+            pass  # the run stopped at this step too: the weights were restored
+        if not optimizer.last_record.skipped:
+            applied.append((optimizer.last_record, list(lrs)))
+        if rolled_back:
+            optimizer.rollback(applied[-rolled_back:])
+            del applied[-rolled_back:]
+
+
 def replay(base_model: str, run_dir: str | Path, output: str | Path | None = None, progress: bool = True,
            say: Callable[[str], None] = print) -> Path:
     """Apply every recorded step to ``base_model`` and save the trained weights (safetensors).
@@ -58,21 +78,7 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
     trajectory.check_devices(header, trajectory.direction_devices(optimizer))
     if len(optimizer.param_groups) != header["num_groups"]:
         raise ValueError("the rebuilt optimizer has a different number of param groups than the log")
-    applied = []  # (record, lrs) of applied updates, for the guard's rollbacks
-    for step, losses, lrs, rejected, rolled_back in tqdm(records, desc="replay", disable=not progress, unit="step"):
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr
-        # q of this step (a query schedule changes it): its measurements over the points per query
-        optimizer.set_num_queries(optimizer.estimator.queries_for(len(losses)))
-        try:
-            optimizer.step(recorded_closure(losses), accept=lambda _record, ok=not rejected: ok)
-        except NonFiniteLossError:
-            pass  # the run stopped at this step too: the weights were restored
-        if not optimizer.last_record.skipped:
-            applied.append((optimizer.last_record, list(lrs)))
-        if rolled_back:
-            optimizer.rollback(applied[-rolled_back:])
-            del applied[-rolled_back:]
+    apply_records(optimizer, records, progress)
     output = Path(output) if output else run_dir / "replayed.safetensors"
     rebuilt = trainable_state(model)
     save_file(rebuilt, str(output))

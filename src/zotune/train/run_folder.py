@@ -19,6 +19,7 @@ from .reporters import open_reporters
 CHANGEABLE_ON_RESUME = frozenset({
     "train.progress", "train.threads", "train.dist_timeout", "train.eval_batch_size",
     "train.eval_every", "train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.report_to",
+    "train.checkpoint",
     "data.data_dir",
 })
 

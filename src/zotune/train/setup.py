@@ -252,6 +252,19 @@ def build_execution(cfg: OptimConfig, model: nn.Module, layout=None) -> Executio
     return path
 
 
+#: Trainable parameters above which an SGD-type ZO run's checkpoints are its trajectory by default (a 13B
+#: full fine-tune would write 26 GB of weights every checkpoint_every steps).
+TRAJECTORY_CHECKPOINTS_ABOVE = 10**9
+
+
+def checkpoint_kind(setting: str | None, spec: MethodSpec, n_trainable: int) -> str:
+    """``train.checkpoint`` resolved: the setting, else trajectory for big SGD-type ZO runs, else weights."""
+    if setting is not None:
+        return setting
+    big = n_trainable > TRAJECTORY_CHECKPOINTS_ABOVE
+    return "trajectory" if spec.zeroth_order and spec.linear and big else "weights"
+
+
 def training_forward(model: nn.Module, cfg, optimizer, masked: bool, say) -> nn.Module:
     """The model as the training loss calls it: :class:`~zotune.models.captured.CapturedCausalLM` where
     CUDA graphs apply (a ZO method on the in-place path, a causal LM on one GPU), else the model itself."""
