@@ -2,6 +2,7 @@
 
 from .optim import (
     METHODS,
+    Batched,
     DriftSafe,
     InPlace,
     NonFiniteLossError,
@@ -44,7 +45,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "METHODS", "DriftSafe", "InPlace", "NonFiniteLossError", "QuerySchedule", "Virtual", "ZOOptimizer", "adazeta",
-    "load_model", "lozo", "lozo_m", "mezo", "mezo_adam", "mezo_momentum", "param_groups", "tezo", "tezo_adam",
-    "tezo_m", "ZOTrainer", "__version__",
+    "METHODS", "Batched", "DriftSafe", "InPlace", "NonFiniteLossError", "QuerySchedule", "Virtual", "ZOOptimizer",
+    "adazeta", "load_model", "lozo", "lozo_m", "mezo", "mezo_adam", "mezo_momentum", "param_groups", "tezo",
+    "tezo_adam", "tezo_m", "ZOTrainer", "__version__",
 ]

@@ -75,7 +75,10 @@ class OptimConfig:
                                                  "float16/bfloat16)")
     virtual: bool = _f(False, "measure all ±ε points in one batched forward, never writing the weights (methods "
                               "with factored directions: lozo*, tezo*)")
-    copies_per_forward: typing.Optional[int] = _f(None, "virtual: at most this many of a step's ±ε copies of the "
+    batched: bool = _f(False, "small trainable sets (adapters, LoRA, norms): measure all points of a step in one "
+                              "forward over copies of the batch, the trainable modules run once per copy with "
+                              "their perturbed parameters (any ZO method)")
+    copies_per_forward: typing.Optional[int] = _f(None, "virtual, batched: at most this many of a step's copies of the "
                                                         "batch per forward (default: all; lower it to bound "
                                                         "activation memory)")
     nan_policy: str = _f("raise", "on a NaN/inf loss: raise, or skip the update")

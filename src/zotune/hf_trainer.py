@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .optim import DriftSafe, InPlace, Virtual, get_method, param_groups
+from .optim import Batched, DriftSafe, InPlace, Virtual, get_method, param_groups
 
 
 class _SteppedByTrainingStep(torch.optim.Optimizer):
@@ -79,8 +79,9 @@ class ZOTrainer(Trainer):
         method_options: the method's own options (``{"rank": 2, "nu": 50}``; ``zotune train --help``).
         eps, num_queries, two_sided: the SPSA estimator's ε, q and difference.
         execution: ``"in_place"`` (default), ``"drift_safe"`` (weights never written while measuring;
-            the default for half-precision weights) or ``"virtual"`` (every ±ε point in one batched
-            forward; factored methods and causal LMs with ``labels``).
+            the default for half-precision weights), ``"virtual"`` (every ±ε point in one batched
+            forward; factored methods and causal LMs with ``labels``) or ``"batched"`` (the same for
+            small trainable sets, PEFT LoRA or adapters, with any method; causal LMs with ``labels``).
         Other arguments are the Trainer's.
     """
 
@@ -89,8 +90,8 @@ class ZOTrainer(Trainer):
         spec = get_method(method)
         if not spec.zeroth_order:
             raise ValueError(f"ZOTrainer trains with zeroth-order methods; {method!r} is first-order (use Trainer)")
-        if execution not in (None, "in_place", "drift_safe", "virtual"):
-            raise ValueError(f"execution must be in_place, drift_safe or virtual, got {execution!r}")
+        if execution not in (None, "in_place", "drift_safe", "virtual", "batched"):
+            raise ValueError(f"execution must be in_place, drift_safe, virtual or batched, got {execution!r}")
         if execution == "virtual" and not spec.virtual:
             raise ValueError(f"the virtual path needs a method with factored directions, not {method!r}")
         self.zo_spec, self.zo_options = spec, spec.check_options(method_options or {})
@@ -107,7 +108,8 @@ class ZOTrainer(Trainer):
             if execution is None:
                 half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters() if p.requires_grad)
                 execution = "drift_safe" if half else "in_place"
-            path = {"in_place": InPlace, "drift_safe": lambda: DriftSafe(model), "virtual": lambda: Virtual(model)}
+            path = {"in_place": InPlace, "drift_safe": lambda: DriftSafe(model), "virtual": lambda: Virtual(model),
+                    "batched": lambda: Batched(model)}
             self.zo_optimizer = self.zo_spec(param_groups(model, self.args.weight_decay), lr=self.args.learning_rate,
                                              seed=self.args.seed, execution=path[execution](), **self.zo_estimator,
                                              **self.zo_options)

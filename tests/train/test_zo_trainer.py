@@ -69,12 +69,15 @@ def test_other_methods_and_paths_train(tmp_path, method, execution):
     assert trainer.evaluate()["eval_loss"] < before
 
 
-def test_a_peft_lora_model_trains_its_adapters_only(tmp_path):
+@pytest.mark.parametrize("execution", [None, "batched"])
+def test_a_peft_lora_model_trains_its_adapters_only(tmp_path, execution):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    trainer = trainer_for(model, tmp_path, steps=10, lr=1e-2, method="mezo")
+    trainer = trainer_for(model, tmp_path, steps=10, lr=1e-2, method="mezo", execution=execution)
+    before = trainer.evaluate()["eval_loss"]
     trainer.train()
+    assert trainer.evaluate()["eval_loss"] != before  # the adapters moved
     assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
     assert trainer.zo_optimizer.num_steps == 10
 

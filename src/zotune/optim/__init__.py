@@ -1,5 +1,6 @@
 """Zeroth-order optimisation: perturbations, estimators, update rules, execution paths and the optimizer."""
 
+from .batched import Batched
 from .aliases import adazeta, lozo, lozo_m, mezo, mezo_adam, mezo_momentum, tezo, tezo_adam, tezo_m
 from .estimators import SPSA
 from .execution import DriftSafe, ExecutionPath, InPlace
@@ -15,8 +16,8 @@ from .temporal_cp import TemporalCP
 from .virtual import Virtual
 
 __all__ = [
-    "METHODS", "SPSA", "SGD", "Adam", "DrawKey", "DriftSafe", "ExecutionPath", "FactoredPerturbation", "FirstOrder",
-    "Gaussian", "InPlace", "LowRank", "MethodSpec", "Momentum", "NonFiniteLossError", "QuerySchedule",
+    "METHODS", "SPSA", "SGD", "Adam", "Batched", "DrawKey", "DriftSafe", "ExecutionPath", "FactoredPerturbation",
+    "FirstOrder", "Gaussian", "InPlace", "LowRank", "MethodSpec", "Momentum", "NonFiniteLossError", "QuerySchedule",
     "SeparableAdam", "StepRecord", "TemporalCP", "Virtual", "ZOOptimizer", "adamw", "adazeta", "get_method", "lozo",
     "lozo_m", "mezo", "mezo_adam", "mezo_momentum", "param_groups", "tezo", "tezo_adam", "tezo_m",
 ]

@@ -176,3 +176,26 @@ class DriftSafe(ExecutionPath):
                 handle.remove()
             for module, owned in self._owned:
                 swap_out(module, owned)
+
+
+_NONE = object()
+
+
+def replace_forward(module: nn.Module, make: Callable[[Callable], Callable]) -> object:
+    """Set the instance attribute ``forward`` to ``make(current forward)`` until :func:`restore_forward`.
+
+    An instance attribute rather than a forward hook: ``Module.__call__`` then keeps its hook-free
+    fast path, which saves a few microseconds of host time per module and call (what bounds a
+    small-batch step on a GPU). Whatever ``forward`` the instance had (accelerate's device hooks)
+    is wrapped and put back. Returns that previous attribute, or a sentinel when there was none.
+    """
+    previous = module.__dict__.get("forward", _NONE)
+    module.__dict__["forward"] = make(module.forward)
+    return previous
+
+
+def restore_forward(module: nn.Module, previous: object) -> None:
+    if previous is _NONE:
+        module.__dict__.pop("forward", None)
+    else:
+        module.__dict__["forward"] = previous

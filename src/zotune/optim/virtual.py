@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor, nn
 
-from .execution import Closure, ExecutionPath, owners
+from .execution import Closure, ExecutionPath, owners, replace_forward, restore_forward
 from .perturbations import FactoredPerturbation
 from .virtual_hooks import HOOKS, LINEAR, HookKind, SharedInput, hook_kind, linear_product
 
@@ -170,30 +170,12 @@ class Virtual(ExecutionPath):
         return hooks, shared
 
 
-_NONE = object()
-
-
 def _install(module: nn.Module, hook: Callable) -> object:
-    """Run ``hook(module, args, output)`` after each call of ``module`` until :func:`_uninstall`.
+    """Run ``hook(module, args, output)`` after each call of ``module`` until :func:`_uninstall`."""
+    def make(inner):
+        return lambda *args, **kwargs: hook(module, args, inner(*args, **kwargs))
 
-    An instance attribute ``forward`` wrapping the current one, rather than a forward hook:
-    ``Module.__call__`` then keeps its hook-free fast path, which saves a few microseconds of
-    host time per module and call (what bounds a small-batch step on a GPU). Whatever
-    ``forward`` the instance had (accelerate's device hooks) is wrapped and put back.
-    Returns that previous instance attribute, or a sentinel when there was none.
-    """
-    previous = module.__dict__.get("forward", _NONE)
-    inner = module.forward
-
-    def forward(*args, **kwargs):
-        return hook(module, args, inner(*args, **kwargs))
-
-    module.__dict__["forward"] = forward
-    return previous
+    return replace_forward(module, make)
 
 
-def _uninstall(module: nn.Module, previous: object) -> None:
-    if previous is _NONE:
-        module.__dict__.pop("forward", None)
-    else:
-        module.__dict__["forward"] = previous
+_uninstall = restore_forward

@@ -15,7 +15,8 @@ from torch import nn
 from ..config import AdapterConfig, ConfigError, ModelConfig, OptimConfig, RunConfig, apply_overrides
 from ..models.captured import CapturedCausalLM, capture_unsupported
 from ..models.families import family_of, model_type_of
-from ..optim import METHODS, DriftSafe, ExecutionPath, InPlace, MethodSpec, Virtual, get_method, param_groups
+from ..optim import (METHODS, Batched, DriftSafe, ExecutionPath, InPlace, MethodSpec, Virtual, get_method,
+                     param_groups)
 from ..optim.groups import is_norm_module, trainable_numel
 
 
@@ -214,15 +215,20 @@ def check_optim(cfg: OptimConfig) -> MethodSpec:
                             ("weight_decay", ">= 0", cfg.weight_decay >= 0)):
         if not ok:  # (NaN fails every comparison, so it is refused too)
             raise ConfigError(f"optim.{name} must be {bound}, got {getattr(cfg, name)}")
-    if not spec.zeroth_order and (cfg.virtual or cfg.drift_safe or cfg.num_queries != 1):
-        raise ConfigError(f"{cfg.method} is first-order: optim.virtual, drift_safe and num_queries do not apply")
+    if not spec.zeroth_order and (cfg.virtual or cfg.batched or cfg.drift_safe or cfg.num_queries != 1):
+        raise ConfigError(f"{cfg.method} is first-order: optim.virtual, batched, drift_safe and num_queries do not "
+                          "apply")
     if cfg.virtual and not spec.virtual:
         virtual = ", ".join(name for name, s in METHODS.items() if s.virtual)
         raise ConfigError(f"optim.virtual needs a method with factored directions ({virtual}), not {cfg.method!r}")
     if cfg.virtual and cfg.drift_safe:
         raise ConfigError("optim.virtual and optim.drift_safe exclude each other (virtual never writes the weights)")
-    if cfg.copies_per_forward is not None and not cfg.virtual:
-        raise ConfigError("optim.copies_per_forward applies to the virtual path: set optim.virtual true as well")
+    if cfg.batched and (cfg.virtual or cfg.drift_safe):
+        raise ConfigError("optim.batched excludes optim.virtual and optim.drift_safe (it is another way to measure "
+                          "without writing the weights)")
+    if cfg.copies_per_forward is not None and not (cfg.virtual or cfg.batched):
+        raise ConfigError("optim.copies_per_forward applies to the virtual and batched paths: set optim.virtual or "
+                          "optim.batched true as well")
     if cfg.copies_per_forward is not None and cfg.copies_per_forward < 1:
         raise ConfigError(f"optim.copies_per_forward must be a positive integer, got {cfg.copies_per_forward}")
     if cfg.nan_policy not in ("raise", "skip"):
@@ -233,13 +239,15 @@ def check_optim(cfg: OptimConfig) -> MethodSpec:
 def build_execution(cfg: OptimConfig, model: nn.Module, layout=None) -> ExecutionPath:
     """The execution path the configuration asks for: the one place that chooses it.
 
-    Virtual when asked; drift-safe when asked, for half-precision weights (unless turned off) and
+    Virtual or batched when asked; drift-safe when asked, for half-precision weights (unless turned off) and
     for query shards (ranks measuring different points must not write the weights); in place
     otherwise. Under torchrun (``layout``), wrapped in :class:`~zotune.dist.parallel.Distributed`.
     """
     query_shards = layout is not None and layout.query_shards > 1
     if cfg.virtual:
         path: ExecutionPath = Virtual(model, cfg.copies_per_forward)
+    elif cfg.batched:
+        path = Batched(model, cfg.copies_per_forward)
     else:
         drift_safe = cfg.drift_safe
         if drift_safe is None:

@@ -1,0 +1,100 @@
+"""The batched path (small trainable sets: all points of a step in one forward over S copies) measures
+what the drift-safe path measures, point by point, for dense and factored directions."""
+
+import pytest
+import torch
+
+import zotune
+from conftest import SHARED_DATA, needs_shared_data, tiny_llama, tiny_opt
+from test_virtual import per_copy_lm_closure
+from zotune.adapters import LorettaAdpConfig, inject
+from zotune.optim.batched import Batched
+
+
+def ids_for(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (4, 10), generator=g)
+
+
+def grads(model, make_optimizer, execution, steps=3):
+    ids = ids_for(model)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], execution)
+    out = []
+    for _ in range(steps):
+        opt.step(per_copy_lm_closure(model, ids))
+        out.append(opt.last_record.projected_grads)
+    return out, [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def norms_only(model):
+    for name, p in model.named_parameters():
+        p.requires_grad_("norm" in name)
+    return model
+
+
+CASES = {
+    # dense Gaussian directions over the norms (MeZO on a norms-only set), two queries
+    "mezo-norms": (lambda: norms_only(tiny_llama()),
+                   lambda params, path: zotune.mezo(params, lr=1e-2, num_queries=2, seed=3, execution=path)),
+    # AdaZeta over LoRETTA_adp adapters (TT cores inside adapter modules), three queries
+    "adazeta-adapters": (lambda: inject(tiny_llama(), LorettaAdpConfig(bottleneck=8, tt_rank=2, train_norms=False)),
+                         lambda params, path: zotune.mezo(params, lr=1e-3, num_queries=3, seed=5, execution=path)),
+    # low-rank directions on OPT's norms and adapters with a one-sided base point
+    "lozo-one-sided-opt": (lambda: inject(tiny_opt(), LorettaAdpConfig(bottleneck=8, tt_rank=2, train_norms=True)),
+                           lambda params, path: zotune.lozo(params, lr=1e-3, rank=2, num_queries=2, two_sided=False,
+                                                            seed=1, execution=path)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_batched_measures_what_drift_safe_measures(case):
+    build, make_optimizer = CASES[case]
+    model_a, model_b = build(), build()
+    model_b.load_state_dict(model_a.state_dict())
+    reference, weights_a = grads(model_a, make_optimizer, zotune.DriftSafe(model_a))
+    batched, weights_b = grads(model_b, make_optimizer, Batched(model_b))
+    # Same perturbed values (a copy plus offset·Z on both paths); the frozen layers run on S·B rows
+    # instead of B, which may round differently in float32 (~1e-7 relative in a loss of ~4, over
+    # 2ε = 2e-3 in g): 1e-3 absolute on projected gradients of order 1-100.
+    for a, b in zip(reference, batched):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-3)
+    for a, b in zip(weights_a, weights_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_copies_per_forward_splits_the_points():
+    model = norms_only(tiny_llama())
+    calls = []
+    ids = ids_for(model)
+    closure = per_copy_lm_closure(model, ids)
+
+    def counting(copies=None):
+        calls.append(copies)
+        return closure(copies)
+
+    opt = zotune.mezo([p for p in model.parameters() if p.requires_grad], lr=1e-2, num_queries=3,
+                      execution=Batched(model, copies_per_forward=4))
+    opt.step(counting)
+    assert calls == [4, 2]  # 6 points: a forward of 4 copies, one of 2
+
+
+def test_a_closure_without_copies_is_refused():
+    model = norms_only(tiny_llama())
+    opt = zotune.mezo([p for p in model.parameters() if p.requires_grad], lr=1e-2, execution=Batched(model))
+    ids = ids_for(model)[:3]  # 3 rows cannot be 2 copies of a batch
+    with pytest.raises(ValueError, match="must repeat the batch copy-major"):
+        opt.step(lambda copies=None: model(input_ids=ids).logits.float().mean().reshape(1).repeat(copies or 1))
+
+
+@needs_shared_data
+def test_the_command_line_trains_adazeta_batched(tiny_model_dir, tmp_path):
+    from zotune.cli import main
+
+    assert main(["train", "--model.name", str(tiny_model_dir), "--data.data_dir", str(SHARED_DATA), "--data.n_train",
+                 "16", "--data.n_dev", "0", "--data.n_test", "4", "--train.steps", "3", "--train.batch_size", "4",
+                 "--optim.method", "adazeta", "--adapter.kind", "adp", "--adapter.bottleneck", "8",
+                 "--adapter.tt_rank", "2", "--optim.batched", "true", "--optim.copies_per_forward", "2",
+                 "--train.output_dir", str(tmp_path), "--train.run_name", "run", "--train.progress", "false",
+                 "--train.zero_shot", "false"]) == 0
+    assert (tmp_path / "run" / "results.json").exists()
+    assert main(["train", "--optim.batched", "true", "--optim.virtual", "true", "--optim.method", "lozo"]) == 2
