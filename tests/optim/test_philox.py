@@ -36,8 +36,7 @@ def test_the_stream_is_addressed_by_element():
     whole = normals(seed=123, index=7, start=0, numel=10_000)
     assert torch.equal(normals(123, 7, 4096, 100), whole[4096:4196])  # any window is the same numbers
     assert not torch.equal(normals(123, 8, 0, 100), whole[:100])  # another parameter, another stream
-    with pytest.raises(ValueError, match="multiple of 1024"):
-        normals(123, 7, 4, 10)
+    assert torch.equal(normals(123, 7, 1500, 700), whole[1500:2200])  # a window across a block boundary
 
 
 N = 1 << 20
@@ -93,6 +92,11 @@ KERNEL_CHECK = textwrap.dedent("""
             tolerance = torch.finfo(dtype).eps * want.abs().clamp(min=1) + 8 * torch.finfo(torch.float32).eps * spread
             errors.append(float(((t.view(-1).float() - want).abs() / tolerance).max()))
         out[str(dtype)] = max(errors)
+    # a shard: a tensor holding elements 1500.. of its parameter draws the parameter's stream from there
+    shard = torch.zeros(3001)
+    perturber = FusedPerturber()
+    perturber.add_(perturber.tables([(4, shard)], bases=[1500]), [(1.0, 11)])
+    out["shard"] = float((shard - normals(11, 4, 1500, 3001)).abs().max() / (8 * torch.finfo(torch.float32).eps * 6))
     print(json.dumps({"max_error_over_tolerance": out, "max_terms": MAX_TERMS}))
 """)
 

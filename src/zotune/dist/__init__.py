@@ -1,5 +1,7 @@
-"""Distributed ZO: data and query parallelism over ``torch.distributed`` (a step exchanges a few floats)."""
+"""Distributed ZO: data and query parallelism over ``torch.distributed`` (a step exchanges a few floats),
+and sharded parameters over FSDP2 (:func:`shard`)."""
 
 from .parallel import Distributed, Layout
+from .sharding import shard
 
-__all__ = ["Distributed", "Layout"]
+__all__ = ["Distributed", "Layout", "shard"]

@@ -68,23 +68,27 @@ def _add_term(x0, x1, x2, x3, alpha, seed, counter, index, FAST: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed0", "seed1", "seed2", "seed3", "alpha0", "alpha1", "alpha2", "alpha3"])
-def _perturb_kernel(addresses, numels, indices, block_tensor, block_start,
+def _perturb_kernel(addresses, numels, bases, indices, block_tensor, block_start,
                     seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3,
                     TERMS: tl.constexpr, QUADS: tl.constexpr, DTYPE: tl.constexpr, FAST: tl.constexpr):
     program = tl.program_id(0)
     tensor = tl.load(block_tensor + program)
-    start = tl.load(block_start + program)  # a multiple of 4·QUADS
+    start = tl.load(block_start + program)  # in the parameter's elements: a multiple of 4·QUADS
     numel = tl.load(numels + tensor)
+    base = tl.load(bases + tensor)  # the parameter element held at the tensor's first (a shard's offset)
     index = tl.load(indices + tensor)  # the optimizer's parameter index: part of the Philox counter
     pointer = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
     lanes = tl.arange(0, QUADS)
-    # the block's four quarters, each a contiguous run of QUADS elements (coalesced loads and stores)
-    o0 = start + lanes
+    # the block's four quarters, each a contiguous run of QUADS elements (coalesced loads and stores),
+    # at positions in the tensor (o - base) that this tensor may hold only in part
+    o0 = start + lanes - base
     o1, o2, o3 = o0 + QUADS, o0 + 2 * QUADS, o0 + 3 * QUADS
-    x0 = tl.load(pointer + o0, mask=o0 < numel).to(tl.float32)
-    x1 = tl.load(pointer + o1, mask=o1 < numel).to(tl.float32)
-    x2 = tl.load(pointer + o2, mask=o2 < numel).to(tl.float32)
-    x3 = tl.load(pointer + o3, mask=o3 < numel).to(tl.float32)
+    m0, m1, m2, m3 = (o0 >= 0) & (o0 < numel), (o1 >= 0) & (o1 < numel), (o2 >= 0) & (o2 < numel), \
+        (o3 >= 0) & (o3 < numel)
+    x0 = tl.load(pointer + o0, mask=m0).to(tl.float32)
+    x1 = tl.load(pointer + o1, mask=m1).to(tl.float32)
+    x2 = tl.load(pointer + o2, mask=m2).to(tl.float32)
+    x3 = tl.load(pointer + o3, mask=m3).to(tl.float32)
     counter = start // 4 + lanes
     x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha0, seed0, counter, index, FAST)
     if TERMS > 1:
@@ -93,10 +97,10 @@ def _perturb_kernel(addresses, numels, indices, block_tensor, block_start,
         x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha2, seed2, counter, index, FAST)
     if TERMS > 3:
         x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha3, seed3, counter, index, FAST)
-    tl.store(pointer + o0, x0.to(DTYPE), mask=o0 < numel)
-    tl.store(pointer + o1, x1.to(DTYPE), mask=o1 < numel)
-    tl.store(pointer + o2, x2.to(DTYPE), mask=o2 < numel)
-    tl.store(pointer + o3, x3.to(DTYPE), mask=o3 < numel)
+    tl.store(pointer + o0, x0.to(DTYPE), mask=m0)
+    tl.store(pointer + o1, x1.to(DTYPE), mask=m1)
+    tl.store(pointer + o2, x2.to(DTYPE), mask=m2)
+    tl.store(pointer + o3, x3.to(DTYPE), mask=m3)
 
 
 @dataclass
@@ -105,6 +109,7 @@ class _Tables:
 
     addresses: Tensor  # (tensors,) int64 data pointers
     numels: Tensor  # (tensors,) int64
+    bases: Tensor  # (tensors,) int64: the parameter element at each tensor's first (0 but for shards)
     indices: Tensor  # (tensors,) int64 parameter indices
     block_tensor: Tensor  # (blocks,) int32: which tensor a program works on
     block_start: Tensor  # (blocks,) int64: its first element
@@ -123,18 +128,21 @@ class FusedPerturber:
         return param.dtype in _DTYPES and param.is_contiguous()
 
     @staticmethod
-    def tables(tensors: Sequence[tuple[int, Tensor]]) -> _Tables:
+    def tables(tensors: Sequence[tuple], bases: Sequence[int] | None = None) -> _Tables:
         """The launch tables of same-device, same-dtype contiguous ``(index, tensor)`` pairs (keep them:
-        they stay valid while the tensors keep their storage)."""
+        they stay valid while the tensors keep their storage). ``bases[t]``: the parameter element a
+        shard's first element is (its direction is the parameter's from there on); 0 by default."""
         device, block = tensors[0][1].device, 4 * QUADS
         numels = torch.tensor([t.numel() for _, t in tensors], dtype=torch.int64)
-        blocks = (numels + block - 1) // block  # (tensors,)
+        base = torch.tensor(bases if bases is not None else [0] * len(tensors), dtype=torch.int64)
+        first_block, end_block = base // block, (base + numels + block - 1) // block  # the stream's blocks it spans
+        blocks = end_block - first_block  # (tensors,)
         owner = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32), blocks)
-        first = torch.cumsum(blocks, 0) - blocks  # each tensor's first block
-        starts = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first, blocks)) * block
+        first = torch.cumsum(blocks, 0) - blocks  # each tensor's first program
+        starts = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first - first_block, blocks)) * block
         return _Tables(torch.tensor([t.data_ptr() for _, t in tensors], dtype=torch.int64, device=device),
-                       numels.to(device), torch.tensor([index for index, _ in tensors], dtype=torch.int64,
-                                                       device=device),
+                       numels.to(device), base.to(device),
+                       torch.tensor([index for index, _ in tensors], dtype=torch.int64, device=device),
                        owner.to(device), starts.to(device), _DTYPES[tensors[0][1].dtype])
 
     def add_(self, tensors: Sequence[tuple[int, Tensor]] | _Tables, terms: Sequence[tuple[float, int]]) -> None:
@@ -149,6 +157,6 @@ class FusedPerturber:
             alphas = [float(alpha) for alpha, _ in padded]
             seeds = [int(seed) for _, seed in padded]
             _perturb_kernel[(tables.block_tensor.numel(),)](
-                tables.addresses, tables.numels, tables.indices, tables.block_tensor, tables.block_start,
+                tables.addresses, tables.numels, tables.bases, tables.indices, tables.block_tensor, tables.block_start,
                 *seeds, *alphas, TERMS=len(chunk), QUADS=QUADS, DTYPE=tables.dtype, FAST=not _INTERPRETED,
                 num_warps=self.num_warps)

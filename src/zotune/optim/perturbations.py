@@ -155,8 +155,8 @@ class Gaussian(Perturbation):
 
     # ------------------------------------------------------------ which generator
     def uses_philox(self, param: Tensor) -> bool:
-        if self.generator == "auto":
-            return param.is_cuda and _triton_installed()
+        if self.generator == "auto":  # a shard's directions must be its parameter's, wherever it lives
+            return (param.is_cuda and _triton_installed()) or _is_sharded(param)
         return self.generator == "philox"
 
     def _kernel_for(self, param: Tensor):
@@ -185,12 +185,15 @@ class Gaussian(Perturbation):
         for index, flat in plan.torch:
             self._torch_add(flat, index, terms)
         keyed = [(alpha, self.philox_key(key)) for alpha, key in terms]
-        for index, flat in plan.philox_in_torch:
-            self._philox_torch_add(flat, index, keyed)
+        for index, flat, base in plan.philox_in_torch:
+            self._philox_torch_add(flat, index, keyed, base)
         for tables in plan.kernel_groups:
             self._fused.add_(tables, keyed)
 
     def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
+        if _is_sharded(param):
+            raise ValueError("sharded parameters are updated by SGD-type rules only in this version (MeZO, "
+                             "AdaZeta): momentum and Adam keep full-size moments of the parameter")
         # float32 at least (half-precision moments underflow), float64 kept as is.
         out = torch.zeros(param.shape, device=param.device, dtype=torch.promote_types(param.dtype, torch.float32))
         self.add_each_([(index, out)], terms, ())  # (a fresh tensor each time: its plan is not kept)
@@ -207,35 +210,36 @@ class Gaussian(Perturbation):
         """How a pass over ``params`` runs: which tensors the torch generator serves, which the Philox
         stream in torch, and the kernel's launch tables per (device, dtype). Kept per parameter list
         (a pass over the same weights is planned once), unless the list is a one-off."""
-        key = tuple((id(p), p.data_ptr()) for _, p in params)
+        shards = [_shard(p) for _, p in params]  # (flat local tensor, the parameter element it starts at)
+        key = tuple((id(p), flat.data_ptr()) for (_, p), (flat, _) in zip(params, shards))
         plan = self._plans.get(key)
         if plan is not None:
             return plan
         plan = _Plan([], [], [])
-        groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
-        for index, p in params:
-            flat = self._flat(p)
+        groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor, int]]] = {}
+        for (index, p), (flat, base) in zip(params, shards):
             if not self.uses_philox(p):
                 plan.torch.append((index, flat))
             elif self._kernel_for(flat) is not None:
-                groups.setdefault((flat.device, flat.dtype), []).append((index, flat))
+                groups.setdefault((flat.device, flat.dtype), []).append((index, flat, base))
             else:
-                plan.philox_in_torch.append((index, flat))
-        plan.kernel_groups = [self._fused.tables(group) for group in groups.values()]
+                plan.philox_in_torch.append((index, flat, base))
+        plan.kernel_groups = [self._fused.tables([(i, t) for i, t, _ in group], [b for _, _, b in group])
+                              for group in groups.values()]
         if all(isinstance(p, nn.Parameter) for _, p in params):  # the optimizer's weights: passes repeat
             self._plans[key] = plan
         return plan
 
     # ------------------------------------------------------------ philox
 
-    def _philox_torch_add(self, flat: Tensor, index: int, keyed: Sequence[tuple[float, int]]) -> None:
+    def _philox_torch_add(self, flat: Tensor, index: int, keyed: Sequence[tuple[float, int]], base: int = 0) -> None:
         # Accumulate in float32 (float64 for float64) and round once, as the kernel does.
         size = max(self._chunk_numel(flat.device) // philox.BLOCK, 1) * philox.BLOCK
         for start in range(0, flat.numel(), size):
             chunk = flat[start : start + size]
             total = chunk.to(torch.promote_types(chunk.dtype, torch.float32))
             for alpha, seed in keyed:
-                total.add_(philox.normals(seed, index, start, chunk.numel(), chunk.device).to(total.dtype),
+                total.add_(philox.normals(seed, index, base + start, chunk.numel(), chunk.device).to(total.dtype),
                            alpha=alpha)
             chunk.copy_(total)
 
@@ -273,10 +277,40 @@ class Gaussian(Perturbation):
         return param.view(-1)
 
 
+def _is_sharded(param: Tensor) -> bool:
+    return getattr(param, "placements", None) is not None  # a DTensor (FSDP2's parameters)
+
+
+def _shard(param: Tensor) -> tuple[Tensor, int]:
+    """The elements this process holds of ``param``, flat, and the parameter element they start at.
+
+    A plain tensor is all of itself (offset 0). A DTensor must be laid out as FSDP2 lays parameters
+    out: ``Shard(0)`` over a 1-D mesh, rank r holding rows [r·c, (r+1)·c) with c = ceil(rows / ranks)
+    (``torch.chunk``'s split). Directions are then drawn by the parameter's element, so a sharded run
+    perturbs and updates exactly what an unsharded one does, whatever the number of ranks.
+    """
+    if not _is_sharded(param):
+        return Gaussian._flat(param), 0
+    from torch.distributed.tensor import Shard
+
+    placements = param.placements
+    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise ValueError(f"sharded parameters are supported as FSDP2 lays them out (Shard(0) over a 1-D mesh); got "
+                         f"{placements}")
+    rows = param.shape[0]
+    per_rank = -(-rows // param.device_mesh.size())
+    first_row = min(param.device_mesh.get_local_rank() * per_rank, rows)
+    local = param.to_local()
+    if local.shape[0] != min(per_rank, rows - first_row):
+        raise ValueError(f"a shard of {tuple(param.shape)} holds {local.shape[0]} rows from row {first_row}; FSDP2's "
+                         f"even split gives {min(per_rank, rows - first_row)}")
+    return Gaussian._flat(local), first_row * (param.numel() // rows if rows else 0)
+
+
 @dataclass
 class _Plan:
     torch: list  # (index, flat tensor) drawn with torch.Generator chunks
-    philox_in_torch: list  # (index, flat tensor) drawn from the Philox stream by torch ops
+    philox_in_torch: list  # (index, flat tensor, base) drawn from the Philox stream by torch ops
     kernel_groups: list  # launch tables of the fused kernel, one per (device, dtype)
 
 

@@ -79,9 +79,12 @@ def _box_muller(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def normals(seed: int, index: int, start: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
-    """Elements ``start .. start + numel - 1`` of the direction (float32); ``start`` a multiple of BLOCK."""
-    if start % BLOCK:
-        raise ValueError(f"start must be a multiple of {BLOCK}, got {start}")
+    """Elements ``start .. start + numel - 1`` of the direction (float32)."""
+    if start < 0 or numel < 0:
+        raise ValueError(f"start and numel must be >= 0, got {start} and {numel}")
+    skip = start % BLOCK  # the stream is drawn by whole blocks: from the block holding ``start``
+    if skip:
+        return normals(seed, index, start - skip, numel + skip, device)[skip:]
     blocks = -(-numel // BLOCK)
     counters = torch.arange(start // 4, start // 4 + blocks * QUADS, device=device, dtype=torch.int64)
     x0, x1, x2, x3 = philox4x32(seed, counters, index)

@@ -1,0 +1,83 @@
+"""MeZO over FSDP2-sharded parameters, one rank of a torchrun job, or the unsharded reference in process.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist/fsdp_worker.py OUT_DIR
+    run_reference() from the tests
+
+Each rank holds a shard of every parameter (``zotune.dist.shard``: per decoder layer and the root), perturbs
+and updates only that shard, and measures the loss of its half of a global batch of 8 sequences; the
+losses are all-reduced (``Distributed``). The reference is one process with the whole model, taking the
+mean of the two halves' losses. Rank 0 saves the gathered weights and the projected gradients.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest's tiny models
+
+import zotune  # noqa: E402
+from conftest import tiny_llama  # noqa: E402
+from zotune.optim import SPSA, Gaussian, ZOOptimizer  # noqa: E402
+
+STEPS, GLOBAL_BATCH, HALVES = 6, 8, 2
+
+
+def batch_for(step: int) -> torch.Tensor:
+    return torch.randint(0, 64, (GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(1000 + step))
+
+
+def half(step: int, which: int) -> torch.Tensor:
+    size = GLOBAL_BATCH // HALVES
+    return batch_for(step)[which * size:(which + 1) * size]
+
+
+def lm_loss(model, ids) -> torch.Tensor:
+    logits = model(input_ids=ids).logits[:, :-1]
+    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:])
+
+
+def optimizer(model, execution=None) -> ZOOptimizer:
+    # MeZO with two queries, the Philox directions (what sharded parameters are drawn from)
+    return ZOOptimizer(model.parameters(), lr=1e-2, perturbation=Gaussian(generator="philox"),
+                       estimator=SPSA(eps=1e-3, num_queries=2), seed=7, execution=execution)
+
+
+def run_reference() -> tuple[dict[str, torch.Tensor], list]:
+    model = tiny_llama()
+    opt = optimizer(model)
+    grads = []
+    for step in range(STEPS):
+        # the mean of the halves' losses, in float64 as the all-reduce computes it
+        opt.step(lambda step=step: sum(float(lm_loss(model, half(step, w))) for w in range(HALVES)) / HALVES)
+        grads.append(opt.last_record.projected_grads)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, grads
+
+
+def main(out: Path) -> None:
+    import torch.distributed as dist
+
+    from zotune.dist import Distributed, Layout, shard
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = shard(tiny_llama())  # each decoder layer a unit, the rest the root's
+    opt = optimizer(model, execution=Distributed(zotune.InPlace(), Layout(world, rank)))
+    grads = []
+    for step in range(STEPS):
+        opt.step(lambda step=step: lm_loss(model, half(step, rank)))
+        grads.append(opt.last_record.projected_grads)
+    full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}  # a collective: all ranks
+    if rank == 0:
+        torch.save({"weights": full, "grads": grads,
+                    "local_numel": sum(p.to_local().numel() for p in model.parameters()),
+                    "numel": sum(p.numel() for p in model.parameters())}, out / "fsdp.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
