@@ -92,7 +92,7 @@ def test_methods_and_tasks(capsys):
     (["--optim.method", "mezo", "--optim.rank", "4"], "optim.rank is not an option of the chosen method"),
     (["--optim.method", "mezo", "--optim.virtual", "true"], "needs a method with factored directions"),
     (["--optim.method", "lozo", "--optim.virtual", "true", "--optim.drift_safe", "true"], "exclude each other"),
-    (["--optim.method", "lozo", "--optim.copies_per_forward", "2"], "set optim.virtual true"),
+    (["--optim.method", "lozo", "--optim.copies_per_forward", "2"], "set optim.virtual or optim.batched true"),
     (["--optim.method", "lozo", "--optim.virtual", "true", "--optim.copies_per_forward", "0"], "positive integer"),
     (["--optim.method", "mezo_adam", "--train.guard_spike", "3", "--train.guard_action", "rollback"], "keeps moments"),
     (["--train.guard_spike", "3", "--train.guard_action", "reset"], "guard action"),

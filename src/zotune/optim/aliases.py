@@ -28,17 +28,19 @@ def option(default: Any, help: str):
 
 @dataclass(frozen=True)
 class MezoOptions:
-    """MeZO has no options beyond the common ones (lr, eps, num_queries, two_sided)."""
+    generator: str = option("auto", "dense directions from: auto (philox on CUDA with Triton and for sharded "
+                                    "parameters, else torch), philox (the counter-based stream, any device), or torch "
+                                    "(torch.Generator chunks)")
 
 
 @dataclass(frozen=True)
-class MomentumOptions:
+class MomentumOptions(MezoOptions):
     beta: float = option(0.9, "momentum β")
     form: str = option("ema", "momentum form: ema ((1 − β)-damped) or heavy_ball (ZO-Bench's torch.optim.SGD)")
 
 
 @dataclass(frozen=True)
-class AdamOptions:
+class AdamOptions(MezoOptions):
     betas: tuple[float, float] = option((0.9, 0.999), "Adam (β1, β2)")
     adam_eps: float = option(1e-8, "Adam's δ in the denominator")
 
@@ -79,7 +81,7 @@ class TemporalCPAdamOptions(TemporalCPOptions):
 
 
 @dataclass(frozen=True)
-class QueryScheduleOptions:
+class QueryScheduleOptions(MezoOptions):
     q_alpha: float = option(0.85, "query schedule multiplier α in Q_e = min(max(floor(α e^β), 1), Q_max)")
     q_max: int = option(15, "query schedule cap Q_max")
     q_beta: Union[float, None] = option(None, "query schedule exponent β (default: derived from q_target and the "
@@ -97,6 +99,7 @@ def mezo(
     lr: float,
     eps: float = 1e-3,
     *,
+    generator: str = MezoOptions.generator,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -108,7 +111,7 @@ def mezo(
     Other keyword arguments go to :class:`ZOOptimizer` (``weight_decay``, ``seed``,
     ``nan_policy``, ``execution``, ``query_schedule``).
     """
-    return _compose(params, lr, Gaussian(), SGD(), eps, num_queries, two_sided, kwargs)
+    return _compose(params, lr, Gaussian(generator=generator), SGD(), eps, num_queries, two_sided, kwargs)
 
 
 def mezo_momentum(
@@ -118,6 +121,7 @@ def mezo_momentum(
     *,
     beta: float = MomentumOptions.beta,
     form: str = MomentumOptions.form,
+    generator: str = MezoOptions.generator,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -128,7 +132,8 @@ def mezo_momentum(
     ≈ 10x larger at steady state); ``form="ema"`` is the (1 − β)-damped form used by LOZO-M
     and TeZO-m. See :class:`~zotune.optim.rules.Momentum`. One float32 buffer per parameter.
     """
-    return _compose(params, lr, Gaussian(), Momentum(beta, form), eps, num_queries, two_sided, kwargs)
+    return _compose(params, lr, Gaussian(generator=generator), Momentum(beta, form), eps, num_queries, two_sided,
+                    kwargs)
 
 
 def mezo_adam(
@@ -138,6 +143,7 @@ def mezo_adam(
     *,
     betas: tuple[float, float] = AdamOptions.betas,
     adam_eps: float = AdamOptions.adam_eps,
+    generator: str = MezoOptions.generator,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -148,7 +154,7 @@ def mezo_adam(
     Two float32 moments per parameter (+2d memory).
     """
     rule = Adam(betas[0], betas[1], adam_eps)
-    return _compose(params, lr, Gaussian(), rule, eps, num_queries, two_sided, kwargs)
+    return _compose(params, lr, Gaussian(generator=generator), rule, eps, num_queries, two_sided, kwargs)
 
 
 def lozo(
@@ -277,6 +283,7 @@ def adazeta(
     q_max: int = QueryScheduleOptions.q_max,
     q_beta: float | None = QueryScheduleOptions.q_beta,
     q_target: float = QueryScheduleOptions.q_target,
+    generator: str = MezoOptions.generator,
     num_queries: int = 1,
     two_sided: bool = True,
     **kwargs: Any,
@@ -293,4 +300,5 @@ def adazeta(
     estimator is two-sided.
     """
     schedule = QuerySchedule(q_alpha, q_max, q_beta, q_target)
-    return _compose(params, lr, Gaussian(), SGD(), eps, num_queries, two_sided, {**kwargs, "query_schedule": schedule})
+    return _compose(params, lr, Gaussian(generator=generator), SGD(), eps, num_queries, two_sided,
+                    {**kwargs, "query_schedule": schedule})

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from . import philox
 from .seeding import DeviceGenerators, derive_seed
+from .shards import is_sharded, local_shard
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ class Gaussian(Perturbation):
     # ------------------------------------------------------------ which generator
     def uses_philox(self, param: Tensor) -> bool:
         if self.generator == "auto":  # a shard's directions must be its parameter's, wherever it lives
-            return (param.is_cuda and _triton_installed()) or _is_sharded(param)
+            return (param.is_cuda and _triton_installed()) or is_sharded(param)
         return self.generator == "philox"
 
     def _kernel_for(self, param: Tensor):
@@ -191,7 +192,7 @@ class Gaussian(Perturbation):
             self._fused.add_(tables, keyed)
 
     def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
-        if _is_sharded(param):
+        if is_sharded(param):
             raise ValueError("sharded parameters are updated by SGD-type rules only in this version (MeZO, "
                              "AdaZeta): momentum and Adam keep full-size moments of the parameter")
         # float32 at least (half-precision moments underflow), float64 kept as is.
@@ -210,7 +211,7 @@ class Gaussian(Perturbation):
         """How a pass over ``params`` runs: which tensors the torch generator serves, which the Philox
         stream in torch, and the kernel's launch tables per (device, dtype). Kept per parameter list
         (a pass over the same weights is planned once), unless the list is a one-off."""
-        shards = [_shard(p) for _, p in params]  # (flat local tensor, the parameter element it starts at)
+        shards = [local_shard(p) for _, p in params]  # (flat local tensor, the parameter element it starts at)
         key = tuple((id(p), flat.data_ptr()) for (_, p), (flat, _) in zip(params, shards))
         plan = self._plans.get(key)
         if plan is not None:
@@ -269,42 +270,6 @@ class Gaussian(Perturbation):
         for chunk_index, chunk in self._chunks(flat):
             for alpha, key in terms:
                 chunk.add_(self._draw(chunk, index, key, chunk_index), alpha=alpha)
-
-    @staticmethod
-    def _flat(param: Tensor) -> Tensor:
-        if not param.is_contiguous():
-            raise ValueError("Gaussian perturbation needs contiguous parameters")
-        return param.view(-1)
-
-
-def _is_sharded(param: Tensor) -> bool:
-    return getattr(param, "placements", None) is not None  # a DTensor (FSDP2's parameters)
-
-
-def _shard(param: Tensor) -> tuple[Tensor, int]:
-    """The elements this process holds of ``param``, flat, and the parameter element they start at.
-
-    A plain tensor is all of itself (offset 0). A DTensor must be laid out as FSDP2 lays parameters
-    out: ``Shard(0)`` over a 1-D mesh, rank r holding rows [r·c, (r+1)·c) with c = ceil(rows / ranks)
-    (``torch.chunk``'s split). Directions are then drawn by the parameter's element, so a sharded run
-    perturbs and updates exactly what an unsharded one does, whatever the number of ranks.
-    """
-    if not _is_sharded(param):
-        return Gaussian._flat(param), 0
-    from torch.distributed.tensor import Shard
-
-    placements = param.placements
-    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
-        raise ValueError(f"sharded parameters are supported as FSDP2 lays them out (Shard(0) over a 1-D mesh); got "
-                         f"{placements}")
-    rows = param.shape[0]
-    per_rank = -(-rows // param.device_mesh.size())
-    first_row = min(param.device_mesh.get_local_rank() * per_rank, rows)
-    local = param.to_local()
-    if local.shape[0] != min(per_rank, rows - first_row):
-        raise ValueError(f"a shard of {tuple(param.shape)} holds {local.shape[0]} rows from row {first_row}; FSDP2's "
-                         f"even split gives {min(per_rank, rows - first_row)}")
-    return Gaussian._flat(local), first_row * (param.numel() // rows if rows else 0)
 
 
 @dataclass
