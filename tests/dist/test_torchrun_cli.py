@@ -55,3 +55,33 @@ def test_two_ranks_train_kill_one_and_resume(tiny_model_dir, tmp_path):
         str(straight / "trainable.safetensors"))
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
+
+
+def test_sharded_fsdp_run_replays_bit_identically_in_one_process(tiny_model_dir, tmp_path):
+    from zotune.train.replay import replay
+
+    extra = ("--train.sharding", "fsdp", "--data.n_dev", "8", "--train.eval_every", "10")
+    done = subprocess.run(torchrun_train(tiny_model_dir, tmp_path, "sharded", extra), capture_output=True, text=True,
+                          timeout=600, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "sharded"
+    assert (run / "results.json").exists() and done.stdout.count("fine-tuned accuracy") == 1
+    checkpoint = run / "checkpoints" / "step-000000030"
+    assert (checkpoint / "manifest.json").exists() and not (checkpoint / "trainable.safetensors").exists()
+    # The ranks perturbed and updated their shards with directions drawn by each element's position in its
+    # whole parameter: replaying the log in one process, unsharded, rebuilds the gathered final weights exactly.
+    said = []
+    replay(str(tiny_model_dir), run, tmp_path / "replayed.safetensors", progress=False, say=said.append)
+    assert any("bit-identical to the run's final weights" in line for line in said), said
+
+    # a rank dies after step 12; the resume rebuilds the shards from the trajectory (step 10) and goes on
+    killed = subprocess.run(torchrun_train(tiny_model_dir, tmp_path, "killed", extra, die_at=(1, 12)),
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert killed.returncode != 0
+    done = subprocess.run(torchrun_train(tiny_model_dir, tmp_path, "killed", (*extra, "--train.resume", "true")),
+                          capture_output=True, text=True, timeout=600, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rebuilt the weights of step 10 from the trajectory log" in done.stdout
+    resumed, reference = (load_file(str(tmp_path / name / "trainable.safetensors")) for name in ("killed", "sharded"))
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name

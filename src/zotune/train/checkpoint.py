@@ -29,6 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..optim.shards import is_sharded, local_rows
+
 FILES = ("trainable.safetensors", "optimizer.pt")
 
 
@@ -44,14 +46,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable weights by name (tied weights once), as contiguous copies."""
-    seen, out = set(), {}
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters (tied weights once), in order."""
+    seen, out = set(), []
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            out[name] = p.detach().clone().contiguous()
+            out.append(name)
     return out
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable weights by name (tied weights once), as contiguous copies. Sharded (FSDP2) parameters
+    are gathered whole: a collective, which every rank must call."""
+    params = dict(model.named_parameters())
+    return {name: (params[name].full_tensor() if is_sharded(params[name]) else params[name]).detach().clone()
+            .contiguous() for name in trainable_names(model)}
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, extra: dict, keep: int = 2,
@@ -123,7 +133,12 @@ def load_trainable(model: nn.Module, file: Path) -> None:
         raise CheckpointError(f"{file}: weights for parameters this model does not have: {unknown[:5]}")
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value)
+            param = params[name]
+            if is_sharded(param):  # this process's rows of the whole tensor
+                first, rows = local_rows(param)
+                param.to_local().copy_(value[first:first + rows])
+            else:
+                param.copy_(value)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, replay: Callable[[int], None] | None = None) -> dict:

@@ -23,12 +23,13 @@ from .. import adapters
 from ..config import ConfigError, RunConfig, apply_overrides, to_dict
 from ..dist.context import DistContext, start
 from ..dist.parallel import Layout
+from ..dist.sharding import shard
 from ..eval.evaluate import evaluate_task
 from ..optim import get_method
 from ..tasks import get_task
 from . import trajectory
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint,
-                         trainable_state)
+                         trainable_names, trainable_state)
 from .losses import LOSSES
 from .plots import plot_run
 from .recipe import setup
@@ -101,6 +102,17 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.keep_checkpoints must be >= 1")
     if t.checkpoint not in (None, "weights", "trajectory"):
         raise ConfigError(f"train.checkpoint must be weights or trajectory, got {t.checkpoint!r}")
+    if t.sharding not in ("none", "fsdp"):
+        raise ConfigError(f"train.sharding must be none or fsdp, got {t.sharding!r}")
+    if t.sharding == "fsdp":
+        o = cfg.optim
+        if not (spec.zeroth_order and spec.linear and not spec.virtual) or o.options.get("generator") == "torch":
+            raise ConfigError(f"train.sharding=fsdp trains with dense Gaussian directions and an SGD rule in this "
+                              f"version: optim.method mezo or adazeta (not {o.method!r}), generator auto or philox")
+        if o.virtual or o.batched or o.drift_safe or t.query_parallel != 1 or t.checkpoint == "weights":
+            raise ConfigError("train.sharding=fsdp runs the in-place path with data parallelism and trajectory "
+                              "checkpoints: drop optim.virtual, optim.batched, optim.drift_safe, "
+                              "train.query_parallel and train.checkpoint=weights")
     if t.checkpoint == "trajectory" and not spec.zeroth_order:
         raise ConfigError(f"train.checkpoint=trajectory rebuilds weights from a ZO run's log; {cfg.optim.method!r} "
                           "is first-order: use train.checkpoint=weights")
@@ -165,6 +177,13 @@ class Training:
         self.resume_changes = changes
         pieces = setup(cfg, say=say)
         self.cfg = cfg = pieces.cfg  # the learning rate resolved for the trainable set
+        self.sharded = cfg.train.sharding == "fsdp"
+        if self.sharded:
+            if not ctx.enabled:
+                raise ConfigError("train.sharding=fsdp shards over the ranks of a torchrun job: launch with torchrun")
+            if cfg.optim.options.get("generator", "auto") == "auto":  # recorded, so that replay draws the same
+                self.cfg = cfg = apply_overrides(cfg, {"optim.generator": "philox"})
+            shard(pieces.model)
         self.model, self.task, self.splits, self.n_trainable = pieces.model, pieces.task, pieces.splits, \
             pieces.n_trainable
         self.train_set, self.dev_set, self.test_set = (pieces.encode(s) for s in
@@ -179,7 +198,8 @@ class Training:
                                          nan_policy="skip" if self.guard else None,
                                          layout=self.layout if ctx.enabled else None)
         self.spec = get_method(cfg.optim.method)
-        self.checkpoint_kind = checkpoint_kind(cfg.train.checkpoint, self.spec, self.n_trainable)
+        self.checkpoint_kind = "trajectory" if self.sharded else \
+            checkpoint_kind(cfg.train.checkpoint, self.spec, self.n_trainable)
         self.train_model = training_forward(self.model, cfg, self.optimizer, pieces.masked, say)  # CUDA graphs
         self.trainable_name = cfg.optim.trainable or ("adapters" if cfg.adapter.kind != "none" else "final_norm")
         self.run = RunFolder.create(path, cfg, writer=ctx.is_main)
@@ -227,7 +247,7 @@ class Training:
         if self.spec.zeroth_order and self.ctx.is_main:
             estimator = self.optimizer.estimator
             self.trajectory = trajectory.TrajectoryWriter(
-                run.path, {"config": to_dict(cfg), "trainable_names": list(trainable_state(self.model)),
+                run.path, {"config": to_dict(cfg), "trainable_names": trainable_names(self.model),
                            "devices": trajectory.direction_devices(self.optimizer)},
                 estimator.num_points(self.optimizer.max_num_queries), len(self.optimizer.param_groups),
             )
@@ -295,9 +315,12 @@ class Training:
             dev_score = self.evaluate("dev", "dev eval")[metric]
             self.run.log(step=done, **{f"dev_{metric}": dev_score})
             self.say_between(f"step {done}: dev {metric} {100 * dev_score:.1f}%")
-            if cfg.train.keep_best and self.ctx.is_main and dev_score > self.results.get(f"best_dev_{metric}", -1.0):
+            if cfg.train.keep_best and (self.ctx.is_main or self.sharded) and \
+                    dev_score > self.results.get(f"best_dev_{metric}", -1.0):
                 self.results.update({f"best_dev_{metric}": dev_score, "best_step": done})
-                save_file(trainable_state(self.model), str(self.run.path / BEST))
+                state = trainable_state(self.model)  # sharded: gathers, with every rank taking part
+                if self.ctx.is_main:
+                    save_file(state, str(self.run.path / BEST))
         if stop_requested:  # every rank stops after the same step
             raise Interrupted(done, self._checkpoint(done))
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
@@ -310,9 +333,12 @@ class Training:
         results["train_seconds"] = round(time.perf_counter() - self._clock, 1)
         results["steps"] = cfg.train.steps
         results["skipped_steps"] = self.optimizer.num_skipped
-        if self.ctx.is_main:  # the final weights (replay rebuilds exactly these)
-            save_file(trainable_state(self.model), str(self.run.path / "trainable.safetensors"))
-        if "best_step" in results and self.ctx.is_main:  # the protocol tests the checkpoint with the best dev metric
+        if self.ctx.is_main or self.sharded:  # the final weights (replay rebuilds exactly these)
+            state = trainable_state(self.model)
+            if self.ctx.is_main:
+                save_file(state, str(self.run.path / "trainable.safetensors"))
+        # the protocol tests the checkpoint with the best dev metric (sharded: every rank loads its shard of it)
+        if "best_step" in results and (self.ctx.is_main or self.sharded):
             load_trainable(self.model, self.run.path / BEST)
             self.say(f"testing the weights of step {results['best_step']} (best dev {metric} "
                      f"{100 * results[f'best_dev_{metric}']:.1f}%)")
@@ -329,13 +355,14 @@ class Training:
 
     # ------------------------------------------------------------ helpers
     def evaluate(self, split: str, desc: str) -> dict[str, float]:
-        """Rank 0 evaluates (the weights are identical on every rank)."""
-        if not self.ctx.is_main:
+        """Rank 0 evaluates (the weights are identical on every rank); with sharded weights every rank runs the
+        evaluation's forwards (each gathers the shards) and gets the same scores."""
+        if not (self.ctx.is_main or self.sharded):
             return {self.metric: float("nan")}
         examples, encoded = {"dev": (self.splits.dev, self.dev_set), "test": (self.splits.test, self.test_set)}[split]
         tokenizer, batch_size, max_length = self._evaluate_args
         return evaluate_task(self.model, tokenizer, self.task, examples, encoded, batch_size, max_length,
-                             self.cfg.train.progress, desc)
+                             self.cfg.train.progress and self.ctx.is_main, desc)
 
     def say_between(self, text: str) -> None:
         """A message printed above the progress bar."""

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..config import from_dict
 from ..optim import NonFiniteLossError
 from . import trajectory
-from .checkpoint import trainable_state
+from .checkpoint import trainable_names, trainable_state
 from .recipe import setup
 from .setup import build_guard, build_optimizer
 
@@ -70,7 +70,7 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
         trajectory.check_devices(header, ["cpu"])  # before loading: the recorded config's device is not here
     pieces = setup(from_dict(header["config"]), data=False, base_model=base_model, say=say)
     cfg, model = pieces.cfg, pieces.model
-    names = list(trainable_state(model))
+    names = trainable_names(model)
     if names != header["trainable_names"]:
         raise ValueError(f"{base_model} does not have the trainable parameters the log was written for")
     guarded = build_guard(cfg) is not None

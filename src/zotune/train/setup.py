@@ -15,6 +15,7 @@ from torch import nn
 from ..config import AdapterConfig, ConfigError, ModelConfig, OptimConfig, RunConfig, apply_overrides
 from ..models.captured import CapturedCausalLM, capture_unsupported
 from ..models.families import family_of, model_type_of
+from ..optim.shards import is_sharded
 from ..optim import (METHODS, Batched, DriftSafe, ExecutionPath, InPlace, MethodSpec, Virtual, get_method,
                      param_groups)
 from ..optim.groups import is_norm_module, trainable_numel
@@ -250,8 +251,10 @@ def build_execution(cfg: OptimConfig, model: nn.Module, layout=None) -> Executio
         path = Batched(model, cfg.copies_per_forward)
     else:
         drift_safe = cfg.drift_safe
-        if drift_safe is None:
-            drift_safe = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters() if p.requires_grad)
+        if drift_safe is None:  # half precision; not for sharded weights (FSDP2 gathers the shards it holds)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            drift_safe = any(p.dtype in (torch.float16, torch.bfloat16) for p in trainable) and \
+                not any(is_sharded(p) for p in trainable)
         path = DriftSafe(model) if drift_safe or query_shards else InPlace()
     if layout is not None:
         from ..dist.parallel import Distributed
