@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .execution import ExecutionPath, owners, replace_forward, restore_forward
+from .execution import CopiesOfTheBatch, owners, replace_forward, restore_forward
 from .virtual import per_copy_losses
 
 
-class Batched(ExecutionPath):
+class Batched(CopiesOfTheBatch):
     """Measure every point of a step in one forward over S copies of the batch (or k copies at a time).
 
     Args:
@@ -35,16 +35,6 @@ class Batched(ExecutionPath):
         copies_per_forward: at most this many copies per forward (bounds activation memory);
             default all S in one.
     """
-
-    def __init__(self, model: nn.Module, copies_per_forward: int | None = None) -> None:
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Batched(model) needs the nn.Module owning the parameters, got {type(model).__name__}")
-        if copies_per_forward is not None and (isinstance(copies_per_forward, bool)
-                                               or int(copies_per_forward) != copies_per_forward
-                                               or copies_per_forward < 1):
-            raise ValueError(f"copies_per_forward must be a positive integer or None, got {copies_per_forward!r}")
-        self.model, self.copies_per_forward = model, copies_per_forward
 
     def bind(self, params, perturbation, estimator) -> None:
         super().bind(params, perturbation, estimator)

@@ -93,6 +93,29 @@ class ExecutionPath(ABC):
         return []
 
 
+class CopiesOfTheBatch(ExecutionPath):
+    """A path that measures a step's points on copies of the batch: the closure is called as
+    ``closure(copies=k)`` and returns the k losses of the batch repeated k times (copy-major).
+
+    Args:
+        model: the module owning the optimizer's parameters.
+        copies_per_forward: at most this many copies per forward (bounds activation memory);
+            default all of a step's points in one.
+    """
+
+    def __init__(self, model: nn.Module, copies_per_forward: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__}(model) needs the nn.Module owning the parameters, got "
+                            f"{type(model).__name__}")
+        if copies_per_forward is not None and (isinstance(copies_per_forward, bool)
+                                               or int(copies_per_forward) != copies_per_forward
+                                               or copies_per_forward < 1):
+            raise ValueError(f"copies_per_forward must be a positive integer or None, got {copies_per_forward!r}")
+        self.model = model
+        self.copies_per_forward = None if copies_per_forward is None else int(copies_per_forward)
+
+
 class InPlace(ExecutionPath):
     """Perturb the weights in place (MeZO's seed trick, with the restore fused into the update)."""
 

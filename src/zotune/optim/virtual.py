@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor, nn
 
-from .execution import Closure, ExecutionPath, owners, replace_forward, restore_forward
+from .execution import Closure, CopiesOfTheBatch, owners, replace_forward, restore_forward
 from .perturbations import FactoredPerturbation
 from .virtual_hooks import HOOKS, LINEAR, HookKind, SharedInput, hook_kind, linear_product
 
@@ -51,7 +51,7 @@ def per_copy_losses(closures: Sequence[Closure], copies: int) -> list[float]:
     return (total / len(closures)).tolist()
 
 
-class Virtual(ExecutionPath):
+class Virtual(CopiesOfTheBatch):
     """Execution path that measures every point of a step in one batched forward (or k copies at a time).
 
     Args:
@@ -60,17 +60,6 @@ class Virtual(ExecutionPath):
             called once per group of copies: with S = 4 and 2, as ``closure(copies=2)`` twice);
             bounds the activation memory. Default: all S in one forward.
     """
-
-    def __init__(self, model: nn.Module, copies_per_forward: int | None = None) -> None:
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Virtual(model) needs the nn.Module owning the parameters, got {type(model).__name__}")
-        if copies_per_forward is not None and (isinstance(copies_per_forward, bool)
-                                               or int(copies_per_forward) != copies_per_forward
-                                               or copies_per_forward < 1):
-            raise ValueError(f"copies_per_forward must be a positive integer or None, got {copies_per_forward!r}")
-        self.model = model
-        self.copies_per_forward = None if copies_per_forward is None else int(copies_per_forward)
 
     def bind(self, params, perturbation, estimator) -> None:
         if not isinstance(perturbation, FactoredPerturbation):
