@@ -134,8 +134,9 @@ class Gaussian(Perturbation):
       (2²² on the CPU, 2²⁶ on a GPU), Z drawn into a chunk-sized scratch buffer and added term
       by term. Z depends on the chunk size, so a run must be resumed with the same one.
 
-    ``"auto"`` (the default) is ``"philox"`` for CUDA parameters when Triton is installed and
-    ``"torch"`` otherwise. The two give different directions, and so do torch's CPU and CUDA
+    ``"auto"`` (the default) is ``"philox"`` for CUDA parameters when Triton is installed and for
+    sharded (FSDP2) parameters, whose shards draw from their elements' positions in the whole
+    parameter, and ``"torch"`` otherwise. The two give different directions, and so do torch's CPU and CUDA
     generators: a run resumes and replays bit-identically on the kind of device it ran on.
 
     Coordinates are the full-size tensor (so moments are full-size, as in MeZO-Adam).
@@ -232,7 +233,6 @@ class Gaussian(Perturbation):
         return plan
 
     # ------------------------------------------------------------ philox
-
     def _philox_torch_add(self, flat: Tensor, index: int, keyed: Sequence[tuple[float, int]], base: int = 0) -> None:
         # Accumulate in float32 (float64 for float64) and round once, as the kernel does.
         size = max(self._chunk_numel(flat.device) // philox.BLOCK, 1) * philox.BLOCK
