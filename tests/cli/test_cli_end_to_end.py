@@ -99,6 +99,9 @@ def test_methods_and_tasks(capsys):
     (["--optim.eps", "0"], "optim.eps must be > 0, got 0.0"),
     (["--optim.lr", "-1"], "optim.lr must be >= 0, got -1.0"),
     (["--train.keep_checkpoints", "0"], "keep_checkpoints"),
+    (["--train.sharding", "fsdp"], "launch with torchrun"),
+    (["--train.sharding", "fsdp", "--optim.method", "lozo"], "mezo or adazeta (not 'lozo')"),
+    (["--train.checkpoint", "trajectory", "--optim.method", "adamw"], "'adamw' is first-order"),
 ])
 def test_contradictions_fail_before_loading(argv, message, capsys, monkeypatch):
     import zotune.models.loading as loading

@@ -135,6 +135,8 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     """
     validate(cfg)
     ctx = start(cfg.model.device, cfg.train.dist_timeout)
+    if cfg.train.sharding == "fsdp" and not ctx.enabled:  # before anything loads
+        raise ConfigError("train.sharding=fsdp shards over the ranks of a torchrun job: launch with torchrun")
     try:
         with Training(cfg, ctx, say if ctx.is_main else (lambda _: None)) as run:
             first = run.resume()
@@ -179,8 +181,6 @@ class Training:
         self.cfg = cfg = pieces.cfg  # the learning rate resolved for the trainable set
         self.sharded = cfg.train.sharding == "fsdp"
         if self.sharded:
-            if not ctx.enabled:
-                raise ConfigError("train.sharding=fsdp shards over the ranks of a torchrun job: launch with torchrun")
             if cfg.optim.options.get("generator", "auto") == "auto":  # recorded, so that replay draws the same
                 self.cfg = cfg = apply_overrides(cfg, {"optim.generator": "philox"})
             shard(pieces.model)
