@@ -31,6 +31,24 @@ def test_bucketed_masked_forward_scores_like_the_model(implementation, build):
     assert torch.allclose(bucketed, plain, atol=1e-5), (bucketed - plain).abs().max()
 
 
+def test_a_failed_capture_warns_once_and_runs_eagerly():
+    # On a machine without CUDA the capture itself fails (no CUDA stream): the fallback path for real.
+    if torch.cuda.is_available():
+        pytest.skip("capture succeeds here; the failure path is exercised where CUDA is absent")
+    model = tiny_llama()
+    captured = CapturedCausalLM(model)
+    batch = rows(4, 2)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture of LlamaForCausalLM's forward failed"):
+        first = tail_logprobs(captured, batch, pad_id=0)
+    assert captured.failure is not None
+    torch.testing.assert_close(first, tail_logprobs(model, batch, pad_id=0))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: later calls go straight to the model
+        torch.testing.assert_close(tail_logprobs(captured, batch, pad_id=0), first)
+
+
 def test_a_cpu_model_is_not_captured():
     assert capture_unsupported(tiny_llama()) == "the model is not (entirely) on a CUDA device"
 

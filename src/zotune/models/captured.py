@@ -83,7 +83,8 @@ class CapturedCausalLM:
                 warnings.warn(f"CUDA graph capture of {type(self.model).__name__}'s forward failed ({self.failure}); "
                               "the training forwards run eagerly (train.cuda_graphs=false skips the attempt)",
                               RuntimeWarning, stacklevel=2)
-                torch.cuda.synchronize()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # let a half-recorded capture's stream settle before running eagerly
                 return self(input_ids, attention_mask, position_ids, logits_to_keep, **rest)
         graph, static, out = entry
         for name, value in inputs.items():
