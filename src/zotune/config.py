@@ -31,6 +31,9 @@ class ModelConfig:
     device_map: typing.Optional[str] = _f(None, "spread a model too large for one device: auto (accelerate places "
                                                 "the layers over the GPUs, then the CPU); replaces model.device")
     max_length: int = _f(256, "longest prompt + candidate in tokens; prompts are cut from the left")
+    offload: typing.Optional[str] = _f(None, "cpu: keep the repeated blocks' weights in CPU memory and upload each "
+                                             "once per step to model.device (a model larger than the GPU; mezo, "
+                                             "adazeta, no weight decay)")
     tf32: bool = _f(True, "on CUDA, float32 matrix products run on TF32 tensor cores (float32 accumulation; "
                           "what PyTorch calls 'high' precision); false: exact float32 products, several times "
                           "slower")

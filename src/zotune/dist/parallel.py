@@ -115,6 +115,12 @@ class Distributed(ExecutionPath):
     def take_restore_terms(self):
         return self.inner.take_restore_terms()
 
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
+
 
 def _collective_device(group) -> torch.device:
     backend = dist.get_backend(group)

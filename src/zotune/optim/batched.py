@@ -38,75 +38,93 @@ class Batched(CopiesOfTheBatch):
 
     def bind(self, params, perturbation, estimator) -> None:
         super().bind(params, perturbation, estimator)
-        owned = owners(self.model, params)
-        found = {id(p) for _, _, mine in owned for _, _, p in mine}
-        missing = [i for i, p in params if id(p) not in found]
-        if missing:
-            raise ValueError(f"parameters at indices {missing[:5]} do not belong to a module of the model")
-        # Only the outermost owners run per copy; an owner inside one (a norm inside an adapter) has
-        # its parameters swapped by the outer one's per-copy call.
-        names = [name for name, _, _ in owned]
-        outer = [(name, module) for name, module, _ in owned
-                 if not any(name != other and name.startswith(other + ".") for other in names if other)]
-        self._units = []  # (outer module, [(owning module, attribute, param index, Parameter)])
-        for name, module in outer:
-            inside = [(m, attr, index, p) for n, m, mine in owned if n == name or n.startswith(name + ".")
-                      for attr, index, p in mine]
-            self._units.append((module, inside))
+        self._units = per_copy_units(self.model, params)
 
     def measure_points(self, points, closures) -> list[float]:
         per = self.copies_per_forward or len(points)
         losses = []
         for start in range(0, len(points), per):
             group = points[start : start + per]
-            values = [self._perturbed(offset, key) for offset, key in group]  # [copy][param index] -> tensor
-            installed = [(module, replace_forward(module, _per_copy(module, inside, values)))
-                         for module, inside in self._units]
-            try:
-                losses += per_copy_losses(closures, len(group))
-            finally:
-                for module, previous in installed:
-                    restore_forward(module, previous)
+            losses += measure_on_copies(self._units, self.params, self.perturbation, group, closures)
         return losses
 
-    def _perturbed(self, offset: float, key) -> dict[int, Tensor]:
-        values = {}
-        for index, param in self.params:
-            value = param.detach().clone(memory_format=torch.contiguous_format)
-            if offset != 0.0:
-                self.perturbation.add_(value, index, [(offset, key)])
-            values[index] = value
-        return values
+
+def per_copy_units(model: nn.Module, params) -> list[tuple[nn.Module, list]]:
+    """The outermost modules owning ``params``, each with [(owning module, attribute, param index, Parameter)]
+    of every parameter in it: an owner inside one (a norm inside an adapter) has its parameters swapped by
+    the outer one's per-copy call."""
+    owned = owners(model, params)
+    found = {id(p) for _, _, mine in owned for _, _, p in mine}
+    missing = [i for i, p in params if id(p) not in found]
+    if missing:
+        raise ValueError(f"parameters at indices {missing[:5]} do not belong to a module of the model")
+    names = [name for name, _, _ in owned]
+    outer = [(name, module) for name, module, _ in owned
+             if not any(name != other and name.startswith(other + ".") for other in names if other)]
+    return [(module, [(m, attr, index, p) for n, m, mine in owned if n == name or n.startswith(name + ".")
+                      for attr, index, p in mine]) for name, module in outer]
+
+
+def measure_on_copies(units, params, perturbation, points, closures) -> list[float]:
+    """The losses at ``points``, one copy of the batch each, ``units`` running per copy with their values."""
+    values = [perturbed(params, perturbation, offset, key) for offset, key in points]  # [copy][index] -> tensor
+    installed = [(module, replace_forward(module, _per_copy(module, inside, values))) for module, inside in units]
+    try:
+        return per_copy_losses(closures, len(points))
+    finally:
+        for module, previous in installed:
+            restore_forward(module, previous)
+
+
+def perturbed(params, perturbation, offset: float, key) -> dict[int, Tensor]:
+    """``θ + offset·Z(key)`` of every parameter, as new tensors by parameter index."""
+    values = {}
+    for index, param in params:
+        value = param.detach().clone(memory_format=torch.contiguous_format)
+        if offset != 0.0:
+            perturbation.add_(value, index, [(offset, key)])
+        values[index] = value
+    return values
 
 
 def _per_copy(module: nn.Module, inside: list, values: list[dict[int, Tensor]]):
     """``module``'s forward split by copies: copy s runs on its rows with copy s's parameters."""
-    copies = len(values)
 
     def make(inner):
-        return lambda *args, **kwargs: forward(inner, *args, **kwargs)
-
-    def forward(inner, *args, **kwargs):
-        rows = next((t.shape[0] for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim() > 0), None)
-        if rows is None or rows % copies:
-            raise ValueError(f"the batched path runs {type(module).__name__} once per copy, but its input has "
-                             f"{rows} rows for {copies} copies: the closure must repeat the batch copy-major")
-        size = rows // copies
-        outputs = []
-        for s, copy in enumerate(values):
-            def part(x, s=s):
-                return x[s * size:(s + 1) * size] if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == rows \
-                    else x
-            for owner, attr, index, _ in inside:
-                owner._parameters[attr] = copy[index]  # a plain tensor for this call: no autograd, no registration
-            try:
-                outputs.append(inner(*(part(a) for a in args), **{k: part(v) for k, v in kwargs.items()}))
-            finally:
-                for owner, attr, _, param in inside:
-                    owner._parameters[attr] = param
-        return _concatenate(outputs)
+        def forward(*args, **kwargs):
+            def run(s, *part_args, **part_kwargs):
+                for owner, attr, index, _ in inside:
+                    owner._parameters[attr] = values[s][index]  # a plain tensor for this call: no autograd
+                try:
+                    return inner(*part_args, **part_kwargs)
+                finally:
+                    for owner, attr, _, param in inside:
+                        owner._parameters[attr] = param
+            return split_by_copies(module, len(values), run, args, kwargs)
+        return forward
 
     return make
+
+
+def split_by_copies(module: nn.Module, copies: int, run, args: tuple, kwargs: dict):
+    """``run(s, *args_s, **kwargs_s)`` for each copy s, on that copy's rows of every batch-sized tensor
+    argument; the outputs joined along the rows again."""
+    if any(type(v).__name__.endswith("Cache") for v in (*args, *kwargs.values())):
+        raise ValueError(f"{type(module).__name__} runs once per copy, and a key/value cache would join the copies' "
+                         "keys: call the model with use_cache=False")
+    rows = next((t.shape[0] for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim() > 0), None)
+    if rows is None or rows % copies:
+        raise ValueError(f"{type(module).__name__} runs once per copy, but its input has {rows} rows for {copies} "
+                         "copies: the closure must repeat the batch copy-major")
+    size = rows // copies
+
+    def part(x, s):  # this copy's rows of a batch-sized tensor, also inside tuples (a layer's (cos, sin))
+        if isinstance(x, (tuple, list)):
+            return type(x)(part(item, s) for item in x)
+        return x[s * size:(s + 1) * size] if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == rows else x
+
+    return _concatenate([run(s, *(part(a, s) for a in args), **{k: part(v, s) for k, v in kwargs.items()})
+                         for s in range(copies)])
 
 
 def _concatenate(outputs: list[Any]):

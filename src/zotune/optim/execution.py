@@ -92,6 +92,14 @@ class ExecutionPath(ABC):
         """Terms that return the weights to θ; the optimizer folds them into its update pass."""
         return []
 
+    def flush(self) -> None:
+        """Apply to the weights whatever this path deferred (nothing but for the offload path): call it
+        before reading the weights (checkpoints, the final weights)."""
+
+    def close(self) -> None:
+        """Flush, and undo what the path installed on the model (the offload path's block wrappers)."""
+        self.flush()
+
 
 class CopiesOfTheBatch(ExecutionPath):
     """A path that measures a step's points on copies of the batch: the closure is called as

@@ -154,6 +154,7 @@ class Gaussian(Perturbation):
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._fused = None  # the Triton kernel's launcher, made on first CUDA use
         self._plans: dict[tuple, _Plan] = {}
+        self._deferred: dict[int, list] | None = None  # id(param) -> terms not yet applied (see defer)
 
     # ------------------------------------------------------------ which generator
     def uses_philox(self, param: Tensor) -> bool:
@@ -175,6 +176,14 @@ class Gaussian(Perturbation):
     def philox_key(key: DrawKey) -> int:
         return derive_seed(key.run_seed, key.step, key.query)
 
+    def defer(self, params: Sequence[Tensor], pending: dict[int, list]) -> None:
+        """From now on, terms added to these parameters are appended to ``pending[id(param)]`` instead
+        of being applied: whoever holds the parameters (the offload path, which keeps them in CPU
+        memory) applies them where the weights are next used. Only additive updates (an SGD rule)."""
+        self._deferred = pending
+        for p in params:
+            pending.setdefault(id(p), [])
+
     # ------------------------------------------------------------ the Perturbation contract
     def add_(self, param: Tensor, index: int, terms: Sequence[Term]) -> None:
         self.add_each_([(index, param)], terms, ())
@@ -183,6 +192,12 @@ class Gaussian(Perturbation):
         terms = merge_terms([*terms, *scaled])  # κ = 1
         if not terms:
             return
+        if self._deferred is not None:
+            pending = self._deferred
+            for _, p in params:
+                if id(p) in pending:
+                    pending[id(p)] = merge_terms([*pending[id(p)], *terms])
+            params = [(index, p) for index, p in params if id(p) not in pending]
         plan = self._plan(params)
         for index, flat in plan.torch:
             self._torch_add(flat, index, terms)
@@ -202,6 +217,8 @@ class Gaussian(Perturbation):
         return out
 
     def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float, key: DrawKey) -> None:
+        if self._deferred is not None and id(param) in self._deferred:
+            raise ValueError("offloaded parameters take SGD updates only in this version (mezo, adazeta)")
         param.add_(coords.to(param.dtype), alpha=alpha)
 
     def scratch_numel(self) -> int:

@@ -113,6 +113,16 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("train.sharding=fsdp runs the in-place path with data parallelism and trajectory "
                               "checkpoints: drop optim.virtual, optim.batched, optim.drift_safe, "
                               "train.query_parallel and train.checkpoint=weights")
+    if cfg.model.offload not in (None, "cpu"):
+        raise ConfigError(f"model.offload must be cpu or unset, got {cfg.model.offload!r}")
+    if cfg.model.offload:
+        o = cfg.optim
+        if not (spec.zeroth_order and spec.linear and not spec.virtual) or o.weight_decay:
+            raise ConfigError(f"model.offload=cpu defers SGD updates of dense directions in this version: optim.method "
+                              f"mezo or adazeta (not {o.method!r}) without weight decay")
+        if o.virtual or o.batched or o.drift_safe or cfg.model.device_map or t.sharding != "none":
+            raise ConfigError("model.offload=cpu is its own execution path: drop optim.virtual, optim.batched, "
+                              "optim.drift_safe, model.device_map and train.sharding")
     if t.checkpoint == "trajectory" and not spec.zeroth_order:
         raise ConfigError(f"train.checkpoint=trajectory rebuilds weights from a ZO run's log; {cfg.optim.method!r} "
                           "is first-order: use train.checkpoint=weights")
@@ -137,6 +147,8 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
     ctx = start(cfg.model.device, cfg.train.dist_timeout)
     if cfg.train.sharding == "fsdp" and not ctx.enabled:  # before anything loads
         raise ConfigError("train.sharding=fsdp shards over the ranks of a torchrun job: launch with torchrun")
+    if cfg.model.offload and ctx.enabled:
+        raise ConfigError("model.offload=cpu runs in one process in this version (not under torchrun)")
     try:
         with Training(cfg, ctx, say if ctx.is_main else (lambda _: None)) as run:
             first = run.resume()
@@ -318,6 +330,7 @@ class Training:
             if cfg.train.keep_best and (self.ctx.is_main or self.sharded) and \
                     dev_score > self.results.get(f"best_dev_{metric}", -1.0):
                 self.results.update({f"best_dev_{metric}": dev_score, "best_step": done})
+                self._flush()
                 state = trainable_state(self.model)  # sharded: gathers, with every rank taking part
                 if self.ctx.is_main:
                     save_file(state, str(self.run.path / BEST))
@@ -334,6 +347,7 @@ class Training:
         results["steps"] = cfg.train.steps
         results["skipped_steps"] = self.optimizer.num_skipped
         if self.ctx.is_main or self.sharded:  # the final weights (replay rebuilds exactly these)
+            self._flush()
             state = trainable_state(self.model)
             if self.ctx.is_main:
                 save_file(state, str(self.run.path / "trainable.safetensors"))
@@ -369,7 +383,14 @@ class Training:
         if self.ctx.is_main:
             tqdm.write(text)
 
+    def _flush(self) -> None:
+        """Deferred updates into the weights before they are read (the offload path defers them)."""
+        execution = getattr(self.optimizer, "execution", None)  # (a first-order optimizer has none)
+        if execution is not None:
+            execution.flush()
+
     def _checkpoint(self, step: int):
+        self._flush()
         if not self.ctx.is_main:
             return self.run.path
         extra = {
@@ -394,4 +415,5 @@ class Training:
                                    nan_policy="skip" if self.guard else None)
         started = time.perf_counter()
         apply_records(replayer, records[:step], progress=self.cfg.train.progress and self.ctx.is_main)
+        replayer.execution.close()
         self.say(f"rebuilt the weights of step {step} from the trajectory log ({time.perf_counter() - started:.1f} s)")

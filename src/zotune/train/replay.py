@@ -79,6 +79,7 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
     if len(optimizer.param_groups) != header["num_groups"]:
         raise ValueError("the rebuilt optimizer has a different number of param groups than the log")
     apply_records(optimizer, records, progress)
+    optimizer.execution.close()  # (an offload path's deferred updates land in the weights)
     output = Path(output) if output else run_dir / "replayed.safetensors"
     rebuilt = trainable_state(model)
     save_file(rebuilt, str(output))

@@ -15,6 +15,7 @@ from torch import nn
 from ..config import AdapterConfig, ConfigError, ModelConfig, OptimConfig, RunConfig, apply_overrides
 from ..models.captured import CapturedCausalLM, capture_unsupported
 from ..models.families import family_of, model_type_of
+from ..optim.offload import Offload, offload_device, place
 from ..optim.shards import is_sharded
 from ..optim import (METHODS, Batched, DriftSafe, ExecutionPath, InPlace, MethodSpec, Virtual, get_method,
                      param_groups)
@@ -52,8 +53,11 @@ def load_configured_model(cfg: ModelConfig, name: str | None = None):
     """(model, tokenizer) as ``cfg`` describes; ``name`` overrides ``cfg.name`` (replay's base model)."""
     from ..models.loading import load_model
 
-    return load_model(name or cfg.name, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
-                      trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load_model(name or cfg.name, dtype=cfg.dtype, device="cpu" if cfg.offload else cfg.device,
+                                  device_map=cfg.device_map, trust_remote_code=cfg.trust_remote_code)
+    if cfg.offload:  # the blocks stay in CPU memory, the rest goes to the device
+        place(model, cfg.device)
+    return model, tokenizer
 
 
 def task_splits(cfg: RunConfig, n_train: int | None = None, n_dev: int | None = None, n_test: int | None = None):
@@ -240,13 +244,16 @@ def check_optim(cfg: OptimConfig) -> MethodSpec:
 def build_execution(cfg: OptimConfig, model: nn.Module, layout=None) -> ExecutionPath:
     """The execution path the configuration asks for: the one place that chooses it.
 
-    Virtual or batched when asked; drift-safe when asked, for half-precision weights (unless turned off) and
+    Offload for a model :func:`~zotune.optim.offload.place` placed; virtual or batched when asked; drift-safe
+    when asked, for half-precision weights (unless turned off) and
     for query shards (ranks measuring different points must not write the weights); in place
     otherwise. Under torchrun (``layout``), wrapped in :class:`~zotune.dist.parallel.Distributed`.
     """
     query_shards = layout is not None and layout.query_shards > 1
-    if cfg.virtual:
-        path: ExecutionPath = Virtual(model, cfg.copies_per_forward)
+    if offload_device(model) is not None:
+        path: ExecutionPath = Offload(model, offload_device(model), cfg.copies_per_forward)
+    elif cfg.virtual:
+        path = Virtual(model, cfg.copies_per_forward)
     elif cfg.batched:
         path = Batched(model, cfg.copies_per_forward)
     else:
