@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .execution import CopiesOfTheBatch, owners, replace_forward, restore_forward
+from .execution import CopiesOfTheBatch, owners, replace_forward, restore_forward, swapped
 from .virtual import per_copy_losses
 
 
@@ -93,13 +93,8 @@ def _per_copy(module: nn.Module, inside: list, values: list[dict[int, Tensor]]):
     def make(inner):
         def forward(*args, **kwargs):
             def run(s, *part_args, **part_kwargs):
-                for owner, attr, index, _ in inside:
-                    owner._parameters[attr] = values[s][index]  # a plain tensor for this call: no autograd
-                try:
+                with swapped([(owner, attr, values[s][index], param) for owner, attr, index, param in inside]):
                     return inner(*part_args, **part_kwargs)
-                finally:
-                    for owner, attr, _, param in inside:
-                        owner._parameters[attr] = param
             return split_by_copies(module, len(values), run, args, kwargs)
         return forward
 

@@ -22,6 +22,7 @@ indexed parameters, perturbation and estimator (:meth:`ExecutionPath.bind`). Fou
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import torch
@@ -207,6 +208,22 @@ class DriftSafe(ExecutionPath):
                 handle.remove()
             for module, owned in self._owned:
                 swap_out(module, owned)
+
+
+@contextmanager
+def swapped(entries):
+    """Within the block, ``owner.<attr>`` is the plain tensor given instead of its parameter.
+
+    ``entries``: (owning module, attribute, tensor, the Parameter to put back). A plain tensor in
+    ``_parameters`` is used by the module's forward as is: no autograd, no registration.
+    """
+    for owner, attr, tensor, _ in entries:
+        owner._parameters[attr] = tensor
+    try:
+        yield
+    finally:
+        for owner, attr, _, param in entries:
+            owner._parameters[attr] = param
 
 
 _NONE = object()

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .batched import measure_on_copies, per_copy_units, split_by_copies
-from .execution import CopiesOfTheBatch, replace_forward, restore_forward
+from .execution import CopiesOfTheBatch, replace_forward, restore_forward, swapped
 from .perturbations import Gaussian
 
 
@@ -156,13 +156,8 @@ class Offload(CopiesOfTheBatch):
                     if terms:
                         self.perturbation.add_each_(trainable, terms, ())
                     applied[:] = wanted
-                    for owner, attr, _, p in held:
-                        owner._parameters[attr] = on_device[id(p)]  # plain device tensors while the block runs
-                    try:
+                    with swapped([(owner, attr, on_device[id(p)], p) for owner, attr, _, p in held]):
                         return inner(*part_args, **part_kwargs)
-                    finally:
-                        for owner, attr, _, p in held:
-                            owner._parameters[attr] = p
 
                 return split_by_copies(block, len(points), run, args, kwargs)
             return forward
