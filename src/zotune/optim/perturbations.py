@@ -229,11 +229,13 @@ class Gaussian(Perturbation):
         """How a pass over ``params`` runs: which tensors the torch generator serves, which the Philox
         stream in torch, and the kernel's launch tables per (device, dtype). Kept per parameter list
         (a pass over the same weights is planned once), unless the list is a one-off."""
-        shards = [local_shard(p) for _, p in params]  # (flat local tensor, the parameter element it starts at)
-        key = tuple((id(p), flat.data_ptr()) for (_, p), (flat, _) in zip(params, shards))
+        # keyed by the tensors and their storage (the kernel's tables hold its address): a cheap key, since
+        # a pass looks its plan up every time (hundreds of tensors; the shards are worked out on a miss only)
+        key = tuple((id(p), (p.to_local() if is_sharded(p) else p).data_ptr()) for _, p in params)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
+        shards = [local_shard(p) for _, p in params]  # (flat local tensor, the parameter element it starts at)
         plan = _Plan([], [], [])
         groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor, int]]] = {}
         for (index, p), (flat, base) in zip(params, shards):
