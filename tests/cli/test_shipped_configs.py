@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from zotune.config import apply_overrides, load_yaml
-from zotune.train.loop import validate
+from zotune.train.validate import validate
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
 

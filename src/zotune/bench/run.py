@@ -73,7 +73,7 @@ def bench(cfg: RunConfig, repeats: int = 3, say: Callable[[str], None] = print) 
     """Measure the three phases and print a table; returns {phase: {"seconds", "peak_mib"}}."""
     from ..config import ConfigError
     from ..optim import get_method
-    from ..train.loop import validate
+    from ..train.validate import validate
 
     validate(cfg)
     if not get_method(cfg.optim.method).zeroth_order:

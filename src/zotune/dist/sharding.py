@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..optim.offload import repeated_blocks
+
 
 def shard(model: nn.Module, mesh=None) -> nn.Module:
     """Shard ``model`` with FSDP2 for ZO training: each repeated block (every member of an
@@ -31,10 +33,7 @@ def shard(model: nn.Module, mesh=None) -> nn.Module:
     if mesh is None:
         device = next(model.parameters()).device.type
         mesh = init_device_mesh(device, (dist.get_world_size(),))
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1:
-            for block in module:
-                if any(True for _ in block.parameters()):
-                    fully_shard(block, mesh=mesh)
+    for block in repeated_blocks(model):
+        fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
     return model

@@ -21,6 +21,7 @@ from torch import Tensor
 from .estimators import SPSA
 from .execution import ExecutionPath, InPlace
 from .perturbations import DrawKey, Gaussian, Perturbation
+from .shards import is_sharded
 from .rules import SGD, UpdateRule
 from .schedules import QuerySchedule
 
@@ -114,7 +115,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise TypeError(f"execution must be an execution path (InPlace(), DriftSafe(model), Virtual(model), ...), "
                             f"got {type(execution).__name__}")
         self.rule.check(self.perturbation)  # a rule that cannot follow these directions fails here, not at step 1
-        if any(getattr(p, "placements", None) is not None for _, p in self._indexed):  # FSDP2's DTensor shards
+        if any(is_sharded(p) for _, p in self._indexed):  # FSDP2's DTensor shards
             if type(self.perturbation) is not Gaussian or not self.rule.linear or \
                     (execution is not None and not isinstance(getattr(execution, "inner", execution), InPlace)):
                 raise ValueError("sharded (FSDP2) parameters are trained with dense Gaussian directions, an SGD rule "
