@@ -111,7 +111,7 @@ class _Tables:
     numels: Tensor  # (tensors,) int64
     bases: Tensor  # (tensors,) int64: the parameter element at each tensor's first (0 but for shards)
     indices: Tensor  # (tensors,) int64 parameter indices
-    block_tensor: Tensor  # (blocks,) int32: which tensor a program works on
+    block_tensor: Tensor  # (blocks,) int64: which tensor a program works on
     block_start: Tensor  # (blocks,) int64: its first element
     dtype: tl.dtype
 
@@ -137,13 +137,16 @@ class FusedPerturber:
         base = torch.tensor(bases if bases is not None else [0] * len(tensors), dtype=torch.int64)
         first_block, end_block = base // block, (base + numels + block - 1) // block  # the stream's blocks it spans
         blocks = end_block - first_block  # (tensors,)
-        owner = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32), blocks)
+        owner = torch.repeat_interleave(torch.arange(len(tensors)), blocks)
         first = torch.cumsum(blocks, 0) - blocks  # each tensor's first program
         starts = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first - first_block, blocks)) * block
-        return _Tables(torch.tensor([t.data_ptr() for _, t in tensors], dtype=torch.int64, device=device),
-                       numels.to(device), base.to(device),
-                       torch.tensor([index for index, _ in tensors], dtype=torch.int64, device=device),
-                       owner.to(device), starts.to(device), _DTYPES[tensors[0][1].dtype])
+        addresses = torch.tensor([t.data_ptr() for _, t in tensors], dtype=torch.int64)
+        indices = torch.tensor([index for index, _ in tensors], dtype=torch.int64)
+        # one transfer for all six tables (a one-off tensor, e.g. moments' coordinates, builds them each call)
+        packed = torch.cat([addresses, numels, base, indices, owner, starts]).to(device)
+        n = len(tensors)
+        return _Tables(*packed[:4 * n].view(4, n), packed[4 * n:4 * n + owner.numel()],
+                       packed[4 * n + owner.numel():], _DTYPES[tensors[0][1].dtype])
 
     def add_(self, tensors: Sequence[tuple[int, Tensor]] | _Tables, terms: Sequence[tuple[float, int]]) -> None:
         """``t += Σ α_k Z(seed_k, index)`` for every ``(index, t)`` (or the tensors of prebuilt tables);
