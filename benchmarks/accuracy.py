@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -78,8 +79,11 @@ def cells(grid: dict, stage: str, done: list[dict]) -> list[dict]:
     spec = grid["stages"][stage]
     out = []
     for row, overrides in grid["rows"].items():
+        if "rows" in spec and row not in spec["rows"]:
+            continue
         if stage == "lr":
             lrs = [default_lr(overrides) * factor for factor in spec["lr_factors"]]
+            lrs += spec.get("extra_lrs", {}).get(row, [])  # beyond the factors, where the best was an end
         else:
             best = best_lr(done, row, grid["stages"]["lr"]["tasks"][0])
             if best is None:
@@ -90,6 +94,7 @@ def cells(grid: dict, stage: str, done: list[dict]) -> list[dict]:
             for lr in lrs:
                 for seed in spec["seeds"]:
                     out.append({"row": row, "stage": stage, "task": task, "lr": float(f"{lr:.3g}"), "seed": seed,
+                                "own_folder": "overrides" in spec,
                                 "overrides": {**grid["base"], **overrides, **spec.get("overrides", {})}})
     return out
 
@@ -102,7 +107,10 @@ def best_lr(done: list[dict], row: str, task: str) -> float | None:
 
 
 def run_name(cell: dict) -> str:
-    return f"{cell['row']}-{cell['task']}-lr{cell['lr']:g}-s{cell['seed']}"
+    # A stage with its own overrides (e.g. more steps) gets its own folders; the others share them, so
+    # the tasks stage's cell on the tuning task is the lr stage's run.
+    suffix = f"-{cell['stage']}" if cell.get("own_folder") else ""
+    return f"{cell['row']}-{cell['task']}-lr{cell['lr']:g}-s{cell['seed']}{suffix}"
 
 
 def command(cell: dict, runs_dir: Path) -> list[str]:
@@ -134,12 +142,14 @@ def summarise(cell: dict, run_dir: Path) -> dict:
             "skipped": results.get("skipped_steps", 0), "run_dir": str(run_dir)}
 
 
-def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: float | None = None) -> None:
-    """Run the stage's missing cells, ``parallel`` at once; no new cell starts ``stop_after`` seconds in."""
+def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: float | None = None,
+              gpus: int = 1) -> None:
+    """Run the stage's missing cells, ``parallel`` at once (spread over ``gpus`` GPUs, the least busy
+    first); no new cell starts ``stop_after`` seconds in."""
     runs_dir, results_csv = Path(grid["runs_dir"]), Path(grid["results_csv"])
     done = read_rows(results_csv)
     finished = {(r["row"], r["stage"], r["task"], float(r["lr"]), int(r["seed"])) for r in done}
-    todo = [c for c in cells(grid, stage, done)
+    todo = [c for name in stage.split(",") for c in cells(grid, name, done)  # "long,tasks": in that order
             if (c["row"], c["stage"], c["task"], c["lr"], c["seed"]) not in finished]
     collected = [c for c in todo if (runs_dir / run_name(c) / "results.json").exists()]
     if collected:  # finished runs whose rows a stopped sweep did not write
@@ -152,7 +162,7 @@ def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: 
             print(" ".join(command(cell, runs_dir)))
         return
     runs_dir.mkdir(parents=True, exist_ok=True)
-    running: list[tuple[dict, subprocess.Popen, float]] = []
+    running: list[tuple[dict, subprocess.Popen, float, int]] = []
     began = time.time()
     while todo or running:
         if stop_after is not None and time.time() - began > stop_after and todo:
@@ -161,11 +171,13 @@ def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: 
         while todo and len(running) < parallel:
             cell = todo.pop(0)
             log = open(runs_dir / f"{run_name(cell)}.out", "a", encoding="utf-8")
-            running.append((cell, subprocess.Popen(command(cell, runs_dir), stdout=log, stderr=subprocess.STDOUT),
-                            time.time()))
+            gpu = min(range(gpus), key=lambda g: sum(item[3] == g for item in running))
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)} if gpus > 1 else None
+            running.append((cell, subprocess.Popen(command(cell, runs_dir), stdout=log, stderr=subprocess.STDOUT,
+                                                   env=env), time.time(), gpu))
         time.sleep(2)
         for item in list(running):
-            cell, proc, start = item
+            cell, proc, start, _ = item
             if proc.poll() is None:
                 continue
             running.remove(item)
@@ -205,17 +217,23 @@ def report(grid: dict) -> None:
     """The Markdown table (rows x tasks, mean ± std over seeds at the best lr) and the dev-curve plot."""
     done = read_rows(Path(grid["results_csv"]))
     tuning = grid["stages"]["lr"]["tasks"][0]
-    tasks = list(dict.fromkeys([tuning] + [t for s in grid["stages"].values() for t in s["tasks"]]))
-    lines = ["| row | lr (chosen on " + tuning + " dev) | " + " | ".join(tasks) + " | max loss / first |",
-             "|---|---|" + "---|" * len(tasks) + "---|"]
+    # Stages with their own overrides (e.g. 5,000 steps) get columns of their own: (stage, task).
+    own = [name for name, spec in grid["stages"].items() if "overrides" in spec]
+    tasks = list(dict.fromkeys([tuning] + [t for n, s in grid["stages"].items() if n not in own for t in s["tasks"]]))
+    columns = [("", t) for t in tasks] + [(n, t) for n in own for t in grid["stages"][n]["tasks"]]
+    headers = [t if not n else f"{t} ({n})" for n, t in columns]
+    lines = ["| row | lr (chosen on " + tuning + " dev) | " + " | ".join(headers) + " | max loss / first |",
+             "|---|---|" + "---|" * len(columns) + "---|"]
     for row in list(grid.get("baselines", {})) + list(grid["rows"]):
         best = best_lr(done, row, tuning)
         mine = [r for r in done if r["row"] == row and (r["stage"] == "baseline" or float(r["lr"]) == best)]
         if not mine:
             continue
         cells_ = []
-        for task in tasks:
-            scores = [100 * float(r["test"]) for r in mine if r["task"] == task]
+        for stage, task in columns:
+            # one score per run: the tasks stage's cell on the tuning task is the lr stage's run
+            scores = list({r["run_dir"] or id(r): 100 * float(r["test"]) for r in mine if r["task"] == task
+                           and (r["stage"] == stage if stage else r["stage"] not in own)}.values())
             if not scores:
                 cells_.append("")
             elif len(scores) == 1:
@@ -273,8 +291,10 @@ def plot_dev_curves(grid: dict, done: list[dict], task: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("grid", type=Path)
-    parser.add_argument("--stage", help="run this stage's missing cells (lr, tasks, seeds) or 'baselines'")
-    parser.add_argument("--parallel", type=int, default=1, help="training processes at once (they share the GPU)")
+    parser.add_argument("--stage", help="run this stage's missing cells (lr, tasks, seeds, long; several: "
+                        "comma-separated, run in that order) or 'baselines'")
+    parser.add_argument("--parallel", type=int, default=1, help="training processes at once (they share the GPUs)")
+    parser.add_argument("--gpus", type=int, default=1, help="spread the processes over this many GPUs")
     parser.add_argument("--only", help="comma-separated rows to run (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--stop-after", type=float, help="start no new cell after this many seconds")
@@ -286,7 +306,7 @@ def main() -> None:
     if args.stage == "baselines":
         run_baselines(grid)
     elif args.stage:
-        run_stage(grid, args.stage, args.parallel, args.dry_run, args.stop_after)
+        run_stage(grid, args.stage, args.parallel, args.dry_run, args.stop_after, args.gpus)
     if args.report:
         report(load_grid(args.grid))
 

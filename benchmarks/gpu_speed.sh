@@ -3,6 +3,8 @@
 # `python3 -m zotune train` finds SmolLM2-135M and the task files (../shared/gpu/stage-smollm2.sh stages them).
 #   bash benchmarks/gpu_speed.sh steps      # step times: mezo_step at two shapes, SmolLM2 training steps
 #   bash benchmarks/gpu_speed.sh accuracy   # 1,000-step SmolLM2 SST-2 runs of MeZO and LOZO (both at once)
+#   bash benchmarks/gpu_speed.sh batched    # AdaZeta q = 1 and 10, in place and batched; MeZO-LoRA against inference
+#   bash benchmarks/gpu_speed.sh scale      # 2 GPUs: FSDP2, device_map, offload vs one GPU (7B shape); trajectory resume
 # With BEFORE=<dir> holding another version's src/, the SmolLM2 step times are measured for it too, in turn.
 # Results go to ${OUT:-/tmp/gpu-speed}.
 set -uo pipefail
@@ -44,5 +46,28 @@ accuracy)
     median_step "acc-$method" | tee -a "$out/smollm2-accuracy.md"
     grep -E "fine-tuned|zero-shot|testing the weights|divergence" "$out/acc-$method.txt" | tee -a "$out/smollm2-accuracy.md"
   done
+  ;;
+batched)
+  for q in 1 10; do
+    for path in inplace batched; do
+      python3 -m zotune train --model.device cuda --optim.method adazeta --adapter.kind adp --adapter.train_norms false \
+        --optim.q_max $q --optim.q_alpha 1000 --optim.batched $([ $path = batched ] && echo true || echo false) \
+        --train.steps 60 --train.eval_every 0 --train.zero_shot false --data.n_test 64 --train.progress false \
+        --train.output_dir "$out/runs" --train.run_name "adazeta-q$q-$path" > "$out/adazeta-q$q-$path.txt" 2>&1
+      median_step "adazeta-q$q-$path" | tee -a "$out/batched.md"
+    done
+  done
+  for path in inplace batched; do
+    python3 -m zotune bench --model.device cuda --optim.method mezo --adapter.kind lora --optim.eps 0.01 \
+      --optim.batched $([ $path = batched ] && echo true || echo false) --train.output_dir "$out/bench-lora-$path" \
+      2>&1 | grep -v "^written" | tee -a "$out/batched.md"
+  done
+  ;;
+scale)
+  python3 benchmarks/scale_step.py --device cuda --shape llama-2-7b --dtype bfloat16 --batch 16 --tokens 256 \
+    --repeats 5 2>"$out/scale-errors.txt" | tee "$out/scale.md"
+  python3 benchmarks/trajectory_resume.py --out "$out/resume" --stop-after 990 -- --model.device cuda \
+    --optim.method mezo --optim.trainable all --train.steps 1000 --train.eval_every 0 --data.n_test 200 \
+    2>&1 | tee "$out/resume.md"
   ;;
 esac

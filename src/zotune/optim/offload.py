@@ -12,6 +12,8 @@ memory can be fine-tuned on it if each block is on the GPU only while it runs (Z
   step**: its weights are copied to the device, the update of the previous step is applied there
   (and written back to CPU memory), and the block runs once per copy with that copy's offset·Z
   added in place to the uploaded weights, in one pass per copy;
+* on CUDA the transfers overlap compute: while block i runs, block i+1's weights are copied in on a
+  stream of their own, and block i's updated weights are written back on a third (into pinned memory);
 * the optimizer's updates to offloaded parameters are not applied in CPU memory: the Gaussian
   perturbation defers them (:meth:`~zotune.optim.perturbations.Gaussian.defer`) and the next
   upload applies them on the device. :meth:`Offload.flush` applies what is pending (the training
@@ -79,6 +81,9 @@ class Offload(CopiesOfTheBatch):
         self.device = torch.device(device)
         self._points: list | None = None  # the (offset, key) of each copy while a step is measured
         self._pending: dict[int, list] = {}  # id(offloaded trainable parameter) -> deferred update terms
+        self._arriving: dict[int, tuple] = {}  # block index -> (weights on the device by id, CUDA event or None)
+        self._written: dict[int, object] = {}  # block index -> CUDA event of its last write-back
+        self._side_streams: dict = {}  # CUDA: "copy" (uploads) and "write" (write-backs)
 
     def bind(self, params, perturbation, estimator) -> None:
         if type(perturbation) is not Gaussian:
@@ -94,7 +99,8 @@ class Offload(CopiesOfTheBatch):
             for _, _, _, p in held:
                 if self.device.type == "cuda" and not p.is_pinned():
                     p.data = p.data.pin_memory()  # uploads can then overlap the device's work
-            self._blocks.append((block, held, replace_forward(block, self._streamed(block, held))))
+            index = len(self._blocks)
+            self._blocks.append((block, held, replace_forward(block, self._streamed(index, block, held))))
         offloaded = [p for _, held, _ in self._blocks for _, _, index, p in held if index is not None]
         perturbation.defer(offloaded, self._pending)
         resident = [(i, p) for i, p in params if id(p) not in self._pending]
@@ -116,9 +122,12 @@ class Offload(CopiesOfTheBatch):
 
     def flush(self) -> None:
         """Apply every deferred update to the weights in CPU memory (before reading them)."""
-        for _, held, _ in self._blocks:
+        self._arriving.clear()  # a copy started by a forward that did not finish
+        for i, (_, held, _) in enumerate(self._blocks):
             if any(self._pending.get(id(p)) for _, _, _, p in held):
-                self._upload(held)
+                self._upload(i)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the write-backs are asynchronous
 
     def close(self) -> None:
         """Flush, and give the blocks their own forward back (the optimizer is done with them)."""
@@ -127,24 +136,67 @@ class Offload(CopiesOfTheBatch):
             restore_forward(block, previous)
         self._blocks = []
 
-    def _upload(self, held) -> dict[int, Tensor]:
-        """The block's weights on the device, by id of their parameter, with the pending updates applied
-        there and written back to CPU memory."""
-        on_device = {}
-        for _, _, index, p in held:
-            value = p.detach().to(self.device, non_blocking=True, copy=True)  # a copy, the CPU too
+    def _copy_in(self, i: int) -> None:
+        """Start copying block ``i``'s weights to the device. On CUDA the copy runs on a stream of its
+        own, after the block's last write-back, so it overlaps the blocks computing before it."""
+        held = self._blocks[i][1]
+        if self.device.type != "cuda":
+            self._arriving[i] = ({id(p): p.detach().to(self.device, copy=True) for _, _, _, p in held}, None)
+            return
+        streams = self._streams()
+        with torch.cuda.stream(streams["copy"]):
+            if i in self._written:
+                streams["copy"].wait_event(self._written.pop(i))
+            values = {id(p): p.detach().to(self.device, non_blocking=True, copy=True) for _, _, _, p in held}
+            arrived = torch.cuda.Event()
+            arrived.record()
+        self._arriving[i] = (values, arrived)
+
+    def _upload(self, i: int) -> dict[int, Tensor]:
+        """Block ``i``'s weights on the device, by id of their parameter, with the pending updates applied
+        there and written back to CPU memory (on CUDA by a stream of its own, overlapping what follows)."""
+        if i not in self._arriving:
+            self._copy_in(i)
+        on_device, arrived = self._arriving.pop(i)
+        if arrived is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(arrived)
+            for value in on_device.values():
+                value.record_stream(compute)  # allocated on the copy stream, used (and freed) on this one
+        updated = []
+        for _, _, index, p in self._blocks[i][1]:
             terms = self._pending.get(id(p)) if index is not None else None
             if terms:
-                self.perturbation.add_each_([(index, value)], terms, ())
-                p.data.copy_(value)  # the update lands in CPU memory once
+                self.perturbation.add_each_([(index, on_device[id(p)])], terms, ())
                 self._pending[id(p)] = []
-            on_device[id(p)] = value
+                updated.append(p)
+        if updated and arrived is None:
+            for p in updated:
+                p.data.copy_(on_device[id(p)])  # the update lands in CPU memory once
+        elif updated:
+            streams = self._streams()
+            streams["write"].wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(streams["write"]):
+                for p in updated:
+                    value = on_device[id(p)]
+                    value.record_stream(streams["write"])
+                    p.data.copy_(value, non_blocking=True)  # into pinned memory: asynchronous
+                written = torch.cuda.Event()
+                written.record()
+            self._written[i] = written  # the next copy of this block waits for it
         return on_device
 
-    def _streamed(self, block: nn.Module, held):
+    def _streams(self) -> dict:
+        if not self._side_streams:
+            self._side_streams = {"copy": torch.cuda.Stream(self.device), "write": torch.cuda.Stream(self.device)}
+        return self._side_streams
+
+    def _streamed(self, i: int, block: nn.Module, held):
         def make(inner):
             def forward(*args, **kwargs):
-                on_device = self._upload(held)
+                on_device = self._upload(i)
+                if self.device.type == "cuda" and i + 1 < len(self._blocks):
+                    self._copy_in(i + 1)  # the next block's weights travel while this one computes
                 points = self._points or [(0.0, None)]  # outside a step (an evaluation): the weights as they are
                 trainable = [(index, on_device[id(p)]) for _, _, index, p in held if index is not None]
                 applied: list = []  # the offset·Z the uploaded weights hold now
