@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_speed.sh accuracy   # 1,000-step SmolLM2 SST-2 runs of MeZO and LOZO (both at once)
 #   bash benchmarks/gpu_speed.sh batched    # AdaZeta q = 1 and 10, in place and batched; MeZO-LoRA against inference
 #   bash benchmarks/gpu_speed.sh scale      # 2 GPUs: FSDP2, device_map, offload vs one GPU (7B shape); trajectory resume
+#                                           (VARIANTS=single,offload on one GPU)
 # With BEFORE=<dir> holding another version's src/, the SmolLM2 step times are measured for it too, in turn.
 # Results go to ${OUT:-/tmp/gpu-speed}.
 set -uo pipefail
@@ -48,10 +49,10 @@ accuracy)
   done
   ;;
 batched)
-  for q in 1 10; do
+  for q in 1 10; do  # an epoch is one step (16 examples): from the second step on, Q = min(1000 e^β, q)
     for path in inplace batched; do
       python3 -m zotune train --model.device cuda --optim.method adazeta --adapter.kind adp --adapter.train_norms false \
-        --optim.q_max $q --optim.q_alpha 1000 --optim.batched $([ $path = batched ] && echo true || echo false) \
+        --optim.q_max $q --optim.q_alpha 1000 --data.n_train 16 --optim.batched $([ $path = batched ] && echo true || echo false) \
         --train.steps 60 --train.eval_every 0 --train.zero_shot false --data.n_test 64 --train.progress false \
         --train.output_dir "$out/runs" --train.run_name "adazeta-q$q-$path" > "$out/adazeta-q$q-$path.txt" 2>&1
       median_step "adazeta-q$q-$path" | tee -a "$out/batched.md"
@@ -65,7 +66,7 @@ batched)
   ;;
 scale)
   python3 benchmarks/scale_step.py --device cuda --shape llama-2-7b --dtype bfloat16 --batch 16 --tokens 256 \
-    --repeats 5 2>"$out/scale-errors.txt" | tee "$out/scale.md"
+    --repeats 5 --variants "${VARIANTS:-single,fsdp,device_map,offload}" 2>"$out/scale-errors.txt" | tee "$out/scale.md"
   python3 benchmarks/trajectory_resume.py --out "$out/resume" --stop-after 990 -- --model.device cuda \
     --optim.method mezo --optim.trainable all --train.steps 1000 --train.eval_every 0 --data.n_test 200 \
     2>&1 | tee "$out/resume.md"
