@@ -79,6 +79,8 @@ class Offload(CopiesOfTheBatch):
     def __init__(self, model: nn.Module, device: str | torch.device, copies_per_forward: int | None = None) -> None:
         super().__init__(model, copies_per_forward)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current device, as place() puts it
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._points: list | None = None  # the (offset, key) of each copy while a step is measured
         self._pending: dict[int, list] = {}  # id(offloaded trainable parameter) -> deferred update terms
         self._arriving: dict[int, tuple] = {}  # block index -> (weights on the device by id, CUDA event or None)
