@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 FIELDS = ["row", "stage", "task", "lr", "seed", "steps", "best_dev", "test", "zero_shot", "max_loss_ratio",
-          "median_step_s", "skipped", "run_dir"]
+          "median_step_s", "skipped", "run_dir", "dev_curve"]
 BEGIN, END = "<!-- results table: begin (benchmarks/accuracy.py --report) -->", "<!-- results table: end -->"
 
 
@@ -139,7 +139,9 @@ def summarise(cell: dict, run_dir: Path) -> dict:
             "test": results[metric], "zero_shot": results.get(f"zero_shot_{metric}", ""),
             "max_loss_ratio": round(max(finite) / finite[0], 3) if finite else "",
             "median_step_s": round(statistics.median(seconds), 4) if seconds else "",
-            "skipped": results.get("skipped_steps", 0), "run_dir": str(run_dir)}
+            "skipped": results.get("skipped_steps", 0), "run_dir": str(run_dir),
+            # "step:metric ...": the plot draws from the CSV, wherever the run folders are
+            "dev_curve": " ".join(f"{r['step']}:{r[f'dev_{metric}']:.4f}" for r in rows if f"dev_{metric}" in r)}
 
 
 def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: float | None = None,
@@ -256,6 +258,17 @@ def report(grid: dict) -> None:
     plot_dev_curves(grid, done, tuning)
 
 
+def dev_curve(row: dict) -> list[tuple[int, float]]:
+    """(step, dev metric in %) of a finished cell: from its CSV row, else from its run folder's log."""
+    if row.get("dev_curve"):
+        return [(int(step), 100 * float(value)) for step, value in (p.split(":") for p in row["dev_curve"].split())]
+    log = Path(row["run_dir"], "log.jsonl")
+    if not row["run_dir"] or not log.exists():
+        return []
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    return [(r["step"], 100 * r["dev_accuracy"]) for r in records if "dev_accuracy" in r]
+
+
 def plot_dev_curves(grid: dict, done: list[dict], task: str) -> None:
     import matplotlib
 
@@ -268,15 +281,14 @@ def plot_dev_curves(grid: dict, done: list[dict], task: str) -> None:
         best = best_lr(done, row, task)
         found = [r for r in done if r["row"] == row and r["task"] == task and r["stage"] == "lr"
                  and best is not None and float(r["lr"]) == best]
-        if not found or not Path(found[0]["run_dir"], "log.jsonl").exists():
+        if not found:
             continue
-        records = [json.loads(line) for line in Path(found[0]["run_dir"], "log.jsonl").read_text().splitlines()]
-        dev = [(r["step"], 100 * r["dev_accuracy"]) for r in records if "dev_accuracy" in r]
+        dev = dev_curve(found[0])
         if dev:
             ax.plot(*zip(*dev), "o-", label=f"{row} (lr {best:g})", markersize=3)
             drawn += 1
     out = Path(grid["results_md"]).with_name("results_dev_curves.png")
-    if not drawn:  # the run folders live where the sweep ran (a GPU machine): keep the plot drawn there
+    if not drawn:  # no curve in the CSV and the run folders live where the sweep ran: keep the plot
         plt.close(fig)
         print(f"no run logs under the CSV's run folders here; {out} kept")
         return

@@ -96,7 +96,8 @@ class AdapterConfig:
     tt_rank: int = _f(5, "inner tensor-train rank")
     bottleneck: int = _f(64, "adp: adapter width b")
     nonlinearity: str = _f("relu", "adp: activation between the two TT maps")
-    function_preserving: bool = _f(False, "adp: subtract the initial adapter's output so the model starts unchanged")
+    function_preserving: bool = _f(True, "adp: subtract the initial adapter's output so the model starts unchanged "
+                                         "(false: the paper's start, the adapters as random maps)")
     r: int = _f(8, "rep and lora: rank r (rep: the width between TT_A and TT_B)")
     alpha: float = _f(16.0, "rep and lora: scale s = alpha / r")
     dropout: float = _f(0.0, "rep and lora: dropout on the adapter input")

@@ -49,19 +49,19 @@ def test_rep_is_function_preserving_at_init_without_a_zero_core(arch):
     torch.testing.assert_close(logits(model), before, rtol=1e-4, atol=1e-5)
 
 
-def test_adp_function_preserving_option():
+def test_adp_is_function_preserving_by_default_and_the_papers_init_is_an_option():
     model = tiny_llama()
     before = logits(model)
-    inject(model, LorettaAdpConfig(bottleneck=8, tt_rank=2, function_preserving=True))
+    inject(model, LorettaAdpConfig(bottleneck=8, tt_rank=2))
     torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-6)
-    plain = inject(tiny_llama(), LorettaAdpConfig(bottleneck=8, tt_rank=2))
+    plain = inject(tiny_llama(), LorettaAdpConfig(bottleneck=8, tt_rank=2, function_preserving=False))
     assert (logits(plain) - before).abs().max() > 1e-4  # the paper's init: not the identity
 
 
 @pytest.mark.parametrize("position", ["pre", "post"])
 def test_adp_layer_output_is_input_plus_adapter(position):
     # The float32 path fuses the residual sum into the up-projection; it must equal h + adapter(h).
-    model = inject(tiny_opt(), LorettaAdpConfig(bottleneck=8, tt_rank=2))
+    model = inject(tiny_opt(), LorettaAdpConfig(bottleneck=8, tt_rank=2, function_preserving=False))
     layer = next(m for m in model.modules() if isinstance(m, LorettaAdpLayer) and m.position == position)
     x = torch.randn(2, 5, layer.base_layer.in_features, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -25,7 +25,9 @@ def test_a_stage_runs_its_cells_once_and_the_report_fills_the_table(tiny_model_d
         "rows": {"mezo": {"optim.method": "mezo", "optim.trainable": "all"},
                  "lozo": {"optim.method": "lozo", "optim.trainable": "all"}},
         "stages": {"lr": {"tasks": ["sst2"], "seeds": [0], "lr_factors": [1, 10]},
-                   "seeds": {"tasks": ["sst2"], "seeds": [1]}},
+                   "seeds": {"tasks": ["sst2"], "seeds": [1]},
+                   "tasks": {"tasks": ["sst2"], "seeds": [0]},
+                   "long": {"tasks": ["sst2"], "seeds": [0], "rows": ["mezo"], "overrides": {"train.steps": 6}}},
     }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
@@ -48,3 +50,13 @@ def test_a_stage_runs_its_cells_once_and_the_report_fills_the_table(tiny_model_d
     assert "stage seeds: 2 cells to run" in sweep("--stage", "seeds", "--report")  # each row at its best lr
     table = (tmp_path / "results.md").read_text()
     assert "| mezo |" in table and "| lozo |" in table and (tmp_path / "results_dev_curves.png").exists()
+    # Two stages in one call, in order: the tasks stage's cells on the tuning task are the lr stage's runs
+    # (collected, not run again); the long stage has folders of its own and a column of its own.
+    out = sweep("--stage", "tasks,long", "--report")
+    assert "collected 2 finished runs" in out and "stage tasks,long: 1 cells to run" in out
+    long_row = [r for r in csv.DictReader(open(tmp_path / "results.csv")) if r["stage"] == "long"]
+    assert len(long_row) == 1 and long_row[0]["steps"] == "6" and long_row[0]["run_dir"].endswith("-long")
+    table = (tmp_path / "results.md").read_text()
+    assert "| sst2 (long) |" in table.splitlines()[2]
+    mezo = next(line for line in table.splitlines() if line.startswith("| mezo |")).split(" | ")
+    assert mezo[2].endswith("(2)")  # sst2: seeds 0 and 1, the tasks stage's copy of seed 0 counted once

@@ -138,7 +138,7 @@ def yaml_of(path):
 
 
 def test_zero_shot_sees_the_model_without_its_adapters():
-    # LoRETTA_adp adapters start as random maps (the reference's init); a zero-shot score measured with
+    # LoRETTA_adp adapters with the reference's init start as random maps; a zero-shot score measured with
     # them in place is not the base model's. adapters.disabled() bypasses them.
     from zotune import adapters
 
@@ -146,7 +146,7 @@ def test_zero_shot_sees_the_model_without_its_adapters():
     ids = torch.arange(12).view(2, 6)
     with torch.no_grad():
         base = model(input_ids=ids).logits
-        adapters.inject(model, adapters.LorettaAdpConfig(bottleneck=8, tt_rank=2))
+        adapters.inject(model, adapters.LorettaAdpConfig(bottleneck=8, tt_rank=2, function_preserving=False))
         adapted = model(input_ids=ids).logits
         with adapters.disabled(model):
             bypassed = model(input_ids=ids).logits

@@ -185,7 +185,7 @@ def selection_kind(trainable: str | None, adapter_kind: str) -> str | None:
     """The trainable kind (:data:`zotune.optim.registry.TRAINABLE_KINDS`) a selection stands for, or None
     when only the selected parameters tell (``regex:``)."""
     if trainable in (None, "auto", "adapters") and adapter_kind != "none":
-        return "lora" if adapter_kind == "lora" else "adapters"
+        return adapter_kind  # adp, rep or lora
     return {None: "norms", "final_norm": "norms", "norms": "norms", "auto": "all", "all": "all"}.get(trainable)
 
 
