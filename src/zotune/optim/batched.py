@@ -39,13 +39,14 @@ class Batched(CopiesOfTheBatch):
     def bind(self, params, perturbation, estimator) -> None:
         super().bind(params, perturbation, estimator)
         self._units = per_copy_units(self.model, params)
+        self._values: list[dict[int, Tensor]] = []  # per copy: the perturbed values, reused every step
 
     def measure_points(self, points, closures) -> list[float]:
         per = self.copies_per_forward or len(points)
         losses = []
         for start in range(0, len(points), per):
             group = points[start : start + per]
-            losses += measure_on_copies(self._units, self.params, self.perturbation, group, closures)
+            losses += measure_on_copies(self._units, self.params, self.perturbation, group, closures, self._values)
         return losses
 
 
@@ -65,9 +66,10 @@ def per_copy_units(model: nn.Module, params) -> list[tuple[nn.Module, list]]:
                       for attr, index, p in mine]) for name, module in outer]
 
 
-def measure_on_copies(units, params, perturbation, points, closures) -> list[float]:
-    """The losses at ``points``, one copy of the batch each, ``units`` running per copy with their values."""
-    values = [perturbed(params, perturbation, offset, key) for offset, key in points]  # [copy][index] -> tensor
+def measure_on_copies(units, params, perturbation, points, closures, buffers: list) -> list[float]:
+    """The losses at ``points``, one copy of the batch each, ``units`` running per copy with their values
+    (computed into ``buffers``, one dict per copy, allocated on first use and kept by the caller)."""
+    values = perturbed(params, perturbation, points, buffers)  # [copy][index] -> tensor
     installed = [(module, replace_forward(module, _per_copy(module, inside, values))) for module, inside in units]
     try:
         return per_copy_losses(closures, len(points))
@@ -76,15 +78,21 @@ def measure_on_copies(units, params, perturbation, points, closures) -> list[flo
             restore_forward(module, previous)
 
 
-def perturbed(params, perturbation, offset: float, key) -> dict[int, Tensor]:
-    """``θ + offset·Z(key)`` of every parameter, as new tensors by parameter index."""
-    values = {}
-    for index, param in params:
-        value = param.detach().clone(memory_format=torch.contiguous_format)
+def perturbed(params, perturbation, points, buffers: list) -> list[dict[int, Tensor]]:
+    """``θ + offset·Z(key)`` of every parameter for each point ``(offset, key)``, by parameter index.
+
+    The values go into ``buffers`` (grown to the number of points), the same tensors every step: the
+    perturbation's pass over a copy's tensors then finds its cached plan (one fused launch per group on
+    CUDA, where fresh tensors cost a plan and its tables per tensor)."""
+    while len(buffers) < len(points):  # Parameters without grad: the perturbation keeps plans for Parameters only
+        buffers.append({index: nn.Parameter(torch.empty_like(p, memory_format=torch.contiguous_format),
+                                            requires_grad=False) for index, p in params})
+    sources = [p.detach() for _, p in params]
+    for (offset, key), values in zip(points, buffers):
+        torch._foreach_copy_(list(values.values()), sources)
         if offset != 0.0:
-            perturbation.add_(value, index, [(offset, key)])
-        values[index] = value
-    return values
+            perturbation.add_each_(list(values.items()), [(offset, key)], ())
+    return buffers[: len(points)]
 
 
 def _per_copy(module: nn.Module, inside: list, values: list[dict[int, Tensor]]):

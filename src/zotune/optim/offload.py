@@ -110,6 +110,7 @@ class Offload(CopiesOfTheBatch):
             raise ValueError(f"parameters outside the model's repeated blocks must be on {self.device}")
         self._resident = resident
         self._units = per_copy_units(self.model, resident) if resident else []
+        self._values: list[dict[int, Tensor]] = []  # per copy: the resident parameters' perturbed values
 
     def measure_points(self, points, closures) -> list[float]:
         per = self.copies_per_forward or len(points)
@@ -117,7 +118,8 @@ class Offload(CopiesOfTheBatch):
         for start in range(0, len(points), per):
             self._points = list(points[start : start + per])
             try:
-                losses += measure_on_copies(self._units, self._resident, self.perturbation, self._points, closures)
+                losses += measure_on_copies(self._units, self._resident, self.perturbation, self._points, closures,
+                                            self._values)
             finally:
                 self._points = None
         return losses
