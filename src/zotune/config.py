@@ -146,8 +146,8 @@ class TrainConfig:
                                  "with a warning, where capture fails")
     threads: typing.Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
     sharding: str = _f("none", "under torchrun: fsdp shards every parameter over the ranks with FSDP2 (each rank "
-                               "perturbs and updates its shard, the forward gathers; dense-direction SGD methods: "
-                               "mezo, adazeta; checkpoints are trajectories); none: every rank holds the whole model")
+                               "perturbs and updates its shard, the forward gathers; every ZO method; checkpoints "
+                               "are trajectories); none: every rank holds the whole model")
     query_parallel: int = _f(1, "under torchrun: ranks that split each step's queries (the others split the batch); "
                                 "must divide the world size")
     dist_timeout: float = _f(1800.0, "under torchrun: seconds a rank waits for the others (a dead rank fails the job "

@@ -1,7 +1,7 @@
 """MeZO over FSDP2-sharded parameters, one rank of a torchrun job, or the unsharded reference in process.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist/fsdp_worker.py OUT_DIR
-    run_reference() from the tests
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist/fsdp_worker.py OUT_DIR [METHOD]
+    run_reference(METHOD) from the tests
 
 Each rank holds a shard of every parameter (``zotune.dist.shard``: per decoder layer and the root), perturbs
 and updates only that shard, and measures the loss of its half of a global batch of 8 sequences; the
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest's tiny 
 
 import zotune  # noqa: E402
 from conftest import tiny_llama  # noqa: E402
-from zotune.optim import SPSA, Gaussian, ZOOptimizer  # noqa: E402
+from zotune.optim import SGD, SPSA, Adam, Gaussian, LowRank, Momentum, SeparableAdam, TemporalCP, ZOOptimizer  # noqa: E402,E501
 
 STEPS, GLOBAL_BATCH, HALVES = 6, 8, 2
 
@@ -40,15 +40,30 @@ def lm_loss(model, ids) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:])
 
 
-def optimizer(model, execution=None) -> ZOOptimizer:
-    # MeZO with two queries, the Philox directions (what sharded parameters are drawn from)
-    return ZOOptimizer(model.parameters(), lr=1e-2, perturbation=Gaussian(generator="philox"),
+# method -> (perturbation, rule, lr). Two queries each. The dense ones draw from Philox (what sharded
+# parameters are drawn from; their moments are sharded like the parameters); LOZO and TeZO draw their
+# factors for the whole matrix and each rank applies its rows (nu = 3: a V window change, and LOZO-M's
+# momentum carried to the new window, within the 6 steps), their moments are the whole matrix's.
+METHODS = {
+    "mezo": (lambda: Gaussian(generator="philox"), SGD, 1e-2),
+    "mezo_momentum": (lambda: Gaussian(generator="philox"), lambda: Momentum(beta=0.9), 1e-2),
+    "mezo_adam": (lambda: Gaussian(generator="philox"), Adam, 1e-3),
+    "lozo": (lambda: LowRank(rank=2, nu=3), SGD, 1e-2),
+    "lozo_m": (lambda: LowRank(rank=2, nu=3), lambda: Momentum(beta=0.9), 1e-2),
+    "tezo": (lambda: TemporalCP(rank=3), SGD, 1e-2),
+    "tezo_adam": (lambda: TemporalCP(rank=3), SeparableAdam, 1e-3),
+}
+
+
+def optimizer(model, method: str, execution=None) -> ZOOptimizer:
+    perturbation, rule, lr = METHODS[method]
+    return ZOOptimizer(model.parameters(), lr=lr, perturbation=perturbation(), rule=rule(),
                        estimator=SPSA(eps=1e-3, num_queries=2), seed=7, execution=execution)
 
 
-def run_reference() -> tuple[dict[str, torch.Tensor], list]:
+def run_reference(method: str = "mezo") -> tuple[dict[str, torch.Tensor], list]:
     model = tiny_llama()
-    opt = optimizer(model)
+    opt = optimizer(model, method)
     grads = []
     for step in range(STEPS):
         # the mean of the halves' losses, in float64 as the all-reduce computes it
@@ -57,7 +72,7 @@ def run_reference() -> tuple[dict[str, torch.Tensor], list]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}, grads
 
 
-def main(out: Path) -> None:
+def main(out: Path, method: str) -> None:
     import torch.distributed as dist
 
     from zotune.dist import Distributed, Layout, shard
@@ -65,7 +80,7 @@ def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = shard(tiny_llama())  # each decoder layer a unit, the rest the root's
-    opt = optimizer(model, execution=Distributed(zotune.InPlace(), Layout(world, rank)))
+    opt = optimizer(model, method, execution=Distributed(zotune.InPlace(), Layout(world, rank)))
     grads = []
     for step in range(STEPS):
         opt.step(lambda step=step: lm_loss(model, half(step, rank)))
@@ -74,10 +89,10 @@ def main(out: Path) -> None:
     if rank == 0:
         torch.save({"weights": full, "grads": grads,
                     "local_numel": sum(p.to_local().numel() for p in model.parameters()),
-                    "numel": sum(p.numel() for p in model.parameters())}, out / "fsdp.pt")
+                    "numel": sum(p.numel() for p in model.parameters())}, out / f"fsdp-{method}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "mezo")

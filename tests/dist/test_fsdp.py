@@ -3,22 +3,25 @@
 import os
 import subprocess
 
+import pytest
 import torch
 
 import fsdp_worker
 from test_parallel import torchrun_command
 
 
-def test_fsdp2_sharded_mezo_equals_one_unsharded_process(tmp_path):
+@pytest.mark.parametrize("method", fsdp_worker.METHODS)
+def test_fsdp2_sharded_training_equals_one_unsharded_process(tmp_path, method):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(torchrun_command(fsdp_worker.__file__, str(tmp_path)), capture_output=True, text=True,
-                          timeout=600, env=env)
+    done = subprocess.run(torchrun_command(fsdp_worker.__file__, str(tmp_path), method), capture_output=True,
+                          text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    sharded = torch.load(tmp_path / "fsdp.pt")
+    sharded = torch.load(tmp_path / f"fsdp-{method}.pt")
     assert sharded["local_numel"] < sharded["numel"]  # rank 0 held (and perturbed) only part of each parameter
-    weights, grads = fsdp_worker.run_reference()
+    weights, grads = fsdp_worker.run_reference(method)
     # Each element's direction comes from its position in the whole parameter (Philox, addressed by
-    # element), the forward gathers the same values, and the losses are averaged in float64 in the same
+    # element; the factored methods' factors are drawn for the whole matrix and each rank applies its
+    # rows), the forward gathers the same values, and the losses are averaged in float64 in the same
     # order: the projected gradients and every weight are bit-identical, not merely close.
     assert sharded["grads"] == grads
     assert sharded["weights"].keys() == weights.keys()
@@ -28,8 +31,7 @@ def test_fsdp2_sharded_mezo_equals_one_unsharded_process(tmp_path):
     assert any(not torch.equal(initial[n], t) for n, t in weights.items())  # the weights did move
 
 
-def test_sharded_parameters_refuse_what_this_version_does_not_shard(tmp_path):
-    import pytest
+def test_sharded_parameters_refuse_another_execution_path(tmp_path):
     import torch.distributed as dist
 
     import zotune
@@ -38,10 +40,9 @@ def test_sharded_parameters_refuse_what_this_version_does_not_shard(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = shard(fsdp_worker.tiny_llama())
-        with pytest.raises(ValueError, match="sharded \\(FSDP2\\) parameters are trained with dense Gaussian"):
-            zotune.lozo(model.parameters(), lr=1e-3, rank=2)
-        with pytest.raises(ValueError, match="an SGD rule"):
-            zotune.mezo_adam(model.parameters(), lr=1e-3)
-        zotune.mezo(model.parameters(), lr=1e-3)  # what is supported builds
+        with pytest.raises(ValueError, match="sharded \\(FSDP2\\) parameters are trained on the in-place path"):
+            zotune.mezo(model.parameters(), lr=1e-3, execution=zotune.DriftSafe(model))
+        zotune.mezo_adam(model.parameters(), lr=1e-3)  # every method builds on the in-place path
+        zotune.lozo(model.parameters(), lr=1e-3, rank=2)
     finally:
         dist.destroy_process_group()

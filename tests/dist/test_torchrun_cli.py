@@ -57,10 +57,11 @@ def test_two_ranks_train_kill_one_and_resume(tiny_model_dir, tmp_path):
         assert torch.equal(resumed[name], reference[name]), name
 
 
-def test_sharded_fsdp_run_replays_bit_identically_in_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method", ["mezo", "mezo_adam"])  # mezo_adam: moments sharded like the parameters
+def test_sharded_fsdp_run_replays_bit_identically_in_one_process(tiny_model_dir, tmp_path, method):
     from zotune.train.replay import replay
 
-    extra = ("--train.sharding", "fsdp", "--data.n_dev", "8", "--train.eval_every", "10")
+    extra = ("--train.sharding", "fsdp", "--data.n_dev", "8", "--train.eval_every", "10", "--optim.method", method)
     done = subprocess.run(torchrun_train(tiny_model_dir, tmp_path, "sharded", extra), capture_output=True, text=True,
                           timeout=600, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]

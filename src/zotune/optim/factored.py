@@ -29,6 +29,7 @@ from abc import abstractmethod
 
 from .perturbations import DrawKey, FactoredPerturbation, Term, merge_terms
 from .seeding import DeviceGenerators
+from .shards import is_sharded, local_part, matrix_shape
 
 # Domain tags keep the streams apart from each other and from Gaussian chunks.
 _TAG_V, _TAG_CP_U, _TAG_CP_V, _TAG_FRESH, _TAG_PACK = 102, 104, 105, 106, 107
@@ -36,6 +37,21 @@ _TAG_V, _TAG_CP_U, _TAG_CP_V, _TAG_FRESH, _TAG_PACK = 102, 104, 105, 106, 107
 
 def as_matrix(param: Tensor) -> Tensor:
     return param.view(param.shape[0], -1)
+
+
+def _held(param: Tensor, left: Tensor) -> tuple[Tensor, Tensor]:
+    """(what this process holds of ``param``, as a matrix for 2-D and more; the rows of ``left`` that go
+    with it). Sharded (FSDP2, rows split over the ranks): Z's rows [a, a+h) are L[a:a+h] Rᵀ, so each
+    rank slices the left factor (or a 1-D z) drawn for the whole parameter and the update equals the
+    unsharded one's rows."""
+    if not is_sharded(param):
+        return (param if param.dim() < 3 else as_matrix(param)), left
+    local, first, rows = local_part(param)
+    return (local if local.dim() < 3 else local.view(rows, -1)), left[first:first + rows]
+
+
+def _storage(param: Tensor) -> int:
+    return (param.to_local() if is_sharded(param) else param).data_ptr()
 
 
 class _Factored(FactoredPerturbation):
@@ -165,11 +181,12 @@ class _Factored(FactoredPerturbation):
                 vectors.append((index, p))
             elif matrix_terms:
                 left, right_t, alpha = self._left_right(p, index, matrix_terms)
-                (p if p.dim() == 2 else as_matrix(p)).addmm_(left, right_t, alpha=alpha)
+                matrix, left = _held(p, left)
+                matrix.addmm_(left, right_t, alpha=alpha)
         if vectors:
-            tensors = [p for _, p in vectors]
             for alpha, key in vector_terms:
-                torch._foreach_add_(tensors, [self._fresh(p, index, key) for index, p in vectors], alpha=alpha)
+                held = [_held(p, self._fresh(p, index, key)) for index, p in vectors]
+                torch._foreach_add_([t for t, _ in held], [z for _, z in held], alpha=alpha)
 
     def _one_term_plan(self, params, key: DrawKey):
         """([(matrix, L, Rᵀ)], 1-D tensors, their z) of direction ``key``, kept while they stay valid.
@@ -185,20 +202,22 @@ class _Factored(FactoredPerturbation):
         slot = (tuple((index, id(p)) for index, p in params), key.query)
         hit = self._plans.get(slot)
         # A parameter given new storage (module.to()) would leave the plan's matrix views on the old one.
-        if hit is None or hit[0] != reuse or any(p.data_ptr() != ptr for (_, p), ptr in zip(params, hit[3])):
+        if hit is None or hit[0] != reuse or any(_storage(p) != ptr for (_, p), ptr in zip(params, hit[3])):
             self._plans.pop(slot, None)  # a stale plan would keep the old storage alive
             if any(index not in self._layout or self._layout[index][0][1] != p.dtype for index, p in params):
                 return None
             matrices, vectors, zs = [], [], []
             for index, p in params:
                 if p.dim() < 2:
-                    vectors.append(p)
-                    zs.append(self._fresh(p, index, key))
+                    vector, z = _held(p, self._fresh(p, index, key))
+                    vectors.append(vector)
+                    zs.append(z)
                 else:
                     left, right_t, _ = self._left_right(p, index, [(1.0, key)])
-                    matrices.append((p if p.dim() == 2 else as_matrix(p), left, right_t))
+                    matrix, left = _held(p, left)
+                    matrices.append((matrix, left, right_t))
             groups = {self._layout[index][0] for index, _ in params}
-            pointers = [p.data_ptr() for _, p in params]
+            pointers = [_storage(p) for _, p in params]
             hit = self._plans[slot] = (reuse, groups, (matrices, vectors, zs), pointers)
         for group in hit[1]:
             self._pack(key, group)  # this step's numbers into the buffers the plan's views read
@@ -211,11 +230,14 @@ class _Factored(FactoredPerturbation):
         return self._matrix_coords(param, index, terms).to(dtype)
 
     def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float, key: DrawKey) -> None:
+        # coordinates are the whole parameter's (LOZO: m×r, TeZO: r, a 1-D z: m), the same on every rank
         if param.dim() < 2:
-            param.add_(coords.to(param.dtype), alpha=alpha)
+            vector, z = _held(param, coords.to(param.dtype))
+            vector.add_(z, alpha=alpha)
             return
         left, right = self._expand(param, index, coords.to(param.dtype), key)
-        as_matrix(param).addmm_(left, right.T, alpha=alpha)
+        matrix, left = _held(param, left)
+        (matrix if matrix.dim() == 2 else as_matrix(matrix)).addmm_(left, right.T, alpha=alpha)
 
     def scale(self, param: Tensor) -> float:
         return self.kappa if param.dim() >= 2 else 1.0
@@ -345,7 +367,7 @@ class LowRank(_Factored):
         cached = self._v_cache.get(index)
         if cached is not None and cached[:2] == (run_seed, window) and cached[2].dtype == param.dtype:
             return cached[2], cached[3]
-        v = self._randn((as_matrix(param).shape[1], self.rank), param.device, param.dtype,
+        v = self._randn((matrix_shape(param)[1], self.rank), param.device, param.dtype,
                         run_seed, _TAG_V, window, index)
         if self.unit_variance:
             v.mul_(self._right_scale(self.rank))

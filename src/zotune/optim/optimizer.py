@@ -116,10 +116,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                             f"got {type(execution).__name__}")
         self.rule.check(self.perturbation)  # a rule that cannot follow these directions fails here, not at step 1
         if any(is_sharded(p) for _, p in self._indexed):  # FSDP2's DTensor shards
-            if type(self.perturbation) is not Gaussian or not self.rule.linear or \
-                    (execution is not None and not isinstance(getattr(execution, "inner", execution), InPlace)):
-                raise ValueError("sharded (FSDP2) parameters are trained with dense Gaussian directions, an SGD rule "
-                                 "and the in-place path in this version (mezo, adazeta; zotune.dist.shard)")
+            if execution is not None and not isinstance(getattr(execution, "inner", execution), InPlace):
+                raise ValueError("sharded (FSDP2) parameters are trained on the in-place path (zotune.dist.shard: "
+                                 "execution=Distributed(InPlace(), layout))")
         self.execution: ExecutionPath = execution if execution is not None else InPlace()
         self.execution.bind(self._indexed, self.perturbation, self.estimator)
         self.perturbation.prepare(self._indexed)

@@ -53,6 +53,9 @@ class Perturbation(ABC):
     #: True when the coordinates' basis changes between steps (LOZO's V windows): moments must
     #: then be carried over with :meth:`transport`.
     changes_basis: bool = False
+    #: True when the coordinates of a sharded (FSDP2) parameter are sharded like it (dense directions);
+    #: False when they are the whole parameter's, the same on every rank (the factored ones: U-space, τ).
+    sharded_coordinates: bool = False
 
     @abstractmethod
     def add_(self, param: Tensor, index: int, terms: Sequence[Term]) -> None:
@@ -144,6 +147,8 @@ class Gaussian(Perturbation):
 
     GENERATORS = ("auto", "philox", "torch")
 
+    sharded_coordinates = True  # the coordinates are Z itself, a tensor like the parameter
+
     def __init__(self, chunk_numel: int | None = None, generator: str = "auto") -> None:
         if chunk_numel is not None and chunk_numel < 1:
             raise ValueError(f"chunk_numel must be positive, got {chunk_numel}")
@@ -208,11 +213,16 @@ class Gaussian(Perturbation):
             self._fused.add_(tables, keyed)
 
     def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
-        if is_sharded(param):
-            raise ValueError("sharded parameters are updated by SGD-type rules only in this version (MeZO, "
-                             "AdaZeta): momentum and Adam keep full-size moments of the parameter")
         # float32 at least (half-precision moments underflow), float64 kept as is.
-        out = torch.zeros(param.shape, device=param.device, dtype=torch.promote_types(param.dtype, torch.float32))
+        dtype = torch.promote_types(param.dtype, torch.float32)
+        if is_sharded(param):  # sharded like the parameter: the rule's moments are then sharded too
+            from torch.distributed.tensor import DTensor
+
+            local = torch.zeros(param.to_local().shape, device=param.device, dtype=dtype)
+            out = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                                     stride=param.stride())
+        else:
+            out = torch.zeros(param.shape, device=param.device, dtype=dtype)
         self.add_each_([(index, out)], terms, ())  # (a fresh tensor each time: its plan is not kept)
         return out
 

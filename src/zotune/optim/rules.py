@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .shards import held
 from .temporal_cp import TemporalCP
 
 
@@ -175,4 +176,4 @@ class SeparableAdam(Adam):
         numerator = perturbation.expand_dense(param, index, m / (1.0 - self.beta1**step), key)
         second = perturbation.expand_dense(param, index, w / (1.0 - self.beta2**step), key, squared=True)
         denominator = second.clamp_(min=0.0).sqrt_().add_(self.eps)
-        param.addcdiv_(numerator.to(param.dtype), denominator.to(param.dtype), value=-lr)
+        held(param).addcdiv_(numerator.to(param.dtype), denominator.to(param.dtype), value=-lr)  # a shard: its rows

@@ -42,6 +42,26 @@ def local_shard(param: Tensor) -> tuple[Tensor, int]:
     return _flat(param.to_local()), first * (param.numel() // param.shape[0] if param.shape[0] else 0)
 
 
+def local_part(param: Tensor) -> tuple[Tensor, int, int]:
+    """(the tensor this process holds, its first row in the whole parameter, its number of rows); a plain
+    tensor is all of itself. The factored perturbations slice their left factor (and a 1-D z) by rows."""
+    if not is_sharded(param):
+        return param, 0, param.shape[0] if param.dim() else 1
+    first, rows = local_rows(param)
+    return param.to_local(), first, rows
+
+
+def held(param: Tensor) -> Tensor:
+    """What this process holds of ``param``: its local shard, or all of a plain tensor."""
+    return param.to_local() if is_sharded(param) else param
+
+
+def matrix_shape(param: Tensor) -> tuple[int, int]:
+    """(m, n): the whole parameter as the m x n matrix the factored perturbations see (dims after the first
+    flattened); from the shape alone, so that a sharded parameter needs no collective."""
+    return param.shape[0], param.numel() // param.shape[0] if param.shape[0] else 0
+
+
 def _flat(param: Tensor) -> Tensor:
     if not param.is_contiguous():
         raise ValueError("Gaussian perturbation needs contiguous parameters")

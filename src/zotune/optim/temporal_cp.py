@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .factored import _TAG_CP_U, _TAG_CP_V, _Factored, as_matrix
+from .shards import held, is_sharded, local_part, matrix_shape
 from .perturbations import DrawKey
 
 
@@ -55,15 +56,16 @@ class TemporalCP(_Factored):
     def _rank_of(self, param: Tensor, index: int) -> int:
         """r_l of a matrix, chosen on first sight (an SVD for ``rank="auto"``) and kept."""
         if index not in self.ranks:
-            self.ranks[index] = self._choose_rank(as_matrix(param))
+            whole = param.full_tensor() if is_sharded(param) and self.rank == "auto" else param  # the SVD's input
+            self.ranks[index] = self._choose_rank(whole, matrix_shape(param))
         return self.ranks[index]
 
-    def _choose_rank(self, matrix: Tensor) -> int:
+    def _choose_rank(self, param: Tensor, shape: tuple[int, int]) -> int:
         if self.rank == "auto":
-            sigma = torch.linalg.svdvals(matrix.detach().float())
+            sigma = torch.linalg.svdvals(as_matrix(param.detach()).float())
             chosen = int((sigma >= self.r_th * sigma[0]).sum())
-            return max(1, min(chosen, self.r_max, *matrix.shape))
-        return min(int(self.rank), *matrix.shape)
+            return max(1, min(chosen, self.r_max, *shape))
+        return min(int(self.rank), *shape)
 
     def persistent_numel(self) -> int:
         return sum(u.numel() + v.numel() for _, u, v in self._factors.values())
@@ -80,10 +82,10 @@ class TemporalCP(_Factored):
         cached = self._factors.get(index)
         if cached is not None and cached[0] == run_seed and cached[1].dtype == param.dtype:
             return cached[1], cached[2]
-        matrix = as_matrix(param)
+        m, n = matrix_shape(param)
         r = self._rank_of(param, index)
-        u = self._randn((matrix.shape[0], r), param.device, param.dtype, run_seed, _TAG_CP_U, index)
-        v = self._randn((matrix.shape[1], r), param.device, param.dtype, run_seed, _TAG_CP_V, index)
+        u = self._randn((m, r), param.device, param.dtype, run_seed, _TAG_CP_U, index)
+        v = self._randn((n, r), param.device, param.dtype, run_seed, _TAG_CP_V, index)
         if self.unit_variance:
             v.mul_(self._right_scale(r))
         self._factors[index] = (run_seed, u, v)
@@ -135,9 +137,13 @@ class TemporalCP(_Factored):
         return coords  # U and V never change: no re-projection, ever
 
     def expand_dense(self, param: Tensor, index: int, coords: Tensor, key: DrawKey, squared: bool = False) -> Tensor:
-        """The m×n matrix U diag(c) Vᵀ, or (U∘U) diag(c) (V∘V)ᵀ with ``squared`` (TeZO-Adam)."""
+        """The m×n matrix U diag(c) Vᵀ, or (U∘U) diag(c) (V∘V)ᵀ with ``squared`` (TeZO-Adam), shaped like the
+        parameter; of a sharded parameter, the rows this process holds (shaped like its shard)."""
         u, v = self.factors(param, index, key.run_seed)
         u, v = u.to(coords.dtype), v.to(coords.dtype)
+        if is_sharded(param):
+            _, first, rows = local_part(param)
+            u = u[first:first + rows]
         if squared:
             u, v = u * u, v * v
-        return ((u * coords) @ v.T).view(param.shape)
+        return ((u * coords) @ v.T).view(held(param).shape)

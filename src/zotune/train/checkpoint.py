@@ -64,11 +64,41 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
             .contiguous() for name in trainable_names(model)}
 
 
+def whole_optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with moments sharded like their (FSDP2) parameters gathered into whole
+    tensors, so that a run with any number of ranks loads them. A collective: every rank calls it."""
+    state = optimizer.state_dict()
+    whole = lambda value: value.full_tensor() if is_sharded(value) else value  # noqa: E731
+    state["state"] = {key: {name: whole(value) for name, value in entry.items()} if isinstance(entry, dict) else entry
+                      for key, entry in state["state"].items()}
+    return state
+
+
+def reshard_optimizer_state(optimizer) -> None:
+    """After ``load_state_dict``: each whole-tensor moment of a sharded parameter whose coordinates are
+    sharded (dense directions) becomes this rank's rows of it, sharded like the parameter."""
+    if not optimizer.perturbation.sharded_coordinates:
+        return
+    from torch.distributed.tensor import DTensor
+
+    for param, entry in optimizer.state.items():
+        if not (isinstance(param, torch.Tensor) and is_sharded(param)):
+            continue
+        first, rows = local_rows(param)
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and not is_sharded(value) and value.shape == param.shape:
+                entry[name] = DTensor.from_local(value[first:first + rows].to(param.device).clone(), param.device_mesh,
+                                                 param.placements, run_check=False, shape=param.shape,
+                                                 stride=param.stride())
+
+
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, extra: dict, keep: int = 2,
-                    weights: bool = True) -> Path:
+                    weights: bool = True, optimizer_state: dict | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-{step}`` atomically; keep the ``keep`` newest.
 
     ``weights=False`` writes a trajectory checkpoint: the optimizer state and the manifest only.
+    ``optimizer_state``: what to save instead of ``optimizer.state_dict()`` (a sharded run's, gathered
+    by :func:`whole_optimizer_state` on every rank).
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -78,7 +108,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, extra
         files = FILES if weights else FILES[1:]
         if weights:
             save_file(trainable_state(model), str(tmp / FILES[0]))
-        torch.save(optimizer.state_dict(), tmp / FILES[1])
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / FILES[1])
         manifest = {"step": step, "weights": "file" if weights else "trajectory", "extra": extra,
                     "sha256": {name: _sha256(tmp / name) for name in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
@@ -156,4 +186,5 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, replay: Callable[[i
     else:
         replay(manifest["step"])
     optimizer.load_state_dict(torch.load(Path(path) / FILES[1], weights_only=True))
+    reshard_optimizer_state(optimizer)
     return manifest

@@ -28,7 +28,7 @@ from ..eval.evaluate import evaluate_task
 from ..optim import get_method
 from . import trajectory
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint,
-                         trainable_names, trainable_state)
+                         trainable_names, trainable_state, whole_optimizer_state)
 from .losses import LOSSES
 from .plots import plot_run
 from .recipe import setup
@@ -338,6 +338,8 @@ class Training:
 
     def _checkpoint(self, step: int):
         self._flush()
+        # sharded moments (dense directions with momentum or Adam) are gathered by every rank, saved by rank 0
+        gathered = whole_optimizer_state(self.optimizer) if self.sharded else None
         if not self.ctx.is_main:
             return self.run.path
         extra = {
@@ -348,7 +350,7 @@ class Training:
             "guard": self.guard.state_dict() if self.guard else {},
         }
         return save_checkpoint(self.run.path, step, self.model, self.optimizer, extra, self.cfg.train.keep_checkpoints,
-                               weights=self.checkpoint_kind == "weights")
+                               weights=self.checkpoint_kind == "weights", optimizer_state=gathered)
 
     def _replay_trajectory(self, step: int) -> None:
         """The weights of ``step`` for a trajectory checkpoint: the base model's (as loaded) with the run's

@@ -10,7 +10,7 @@ from .setup import adapter_config, build_guard, check_device, check_optim
 
 
 def _dense_sgd(spec: MethodSpec) -> bool:
-    """Dense Gaussian directions with an SGD rule (mezo, adazeta): what sharding and offload take."""
+    """Dense Gaussian directions with an SGD rule (mezo, adazeta): what offload takes."""
     return spec.zeroth_order and spec.linear and not spec.virtual
 
 
@@ -32,9 +32,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.sharding must be none or fsdp, got {t.sharding!r}")
     o = cfg.optim
     if t.sharding == "fsdp":
-        if not _dense_sgd(spec) or o.options.get("generator") == "torch":
-            raise ConfigError(f"train.sharding=fsdp trains with dense Gaussian directions and an SGD rule in this "
-                              f"version: optim.method mezo or adazeta (not {o.method!r}), generator auto or philox")
+        if not spec.zeroth_order or o.options.get("generator") == "torch":
+            raise ConfigError(f"train.sharding=fsdp trains ZO methods with directions drawn by each element's place in "
+                              f"its parameter: not {o.method!r} with generator torch (use auto or philox)"
+                              if spec.zeroth_order else f"train.sharding=fsdp trains ZO methods, not {o.method!r}")
         if o.virtual or o.batched or o.drift_safe or t.query_parallel != 1 or t.checkpoint == "weights":
             raise ConfigError("train.sharding=fsdp runs the in-place path with data parallelism and trajectory "
                               "checkpoints: drop optim.virtual, optim.batched, optim.drift_safe, "
