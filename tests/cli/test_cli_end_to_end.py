@@ -100,7 +100,9 @@ def test_methods_and_tasks(capsys):
     (["--optim.lr", "-1"], "optim.lr must be >= 0, got -1.0"),
     (["--train.keep_checkpoints", "0"], "keep_checkpoints"),
     (["--train.sharding", "fsdp"], "launch with torchrun"),
-    (["--train.sharding", "fsdp", "--optim.method", "lozo"], "mezo or adazeta (not 'lozo')"),
+    (["--train.sharding", "fsdp", "--optim.method", "lozo"], "launch with torchrun"),  # every ZO method shards
+    (["--train.sharding", "fsdp", "--optim.method", "adamw"], "trains ZO methods, not 'adamw'"),
+    (["--train.sharding", "fsdp", "--optim.generator", "torch"], "not 'mezo' with generator torch"),
     (["--train.checkpoint", "trajectory", "--optim.method", "adamw"], "'adamw' is first-order"),
 ])
 def test_contradictions_fail_before_loading(argv, message, capsys, monkeypatch):

@@ -237,7 +237,7 @@ class _Factored(FactoredPerturbation):
             return
         left, right = self._expand(param, index, coords.to(param.dtype), key)
         matrix, left = _held(param, left)
-        (matrix if matrix.dim() == 2 else as_matrix(matrix)).addmm_(left, right.T, alpha=alpha)
+        matrix.addmm_(left, right.T, alpha=alpha)
 
     def scale(self, param: Tensor) -> float:
         return self.kappa if param.dim() >= 2 else 1.0

@@ -178,13 +178,15 @@ class Offload(CopiesOfTheBatch):
             for p in updated:
                 p.data.copy_(on_device[id(p)])  # the update lands in CPU memory once
         elif updated:
+            # The block's forward goes on to add each copy's offset·Z to these very tensors: the write-back
+            # reads a snapshot of the updated weights (a device copy, far cheaper than the bus).
+            snapshots = [(p, on_device[id(p)].clone()) for p in updated]
             streams = self._streams()
             streams["write"].wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(streams["write"]):
-                for p in updated:
-                    value = on_device[id(p)]
-                    value.record_stream(streams["write"])
-                    p.data.copy_(value, non_blocking=True)  # into pinned memory: asynchronous
+                for p, snapshot in snapshots:
+                    snapshot.record_stream(streams["write"])
+                    p.data.copy_(snapshot, non_blocking=True)  # into pinned memory: asynchronous
                 written = torch.cuda.Event()
                 written.record()
             self._written[i] = written  # the next copy of this block waits for it

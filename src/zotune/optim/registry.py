@@ -20,8 +20,9 @@ from . import aliases as zo
 from .first_order import AdamWOptions, adamw
 
 #: The kinds of trainable set a default learning rate is given for: every weight, the norm
-#: layers' scales and shifts, zotune's tensor-train adapters (and their norms), PEFT LoRA.
-TRAINABLE_KINDS = ("all", "norms", "adp", "rep", "lora")  # adp, rep, lora: the adapter kinds
+#: layers' scales and shifts, and the adapter kinds: zotune's tensor-train adapters (adp: LoRETTA_adp
+#: and AdaZeta, with their norms; rep: LoRETTA_rep) and PEFT LoRA.
+TRAINABLE_KINDS = ("all", "norms", "adp", "rep", "lora")
 
 
 @dataclass(frozen=True)
