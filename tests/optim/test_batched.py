@@ -98,3 +98,24 @@ def test_the_command_line_trains_adazeta_batched(tiny_model_dir, tmp_path):
                  "--train.zero_shot", "false"]) == 0
     assert (tmp_path / "run" / "results.json").exists()
     assert main(["train", "--optim.batched", "true", "--optim.virtual", "true", "--optim.method", "lozo"]) == 2
+
+
+def test_the_fused_up_projection_is_perturbed_on_every_path():
+    # LoRETTA_adp with the paper's init runs its up-projection through TTLinear.forward_add in float32 (the
+    # residual sum fused into the GEMM), past the module's call: the paths that perturb a module's
+    # parameters at its call (drift-safe, batched) must still see it perturbed. The in-place path, which
+    # writes the perturbation into the weights, is the reference.
+    def build():
+        torch.manual_seed(0)
+        return inject(tiny_llama(), LorettaAdpConfig(bottleneck=8, tt_rank=2, train_norms=False,
+                                                     function_preserving=False))
+
+    def make(params, path):
+        return zotune.mezo(params, lr=1e-3, num_queries=2, seed=5, execution=path)
+
+    reference, _ = grads(build(), make, zotune.InPlace(), steps=2)
+    for path in (zotune.DriftSafe, Batched):
+        model = build()
+        measured, _ = grads(model, make, path(model), steps=2)
+        for a, b in zip(reference, measured):
+            assert b == pytest.approx(a, rel=1e-3, abs=1e-3), path.__name__

@@ -48,8 +48,15 @@ class TTAdapter(nn.Module):
         return self.scale * self.up(self.act(self.down(h.float())))  # (..., H) -> (..., b) -> (..., H)
 
     def add_to(self, h: Tensor) -> Tensor:
-        """h + forward(h), the sum fused into the up-projection's GEMM (for float32 h)."""
-        return self.up.forward_add(h, self.act(self.down(h.float())), self.scale)
+        """h + forward(h), the sum fused into the up-projection's GEMM (for float32 h).
+
+        The fused GEMM goes past the up-projection's call; where something intercepts that call (the
+        drift-safe and batched paths swap perturbed parameters in there, by hook or by an instance
+        ``forward``), the sum goes through it instead."""
+        up = self.up
+        if "forward" in up.__dict__ or up._forward_pre_hooks or up._forward_hooks:
+            return h + self(h)
+        return up.forward_add(h, self.act(self.down(h.float())), self.scale)
 
 
 class LorettaAdpLayer(nn.Module):
