@@ -138,3 +138,23 @@ def test_bad_modes_are_rejected():
         TTLinear(64, 8, 2, in_modes=[4, 4])
     with pytest.raises(ValueError, match="rank"):
         TTLinear(64, 8, 0)
+
+
+@pytest.mark.parametrize("shared_bias", [False, True])
+def test_forward_copies_is_each_copy_through_its_own_parameters(shared_bias):
+    # The batched path's copy-aware call: S = 3 copies of a batch (copy-major), copy s through core_data[s]
+    # (and bias[s]); against the layer run once per copy with that copy's parameters loaded.
+    g = torch.Generator().manual_seed(0)
+    layer = TTLinear(48, 20, rank=3, bias=True, generator=g)
+    x = torch.randn(3 * 2, 5, 48, generator=g)  # 3 copies of a batch of 2 sequences of 5
+    cores = layer.core_data.detach() + 0.1 * torch.randn(3, layer.core_data.numel(), generator=g)
+    biases = layer.bias.detach() + 0.1 * torch.randn(3, 20, generator=g)
+    with torch.no_grad():
+        out = layer.forward_copies(x, core_data=cores, bias=None if shared_bias else biases)
+        expected = []
+        for s in range(3):
+            copy = TTLinear(48, 20, rank=3, bias=True, generator=torch.Generator().manual_seed(0))
+            copy.core_data.copy_(cores[s])
+            copy.bias.copy_(layer.bias if shared_bias else biases[s])
+            expected.append(copy(x[2 * s:2 * (s + 1)]))
+    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-6)

@@ -184,6 +184,40 @@ class TTLinear(nn.Module):
             b = (core.reshape(r_prev * k, r) @ b).reshape(r_prev, -1)  # (r_{i-1}, k_i..k_d)
         return a, b
 
+    def factors_of_copies(self, core_data: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`factors` of S sets of cores at once: ``core_data`` (S, numel) -> A (S, N_in, r_m), B (S, r_m, N_out),
+        a few batched products instead of S times as many small ones."""
+        copies, m, start, cores = core_data.shape[0], len(self.in_modes), 0, []
+        for shape in self.core_shapes:
+            size = math.prod(shape)
+            cores.append(core_data[:, start : start + size].view(copies, *shape))
+            start += size
+        a = cores[0].reshape(copies, cores[0].shape[2], -1)  # (S, k_1, r_1)
+        for core in cores[1:m]:
+            _, r_prev, k, r = core.shape
+            a = torch.bmm(a, core.reshape(copies, r_prev, k * r)).reshape(copies, -1, r)
+        last = cores[-1]
+        b = last.reshape(copies, last.shape[1], -1)  # (S, r_{d-1}, k_d)
+        for core in reversed(cores[m:-1]):
+            _, r_prev, k, r = core.shape
+            b = torch.bmm(core.reshape(copies, r_prev * k, r), b).reshape(copies, r_prev, -1)
+        return a, b
+
+    def forward_copies(self, x: Tensor, core_data: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """The layer for S copies of the batch at once (the batched execution path), copy s's rows of ``x``
+        (copy-major) through copy s's parameters: ``core_data`` (S, numel), ``bias`` (S, N_out); one not
+        given is the layer's own, shared by the copies."""
+        copies = (core_data if core_data is not None else bias).shape[0]
+        if core_data is None:
+            core_data = self.core_data.expand(copies, -1)
+        a, b = self.factors_of_copies(core_data)
+        rows = x.reshape(copies, -1, self.in_features).to(a.dtype)  # (S, rows of a copy, N_in)
+        out = torch.bmm(torch.bmm(rows, a), b)  # (S, rows, N_out)
+        bias = bias if bias is not None else self.bias
+        if bias is not None:
+            out = out + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
     def to_dense(self) -> Tensor:
         """W (N_in x N_out), for tests and for folding ΔW into a base weight."""
         a, b = self.factors()

@@ -39,7 +39,7 @@ class Batched(CopiesOfTheBatch):
     def bind(self, params, perturbation, estimator) -> None:
         super().bind(params, perturbation, estimator)
         self._units = per_copy_units(self.model, params)
-        self._values: list[dict[int, Tensor]] = []  # per copy: the perturbed values, reused every step
+        self._values = CopyValues()
 
     def measure_points(self, points, closures) -> list[float]:
         per = self.copies_per_forward or len(points)
@@ -66,11 +66,39 @@ def per_copy_units(model: nn.Module, params) -> list[tuple[nn.Module, list]]:
                       for attr, index, p in mine]) for name, module in outer]
 
 
-def measure_on_copies(units, params, perturbation, points, closures, buffers: list) -> list[float]:
+class CopyValues:
+    """The perturbed values of a step's copies, kept across steps: per parameter an (S, *shape) stack whose
+    row s is copy s's value. Reused, the rows keep the perturbation's pass plans (one fused launch per copy
+    on CUDA, where fresh tensors cost a plan and a launch each); stacked, they feed copy-aware layers
+    (``forward_copies``) whole."""
+
+    def __init__(self) -> None:
+        self.stacks: dict[int, Tensor] = {}  # param index -> (capacity, *shape)
+        self.rows: list[dict[int, Tensor]] = []  # [copy][param index] -> row view (a Parameter without grad)
+
+    def fill(self, params, perturbation, points) -> list[dict[int, Tensor]]:
+        """``θ + offset·Z(key)`` of every parameter for each point ``(offset, key)``: [copy][param index]."""
+        copies = len(points)
+        if copies > len(self.rows):  # grown (AdaZeta's query count rises): new stacks, new plans, once
+            self.stacks = {index: torch.empty((copies, *p.shape), dtype=p.dtype, device=p.device)
+                           for index, p in params}
+            # Parameters: the perturbation keeps pass plans for Parameters only
+            self.rows = [{index: nn.Parameter(stack[s], requires_grad=False) for index, stack in self.stacks.items()}
+                         for s in range(copies)]
+        stacks = [self.stacks[index][:copies] for index, _ in params]
+        torch._foreach_copy_(stacks, [p.detach().expand(copies, *p.shape) for _, p in params])  # θ in every row
+        for (offset, key), values in zip(points, self.rows):
+            if offset != 0.0:
+                perturbation.add_each_(list(values.items()), [(offset, key)], ())
+        return self.rows[:copies]
+
+
+def measure_on_copies(units, params, perturbation, points, closures, values: CopyValues) -> list[float]:
     """The losses at ``points``, one copy of the batch each, ``units`` running per copy with their values
-    (computed into ``buffers``, one dict per copy, allocated on first use and kept by the caller)."""
-    values = perturbed(params, perturbation, points, buffers)  # [copy][index] -> tensor
-    installed = [(module, replace_forward(module, _per_copy(module, inside, values))) for module, inside in units]
+    (computed into ``values``, kept by the caller across steps)."""
+    rows = values.fill(params, perturbation, points)
+    installed = [(module, replace_forward(module, _per_copy(module, inside, rows, values.stacks)))
+                 for module, inside in units]
     try:
         return per_copy_losses(closures, len(points))
     finally:
@@ -78,32 +106,27 @@ def measure_on_copies(units, params, perturbation, points, closures, buffers: li
             restore_forward(module, previous)
 
 
-def perturbed(params, perturbation, points, buffers: list) -> list[dict[int, Tensor]]:
-    """``θ + offset·Z(key)`` of every parameter for each point ``(offset, key)``, by parameter index.
+def _per_copy(module: nn.Module, inside: list, values: list[dict[int, Tensor]], stacks: dict[int, Tensor]):
+    """``module``'s forward split by copies: copy s runs on its rows with copy s's parameters. A copy-aware
+    module (``forward_copies``, e.g. :class:`~zotune.adapters.TTLinear`) owning all of them takes every
+    copy in one call, with the parameters stacked."""
+    copies = len(values)
+    if hasattr(module, "forward_copies") and all(owner is module for owner, _, _, _ in inside):
+        stacked = {attr: stacks[index][:copies] for _, attr, index, _ in inside}
 
-    The values go into ``buffers`` (grown to the number of points), the same tensors every step: the
-    perturbation's pass over a copy's tensors then finds its cached plan (one fused launch per group on
-    CUDA, where fresh tensors cost a plan and its tables per tensor)."""
-    while len(buffers) < len(points):  # Parameters without grad: the perturbation keeps plans for Parameters only
-        buffers.append({index: nn.Parameter(torch.empty_like(p, memory_format=torch.contiguous_format),
-                                            requires_grad=False) for index, p in params})
-    sources = [p.detach() for _, p in params]
-    for (offset, key), values in zip(points, buffers):
-        torch._foreach_copy_(list(values.values()), sources)
-        if offset != 0.0:
-            perturbation.add_each_(list(values.items()), [(offset, key)], ())
-    return buffers[: len(points)]
+        def make_copy_aware(inner):
+            def forward(x, *args, **kwargs):
+                return module.forward_copies(x, *args, **stacked, **kwargs)
+            return forward
 
-
-def _per_copy(module: nn.Module, inside: list, values: list[dict[int, Tensor]]):
-    """``module``'s forward split by copies: copy s runs on its rows with copy s's parameters."""
+        return make_copy_aware
 
     def make(inner):
         def forward(*args, **kwargs):
             def run(s, *part_args, **part_kwargs):
                 with swapped([(owner, attr, values[s][index], param) for owner, attr, index, param in inside]):
                     return inner(*part_args, **part_kwargs)
-            return split_by_copies(module, len(values), run, args, kwargs)
+            return split_by_copies(module, copies, run, args, kwargs)
         return forward
 
     return make

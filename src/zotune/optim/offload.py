@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .batched import measure_on_copies, per_copy_units, split_by_copies
+from .batched import CopyValues, measure_on_copies, per_copy_units, split_by_copies
 from .execution import CopiesOfTheBatch, replace_forward, restore_forward, swapped
 from .perturbations import Gaussian
 
@@ -110,7 +110,7 @@ class Offload(CopiesOfTheBatch):
             raise ValueError(f"parameters outside the model's repeated blocks must be on {self.device}")
         self._resident = resident
         self._units = per_copy_units(self.model, resident) if resident else []
-        self._values: list[dict[int, Tensor]] = []  # per copy: the resident parameters' perturbed values
+        self._values = CopyValues()  # the resident parameters' perturbed values, per copy
 
     def measure_points(self, points, closures) -> list[float]:
         per = self.copies_per_forward or len(points)
