@@ -54,6 +54,25 @@ def _storage(param: Tensor) -> int:
     return (param.to_local() if is_sharded(param) else param).data_ptr()
 
 
+def _kernel_groups(matrices: list) -> tuple[list, list]:
+    """(the low-rank kernel's tables, one per (device, dtype) group of the CUDA matrices it takes; the
+    other (matrix, L, Rᵀ), left to ``addmm_``)."""
+    from .perturbations import _triton_installed
+
+    if not any(matrix.is_cuda for matrix, _, _ in matrices) or not _triton_installed():
+        return [], matrices
+    from . import lowrank_kernel
+
+    groups: dict[tuple, list] = {}
+    rest = []
+    for triple in matrices:
+        if triple[0].is_cuda and lowrank_kernel.supports(*triple):
+            groups.setdefault((triple[0].device, triple[0].dtype), []).append(triple)
+        else:
+            rest.append(triple)
+    return [lowrank_kernel.tables(group) for group in groups.values()], rest
+
+
 class _Factored(FactoredPerturbation):
     """Shared machinery; subclasses say what a query draws fresh and how it becomes factors."""
 
@@ -168,8 +187,13 @@ class _Factored(FactoredPerturbation):
         plan = None
         if len(matrix_terms) == 1 and [key for _, key in vector_terms] == [matrix_terms[0][1]]:
             plan = self._one_term_plan(params, matrix_terms[0][1])
-        if plan is not None:  # one direction (LOZO's SGD update with q = 1): a tight loop of addmm_
-            matrices, vectors, zs = plan
+        if plan is not None:  # one direction (LOZO's SGD update with q = 1): a kernel per group, or addmm_
+            kernel_groups, matrices, vectors, zs = plan
+            if kernel_groups:
+                from . import lowrank_kernel
+
+                for tables in kernel_groups:
+                    lowrank_kernel.add_(tables, matrix_terms[0][0])
             for matrix, left, right_t in matrices:
                 matrix.addmm_(left, right_t, alpha=matrix_terms[0][0])
             if vectors:
@@ -189,7 +213,9 @@ class _Factored(FactoredPerturbation):
                 torch._foreach_add_([t for t, _ in held], [z for _, z in held], alpha=alpha)
 
     def _one_term_plan(self, params, key: DrawKey):
-        """([(matrix, L, Rᵀ)], 1-D tensors, their z) of direction ``key``, kept while they stay valid.
+        """(launch tables of the CUDA matrices, [(matrix, L, Rᵀ)] of the others, 1-D tensors, their z) of
+        direction ``key``, kept while they stay valid. On CUDA with Triton, a group's matrices take one
+        launch of :mod:`~zotune.optim.lowrank_kernel` per pass instead of one ``addmm_`` each.
 
         The factors are views of the refilled draw buffers and of cached right factors, so
         while the reuse key holds (LOZO: one V window) the same plan serves every step: the
@@ -218,7 +244,8 @@ class _Factored(FactoredPerturbation):
                     matrices.append((matrix, left, right_t))
             groups = {self._layout[index][0] for index, _ in params}
             pointers = [_storage(p) for _, p in params]
-            hit = self._plans[slot] = (reuse, groups, (matrices, vectors, zs), pointers)
+            kernel_groups, matrices = _kernel_groups(matrices)
+            hit = self._plans[slot] = (reuse, groups, (kernel_groups, matrices, vectors, zs), pointers)
         for group in hit[1]:
             self._pack(key, group)  # this step's numbers into the buffers the plan's views read
         return hit[2]

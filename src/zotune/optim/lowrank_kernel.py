@@ -1,0 +1,98 @@
+"""Many low-rank updates in one launch: ``W_t += α · L_t R_tᵀ`` for every matrix t of a group (Triton).
+
+LOZO applies one direction U Vᵀ to every weight matrix three times a step (+εZ, −2εZ, and the
+restore fused with the update). As one ``addmm_`` per matrix that is three launches per matrix and
+step (630 for SmolLM2-135M's 210 matrices), which the host issues more slowly than the GPU runs
+them. Here each program takes a BM x BN tile of one matrix, forms its part of L Rᵀ in registers from
+the thin factors (rank r: r outer products, accumulated in float32), and reads and writes the tile
+once, rounding once: a pass is one launch per (device, dtype) group.
+
+Imported only where it runs: on CUDA, or on the CPU through Triton's interpreter
+(``TRITON_INTERPRET=1``, how the tests check it against ``addmm_``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BM, BN = 32, 64  # a tile: 32 rows of 64 contiguous elements (coalesced row segments)
+_FIELDS = 11  # numbers per matrix in the table
+FIELDS = tl.constexpr(_FIELDS)  # (a global the kernel reads must be a constexpr)
+_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit(do_not_specialize=["alpha"])
+def _lowrank_kernel(table, tile_tensor, tile_row, tile_col, alpha,
+                    BM: tl.constexpr, BN: tl.constexpr, DTYPE: tl.constexpr):
+    program = tl.program_id(0)
+    t = tl.load(tile_tensor + program)
+    row0 = tl.load(tile_row + program)
+    col0 = tl.load(tile_col + program)
+    entry = table + t * FIELDS  # per matrix: W, L, R addresses; m, n, r; W's row stride; L's, R's two strides
+    w = tl.load(entry + 0).to(tl.pointer_type(DTYPE))
+    left = tl.load(entry + 1).to(tl.pointer_type(DTYPE))
+    right = tl.load(entry + 2).to(tl.pointer_type(DTYPE))
+    m, n, r = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 5)
+    w_row, l_row, l_rank, r_row, r_rank = tl.load(entry + 6), tl.load(entry + 7), tl.load(entry + 8), \
+        tl.load(entry + 9), tl.load(entry + 10)
+    rows = row0 + tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BN)
+    in_rows, in_cols = rows < m, cols < n
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, r):  # (L Rᵀ)_ij = Σ_k L_ik R_jk, the rank a handful (LOZO's r = 2)
+        l_col = tl.load(left + rows * l_row + k * l_rank, mask=in_rows, other=0.0).to(tl.float32)
+        r_col = tl.load(right + cols * r_row + k * r_rank, mask=in_cols, other=0.0).to(tl.float32)
+        acc += l_col[:, None] * r_col[None, :]
+    pointers = w + rows[:, None] * w_row + cols[None, :]
+    mask = in_rows[:, None] & in_cols[None, :]
+    x = tl.load(pointers, mask=mask).to(tl.float32)
+    tl.store(pointers, (x + alpha * acc).to(DTYPE), mask=mask)
+
+
+@dataclass
+class LowRankTables:
+    """Where each program works, built once per set of (W, L, R) (valid while they keep their storage)."""
+
+    table: Tensor  # (matrices * FIELDS,) int64: see the kernel
+    tile_tensor: Tensor  # (tiles,) int64
+    tile_row: Tensor  # (tiles,) int64
+    tile_col: Tensor  # (tiles,) int64
+    dtype: tl.dtype
+
+
+def supports(matrix: Tensor, left: Tensor, right_t: Tensor) -> bool:
+    """A CUDA matrix with contiguous rows, and factors of its dtype (any strides)."""
+    return matrix.dtype in _DTYPES and matrix.dim() == 2 and matrix.stride(1) == 1 and \
+        left.dtype == right_t.dtype == matrix.dtype
+
+
+def tables(triples: Sequence[tuple[Tensor, Tensor, Tensor]]) -> LowRankTables:
+    """The launch tables of same-device, same-dtype ``(W (m, n), L (m, r), Rᵀ (r, n))``."""
+    rows, owner, tile_row, tile_col = [], [], [], []
+    for t, (w, left, right_t) in enumerate(triples):
+        m, n = w.shape
+        right = right_t.T  # (n, r)
+        rows.append([w.data_ptr(), left.data_ptr(), right.data_ptr(), m, n, left.shape[1], w.stride(0),
+                     left.stride(0), left.stride(1), right.stride(0), right.stride(1)])
+        grid_rows, grid_cols = -(-m // BM), -(-n // BN)
+        owner += [t] * (grid_rows * grid_cols)
+        tile_row += [i * BM for i in range(grid_rows) for _ in range(grid_cols)]
+        tile_col += [j * BN for _ in range(grid_rows) for j in range(grid_cols)]
+    device = triples[0][0].device
+    packed = torch.tensor([x for row in rows for x in row] + owner + tile_row + tile_col, dtype=torch.int64)
+    on_device = packed.to(device)  # one transfer for all four tables
+    k, tiles = len(rows) * _FIELDS, len(owner)
+    return LowRankTables(on_device[:k], on_device[k:k + tiles], on_device[k + tiles:k + 2 * tiles],
+                         on_device[k + 2 * tiles:], _DTYPES[triples[0][0].dtype])
+
+
+def add_(tables_: LowRankTables, alpha: float) -> None:
+    """``W_t += alpha · L_t R_tᵀ`` for every matrix of the tables, in one launch."""
+    _lowrank_kernel[(tables_.tile_tensor.numel(),)](tables_.table, tables_.tile_tensor, tables_.tile_row,
+                                                   tables_.tile_col, float(alpha), BM=BM, BN=BN, DTYPE=tables_.dtype)

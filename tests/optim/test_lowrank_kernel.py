@@ -1,0 +1,82 @@
+"""The low-rank kernel (W_t += α L_t R_tᵀ over many matrices in one launch) against addmm_."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zotune
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+# Run through Triton's interpreter in a fresh process (TRITON_INTERPRET is read when triton is imported).
+# For each case: the largest |kernel − reference| over the bound of its rounding, where the reference is
+# addmm_ in float64 and the bound per element is (r + 2) float32 epsilons of |W| + |α| Σ_k |L_ik R_jk|
+# (r products summed, one multiply-add with W, in float32), plus, for a 16-bit W, the one rounding of the
+# result to its dtype.
+KERNEL_CHECK = r"""
+import json
+import torch
+from zotune.optim import lowrank_kernel as K
+
+g = torch.Generator().manual_seed(0)
+out = {}
+for name, m, n, r, dtype in [("f32", 70, 130, 2, torch.float32), ("f32-rank32", 33, 64, 32, torch.float32),
+                             ("f16", 40, 96, 2, torch.float16), ("bf16", 40, 96, 2, torch.bfloat16),
+                             ("tiny", 5, 7, 1, torch.float32)]:
+    triples, expected = [], []
+    for copy in range(2):  # two matrices per launch
+        w = torch.randn(m, n, generator=g).to(dtype)
+        ut = torch.randn(r, m, generator=g).to(dtype)  # drawn transposed, as LOZO's U: L = Uᵀ.T, strided
+        v = torch.randn(n, r, generator=g).to(dtype)
+        triples.append((w, ut.T, v.T))
+        exact = w.double() - 0.3 * (ut.T.double() @ v.double().T)
+        size = w.double().abs() + 0.3 * (ut.T.double().abs() @ v.double().abs().T)
+        bound = (r + 2) * torch.finfo(torch.float32).eps * size
+        if dtype != torch.float32:  # one rounding to the weights' dtype (the interpreter converts to bfloat16
+            # by truncation, up to a whole ulp; float16, as the GPU does, to nearest: half an ulp)
+            ulps = 1.0 if dtype == torch.bfloat16 else 0.5
+            bound = bound + ulps * torch.finfo(dtype).eps * exact.abs() + torch.finfo(dtype).tiny
+        expected.append((exact, bound))
+    K.add_(K.tables(triples), -0.3)
+    out[name] = max(float(((w.double() - exact).abs() / bound).max()) for (w, _, _), (exact, bound)
+                    in zip(triples, expected))
+print(json.dumps(out))
+"""
+
+
+@needs_triton
+def test_the_kernel_adds_the_low_rank_products_through_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report) == {"f32", "f32-rank32", "f16", "bf16", "tiny"}
+    for case, error in report.items():
+        assert error <= 1, (case, error)
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lozo_on_cuda_takes_the_kernel_and_moves_the_weights_as_addmm_does(monkeypatch):
+    import zotune.optim.perturbations as perturbations
+
+    def run(kernel: bool):
+        monkeypatch.setattr(perturbations, "_triton_installed", lambda: kernel)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(300, 200, device="cuda")) for _ in range(3)]
+        opt = zotune.lozo(params, lr=1e-3, rank=2, nu=5, seed=1)
+        for _ in range(4):
+            opt.step(lambda: float(sum((p.double() ** 2).sum() for p in params)))
+        groups = opt.perturbation._plans and next(iter(opt.perturbation._plans.values()))[2][0]
+        return [p.detach().clone() for p in params], bool(groups)
+
+    with_kernel, used = run(True)
+    with_addmm, unused = run(False)
+    assert used and not unused
+    for a, b in zip(with_kernel, with_addmm):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
