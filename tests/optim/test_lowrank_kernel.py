@@ -72,11 +72,38 @@ def test_lozo_on_cuda_takes_the_kernel_and_moves_the_weights_as_addmm_does(monke
         opt = zotune.lozo(params, lr=1e-3, rank=2, nu=5, seed=1)
         for _ in range(4):
             opt.step(lambda: float(sum((p.double() ** 2).sum() for p in params)))
-        groups = opt.perturbation._plans and next(iter(opt.perturbation._plans.values()))[2][0]
-        return [p.detach().clone() for p in params], bool(groups)
+        groups = next(iter(opt.perturbation._plans.values()))[2][0]  # the plan's kernel groups
+        return [p.detach().clone() for p in params], bool(groups) and opt.perturbation._kernel_works
 
     with_kernel, used = run(True)
     with_addmm, unused = run(False)
     assert used and not unused
     for a, b in zip(with_kernel, with_addmm):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_a_kernel_that_cannot_build_falls_back_to_addmm(monkeypatch):
+    import zotune.optim.factored as factored
+    from zotune.optim import lowrank_kernel
+
+    def run():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(30, 20)) for _ in range(3)]
+        opt = zotune.lozo(params, lr=1e-2, rank=2, nu=2, seed=1)
+        for _ in range(4):
+            opt.step(lambda: float(sum((p.double() ** 2).sum() for p in params)))
+        return [p.detach().clone() for p in params]
+
+    reference = run()  # on the CPU: addmm_ throughout
+    # as if on a GPU whose Triton cannot build the kernel: every group offered to it, every launch failing
+    monkeypatch.setattr(factored, "_kernel_groups", lambda matrices: ([(None, matrices)], []))
+
+    def fails(tables, alpha):
+        raise RuntimeError("cannot compile")
+
+    monkeypatch.setattr(lowrank_kernel, "add_", fails)
+    with pytest.warns(RuntimeWarning, match="low-rank Triton kernel failed"):
+        fallen_back = run()
+    for a, b in zip(reference, fallen_back):
+        assert torch.equal(a, b)

@@ -20,6 +20,7 @@ them exactly. A parameter outside the prepared layout draws its own numbers.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -55,8 +56,8 @@ def _storage(param: Tensor) -> int:
 
 
 def _kernel_groups(matrices: list) -> tuple[list, list]:
-    """(the low-rank kernel's tables, one per (device, dtype) group of the CUDA matrices it takes; the
-    other (matrix, L, Rᵀ), left to ``addmm_``)."""
+    """([(the low-rank kernel's tables, their (matrix, L, Rᵀ))], one per (device, dtype) group of the CUDA
+    matrices it takes; the other (matrix, L, Rᵀ), left to ``addmm_``)."""
     from .perturbations import _triton_installed
 
     if not any(matrix.is_cuda for matrix, _, _ in matrices) or not _triton_installed():
@@ -70,7 +71,7 @@ def _kernel_groups(matrices: list) -> tuple[list, list]:
             groups.setdefault((triple[0].device, triple[0].dtype), []).append(triple)
         else:
             rest.append(triple)
-    return [lowrank_kernel.tables(group) for group in groups.values()], rest
+    return [(lowrank_kernel.tables(group), group) for group in groups.values()], rest
 
 
 class _Factored(FactoredPerturbation):
@@ -96,6 +97,7 @@ class _Factored(FactoredPerturbation):
         self._last_factors: dict[int, tuple] = {}  # S -> (reuse key, params, factors, data pointers) of the last call
         # (params, query) -> (reuse key, groups, one-direction plan, the parameters' storage addresses)
         self._plans: dict[tuple, tuple] = {}
+        self._kernel_works = True  # False once the low-rank kernel failed to build here (then addmm_)
 
     def _randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, *address: int) -> Tensor:
         gen = self._generators.seeded(device, *address)
@@ -189,11 +191,9 @@ class _Factored(FactoredPerturbation):
             plan = self._one_term_plan(params, matrix_terms[0][1])
         if plan is not None:  # one direction (LOZO's SGD update with q = 1): a kernel per group, or addmm_
             kernel_groups, matrices, vectors, zs = plan
-            if kernel_groups:
-                from . import lowrank_kernel
-
-                for tables in kernel_groups:
-                    lowrank_kernel.add_(tables, matrix_terms[0][0])
+            for tables, triples in kernel_groups:
+                if not self._launch(tables, matrix_terms[0][0]):
+                    matrices = [*matrices, *triples]
             for matrix, left, right_t in matrices:
                 matrix.addmm_(left, right_t, alpha=matrix_terms[0][0])
             if vectors:
@@ -244,11 +244,27 @@ class _Factored(FactoredPerturbation):
                     matrices.append((matrix, left, right_t))
             groups = {self._layout[index][0] for index, _ in params}
             pointers = [_storage(p) for _, p in params]
-            kernel_groups, matrices = _kernel_groups(matrices)
+            kernel_groups, matrices = _kernel_groups(matrices) if self._kernel_works else ([], matrices)
             hit = self._plans[slot] = (reuse, groups, (kernel_groups, matrices, vectors, zs), pointers)
         for group in hit[1]:
             self._pack(key, group)  # this step's numbers into the buffers the plan's views read
         return hit[2]
+
+    def _launch(self, tables, alpha: float) -> bool:
+        """One launch of the low-rank kernel; False (and a warning, once) where it cannot compile or run:
+        the plans then use ``addmm_``, which the caller applies to the group instead."""
+        from . import lowrank_kernel
+
+        if self._kernel_works:
+            try:
+                lowrank_kernel.add_(tables, alpha)
+                return True
+            except Exception as err:  # a Triton that cannot build it: the same step, by addmm_
+                warnings.warn(f"the low-rank Triton kernel failed ({type(err).__name__}: {str(err)[:200]}); "
+                              "low-rank passes use addmm_ from here on", RuntimeWarning, stacklevel=3)
+                self._kernel_works = False
+                self._plans.clear()
+        return False
 
     def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
         dtype = torch.promote_types(param.dtype, torch.float32)
