@@ -26,6 +26,19 @@ def grads(model, make_optimizer, execution, steps=3):
     return out, [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
 
+def lora(model):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    with torch.no_grad():  # B starts at zero in PEFT: give it values, so that A's perturbation shows
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    return model
+
+
 def norms_only(model):
     for name, p in model.named_parameters():
         p.requires_grad_("norm" in name)
@@ -39,6 +52,9 @@ CASES = {
     # AdaZeta over LoRETTA_adp adapters (TT cores inside adapter modules), three queries
     "adazeta-adapters": (lambda: inject(tiny_llama(), LorettaAdpConfig(bottleneck=8, tt_rank=2, train_norms=False)),
                          lambda params, path: zotune.mezo(params, lr=1e-3, num_queries=3, seed=5, execution=path)),
+    # MeZO over PEFT LoRA (its A and B nn.Linear layers take every copy in one batched product)
+    "mezo-lora": (lambda: lora(tiny_llama()),
+                  lambda params, path: zotune.mezo(params, lr=1e-2, num_queries=2, seed=2, execution=path)),
     # low-rank directions on OPT's norms and adapters with a one-sided base point
     "lozo-one-sided-opt": (lambda: inject(tiny_opt(), LorettaAdpConfig(bottleneck=8, tt_rank=2, train_norms=True)),
                            lambda params, path: zotune.lozo(params, lr=1e-3, rank=2, num_queries=2, two_sided=False,
@@ -135,3 +151,17 @@ def test_tt_layers_take_all_copies_in_one_call(monkeypatch):
     zotune.mezo([p for p in model.parameters() if p.requires_grad], lr=1e-3, num_queries=3,
                 execution=Batched(model)).step(per_copy_lm_closure(model, ids_for(model)))
     assert calls == [6] * layers  # each trainable TT layer: one call for the step's 6 points
+
+
+def test_linear_copies_is_each_copy_through_its_own_weight():
+    from zotune.optim.batched import linear_copies
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(12, 5)
+    x = torch.randn(3 * 2, 4, 12, generator=g)  # 3 copies of a batch of 2 sequences of 4
+    weights, biases = torch.randn(3, 5, 12, generator=g), torch.randn(3, 5, generator=g)
+    for bias in (biases, None):
+        out = linear_copies(layer, x, weight=weights, bias=bias)
+        expected = torch.cat([torch.nn.functional.linear(x[2 * s:2 * s + 2], weights[s],
+                                                         layer.bias if bias is None else bias[s]) for s in range(3)])
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

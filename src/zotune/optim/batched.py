@@ -18,6 +18,7 @@ same way (a copy plus offset·Z), so the two paths measure the same points.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -108,15 +109,17 @@ def measure_on_copies(units, params, perturbation, points, closures, values: Cop
 
 def _per_copy(module: nn.Module, inside: list, values: list[dict[int, Tensor]], stacks: dict[int, Tensor]):
     """``module``'s forward split by copies: copy s runs on its rows with copy s's parameters. A copy-aware
-    module (``forward_copies``, e.g. :class:`~zotune.adapters.TTLinear`) owning all of them takes every
-    copy in one call, with the parameters stacked."""
+    module (``forward_copies``, e.g. :class:`~zotune.adapters.TTLinear`; an ``nn.Linear``, through
+    :func:`linear_copies`) owning all of them takes every copy in one call, with the parameters stacked."""
     copies = len(values)
-    if hasattr(module, "forward_copies") and all(owner is module for owner, _, _, _ in inside):
+    copy_aware = getattr(module, "forward_copies", None) or \
+        (functools.partial(linear_copies, module) if type(module) is nn.Linear else None)
+    if copy_aware is not None and all(owner is module for owner, _, _, _ in inside):
         stacked = {attr: stacks[index][:copies] for _, attr, index, _ in inside}
 
         def make_copy_aware(inner):
             def forward(x, *args, **kwargs):
-                return module.forward_copies(x, *args, **stacked, **kwargs)
+                return copy_aware(x, *args, **stacked, **kwargs)
             return forward
 
         return make_copy_aware
@@ -130,6 +133,20 @@ def _per_copy(module: nn.Module, inside: list, values: list[dict[int, Tensor]], 
         return forward
 
     return make
+
+
+def linear_copies(module: nn.Linear, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """``nn.Linear`` for S copies at once: copy s's rows of ``x`` (copy-major) times copy s's ``weight``
+    (S, out, in), plus its ``bias`` (S, out); one not given is the layer's own (PEFT LoRA's A and B, a
+    norm-free adapter's projections: one batched product instead of S)."""
+    copies = (weight if weight is not None else bias).shape[0]
+    weight = weight if weight is not None else module.weight.expand(copies, -1, -1)
+    rows = x.reshape(copies, -1, module.in_features)
+    out = torch.bmm(rows, weight.transpose(1, 2))  # (S, rows, out)
+    bias = bias if bias is not None else module.bias
+    if bias is not None:
+        out = out + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
+    return out.reshape(*x.shape[:-1], module.out_features)
 
 
 def split_by_copies(module: nn.Module, copies: int, run, args: tuple, kwargs: dict):
