@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_speed.sh steps      # step times: mezo_step at two shapes, SmolLM2 training steps
 #   bash benchmarks/gpu_speed.sh accuracy   # 1,000-step SmolLM2 SST-2 runs of MeZO and LOZO (both at once)
 #   bash benchmarks/gpu_speed.sh batched    # AdaZeta q = 1 and 10, in place and batched; MeZO-LoRA against inference
+#   bash benchmarks/gpu_speed.sh breakdown  # SmolLM2 MeZO and LOZO steps profiled: forwards, perturbation, host (a plot)
 #   bash benchmarks/gpu_speed.sh scale      # 2 GPUs: FSDP2, device_map, offload vs one GPU (7B shape); trajectory resume
 #                                           (VARIANTS=single,offload on one GPU)
 # With BEFORE=<dir> holding another version's src/, the SmolLM2 step times are measured for it too, in turn.
@@ -63,6 +64,15 @@ batched)
       --optim.batched $([ $path = batched ] && echo true || echo false) --train.output_dir "$out/bench-lora-$path" \
       2>&1 | grep -v "^written" | tee -a "$out/batched.md"
   done
+  ;;
+breakdown)
+  for method in mezo lozo; do
+    python3 benchmarks/profile_training.py --breakdown "$out/breakdown-$method.json" --model.device cuda \
+      --optim.trainable all --optim.method "$method" > "$out/profile-$method.txt" 2>&1
+    tail -n 1 "$out/profile-$method.txt"
+  done
+  python3 benchmarks/plot_step_breakdown.py "$out"/breakdown-mezo.json "$out"/breakdown-lozo.json \
+    --out "$out/step_breakdown.png"
   ;;
 scale)
   python3 benchmarks/scale_step.py --device cuda --shape llama-2-7b --dtype bfloat16 --batch 16 --tokens 256 \

@@ -1,17 +1,23 @@
 """Where a step of ``zotune train`` spends its time: torch.profiler over a few steps of the real loop.
 
     python benchmarks/profile_training.py --model.device cuda --optim.trainable all --optim.method mezo
+    python benchmarks/profile_training.py --breakdown out/mezo.json --model.device cuda ...
 
 Takes ``zotune train``'s flags. Builds the run as the CLI does (a run folder under /tmp), takes 10
 warm-up steps (CUDA graphs are captured there), then profiles 5 and prints the operators by host
-time and, on CUDA, by device time, and the wall time per step.
+time and, on CUDA, by device time, and the wall time per step. ``--breakdown FILE`` (first) also
+writes a step's time split three ways, for ``plot_step_breakdown.py``: device time in the
+perturbation kernels (the fused Gaussian and low-rank kernels), device time in every other kernel
+(the forwards and the loss), and the rest of the wall time (the GPU idle while the host works).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -22,7 +28,24 @@ from zotune.dist.context import start
 from zotune.train.loop import Training
 
 
+PERTURBATION_KERNELS = ("_perturb_kernel", "_lowrank_kernel")
+
+
+def breakdown(averages, wall: float, steps: int) -> dict:
+    """ms per step: perturbation kernels, other kernels, and the wall time the device was not busy."""
+    def device_ms(entry) -> float:
+        return getattr(entry, "self_device_time_total", getattr(entry, "self_cuda_time_total", 0.0)) / 1000 / steps
+
+    perturbation = sum(device_ms(e) for e in averages if any(k in e.key for k in PERTURBATION_KERNELS))
+    busy = sum(device_ms(e) for e in averages)
+    return {"wall_ms": 1000 * wall, "perturbation_ms": perturbation, "other_device_ms": busy - perturbation,
+            "idle_ms": max(1000 * wall - busy, 0.0)}
+
+
 def main() -> None:
+    out = None
+    if sys.argv[1:2] == ["--breakdown"]:
+        out, sys.argv[1:3] = sys.argv[2], []
     cfg = parse_config(sys.argv[1:])
     cfg = apply_overrides(cfg, {"train.output_dir": tempfile.mkdtemp(), "train.progress": "false",
                                 "train.zero_shot": "false", "train.eval_every": "0"})
@@ -44,6 +67,11 @@ def main() -> None:
     print(averages.table(sort_by="cpu_time_total", row_limit=30))
     if cuda:
         print(averages.table(sort_by="cuda_time_total", row_limit=20))
+    if out is not None:
+        split = {"variant": f"{cfg.optim.method}", **breakdown(averages, wall, 5)}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(split))
+        print(json.dumps(split))
 
 
 if __name__ == "__main__":
