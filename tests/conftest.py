@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +104,15 @@ def tiny_model_dir(tmp_path_factory):
 def batch():
     g = torch.Generator().manual_seed(1234)
     return torch.randint(0, 64, (4, 16), generator=g)
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def run_interpreted(code: str) -> dict:
+    """Run ``code`` in a fresh Python with Triton's interpreter on (``TRITON_INTERPRET`` is read when triton
+    is imported) and return the JSON object its last printed line holds."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

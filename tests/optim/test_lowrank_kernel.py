@@ -1,17 +1,11 @@
 """The low-rank kernel (W_t += α L_t R_tᵀ over many matrices in one launch) against addmm_."""
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import zotune
+from conftest import needs_triton, run_interpreted
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 # Run through Triton's interpreter in a fresh process (TRITON_INTERPRET is read when triton is imported).
 # For each case: the largest |kernel − reference| over the bound of its rounding, where the reference is
@@ -51,10 +45,7 @@ print(json.dumps(out))
 
 @needs_triton
 def test_the_kernel_adds_the_low_rank_products_through_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_interpreted(KERNEL_CHECK)
     assert set(report) == {"f32", "f32-rank32", "f16", "bf16", "tiny"}
     for case, error in report.items():
         assert error <= 1, (case, error)

@@ -2,22 +2,17 @@
 (checked through Triton's interpreter on the CPU, and on CUDA where there is one), and the Gaussian
 perturbation's philox generator."""
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+from conftest import needs_triton, run_interpreted
 from zotune.optim import ZOOptimizer
 from zotune.optim.estimators import SPSA
 from zotune.optim.perturbations import DrawKey, Gaussian
 from zotune.optim.philox import normals, philox_rounds
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 @pytest.mark.parametrize("key,counter,expected", [
@@ -106,10 +101,7 @@ def test_the_kernel_draws_the_reference_stream_through_the_interpreter():
     # The interpreter runs the kernel's code on the CPU with numpy: Philox's integer words are exact
     # there, and log/sqrt/cos/sin differ from torch's by float32 rounding. A wrong word would change a
     # normal by O(1), millions of float32 ulps; agreement within a few ulps means every word agrees.
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_interpreted(KERNEL_CHECK)
     assert report["max_terms"] == 4
     for dtype, error in report["max_error_over_tolerance"].items():
         assert error <= 1, (dtype, error)
