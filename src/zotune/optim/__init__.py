@@ -4,7 +4,7 @@ from .batched import Batched
 from .aliases import adazeta, lozo, lozo_m, mezo, mezo_adam, mezo_momentum, tezo, tezo_adam, tezo_m
 from .estimators import SPSA
 from .execution import DriftSafe, ExecutionPath, InPlace
-from .factored import LowRank
+from .low_rank import LowRank
 from .first_order import FirstOrder, adamw
 from .groups import param_groups
 from .optimizer import NonFiniteLossError, StepRecord, ZOOptimizer

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Union
 
 from .estimators import SPSA
-from .factored import LowRank
+from .low_rank import LowRank
 from .optimizer import ZOOptimizer
 from .perturbations import Gaussian
 from .rules import SGD, Adam, Momentum, SeparableAdam
@@ -177,7 +177,7 @@ def lozo(
     By default Z = U Vᵀ/√r has one per entry, as MeZO's Z, so one learning rate means one step
     size across methods; ``unit_variance=False`` is the official code's raw U Vᵀ, which its
     published learning rates assume (the shipped paper configs set it).
-    One-dimensional parameters get dense Gaussian directions. See :class:`~zotune.optim.factored.LowRank`.
+    One-dimensional parameters get dense Gaussian directions. See :class:`~zotune.optim.low_rank.LowRank`.
     """
     return _compose(params, lr, LowRank(rank, nu, scale, unit_variance), SGD(), eps, num_queries, two_sided, kwargs)
 
