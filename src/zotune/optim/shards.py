@@ -36,10 +36,8 @@ def local_rows(param: Tensor) -> tuple[int, int]:
 def local_shard(param: Tensor) -> tuple[Tensor, int]:
     """The elements this process holds of ``param``, flat, and the parameter element they start at
     (a plain tensor: all of itself, from 0)."""
-    if not is_sharded(param):
-        return _flat(param), 0
-    first, _ = local_rows(param)
-    return _flat(param.to_local()), first * (param.numel() // param.shape[0] if param.shape[0] else 0)
+    local, first, _ = local_part(param)
+    return _flat(local), (first * matrix_shape(param)[1] if first else 0)
 
 
 def local_part(param: Tensor) -> tuple[Tensor, int, int]:

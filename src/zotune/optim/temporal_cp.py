@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .factored import _TAG_CP_U, _TAG_CP_V, _Factored, as_matrix
-from .shards import held, is_sharded, local_part, matrix_shape
+from .factored import _TAG_CP_U, _TAG_CP_V, _Factored, _held, as_matrix
+from .shards import held, is_sharded, matrix_shape
 from .perturbations import DrawKey
 
 
@@ -141,9 +141,7 @@ class TemporalCP(_Factored):
         parameter; of a sharded parameter, the rows this process holds (shaped like its shard)."""
         u, v = self.factors(param, index, key.run_seed)
         u, v = u.to(coords.dtype), v.to(coords.dtype)
-        if is_sharded(param):
-            _, first, rows = local_part(param)
-            u = u[first:first + rows]
+        u = _held(param, u)[1]  # of a shard: its rows
         if squared:
             u, v = u * u, v * v
         return ((u * coords) @ v.T).view(held(param).shape)
