@@ -77,26 +77,24 @@ def default_lr(overrides: dict) -> float:
 def cells(grid: dict, stage: str, done: list[dict]) -> list[dict]:
     """The cells of ``stage``: (row, task, lr, seed) with their overrides."""
     spec = grid["stages"][stage]
-    out = []
+    lrs = {}
     for row, overrides in grid["rows"].items():
         if "rows" in spec and row not in spec["rows"]:
             continue
         if stage == "lr":
-            lrs = [default_lr(overrides) * factor for factor in spec["lr_factors"]]
-            lrs += spec.get("extra_lrs", {}).get(row, [])  # beyond the factors, where the best was an end
+            lrs[row] = [default_lr(overrides) * factor for factor in spec["lr_factors"]]
+            lrs[row] += spec.get("extra_lrs", {}).get(row, [])  # beyond the factors, where the best was an end
         else:
             best = best_lr(done, row, grid["stages"]["lr"]["tasks"][0])
             if best is None:
                 print(f"{row}: no finished lr-stage cell yet; skipped in stage {stage}")
                 continue
-            lrs = [best]
-        for task in spec["tasks"]:
-            for lr in lrs:
-                for seed in spec["seeds"]:
-                    out.append({"row": row, "stage": stage, "task": task, "lr": float(f"{lr:.3g}"), "seed": seed,
-                                "own_folder": "overrides" in spec,
-                                "overrides": {**grid["base"], **overrides, **spec.get("overrides", {})}})
-    return out
+            lrs[row] = [best]
+    # Task by task, then seed by seed: a sweep stopped part-way has every row on the first tasks.
+    return [{"row": row, "stage": stage, "task": task, "lr": float(f"{lr:.3g}"), "seed": seed,
+             "own_folder": "overrides" in spec,
+             "overrides": {**grid["base"], **grid["rows"][row], **spec.get("overrides", {})}}
+            for task in spec["tasks"] for seed in spec["seeds"] for row in lrs for lr in lrs[row]]
 
 
 def best_lr(done: list[dict], row: str, task: str) -> float | None:
@@ -150,9 +148,12 @@ def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: 
     first); no new cell starts ``stop_after`` seconds in."""
     runs_dir, results_csv = Path(grid["runs_dir"]), Path(grid["results_csv"])
     done = read_rows(results_csv)
-    finished = {(r["row"], r["stage"], r["task"], float(r["lr"]), int(r["seed"])) for r in done}
+    own = {name for name, spec in grid["stages"].items() if "overrides" in spec}
+    # A cell is finished when its run is: the tasks stage's cell on the tuning task is the lr stage's run.
+    finished = {(r["row"], r["stage"] if r["stage"] in own else "", r["task"], float(r["lr"]), int(r["seed"]))
+                for r in done}
     todo = [c for name in stage.split(",") for c in cells(grid, name, done)  # "long,tasks": in that order
-            if (c["row"], c["stage"], c["task"], c["lr"], c["seed"]) not in finished]
+            if (c["row"], c["stage"] if c["own_folder"] else "", c["task"], c["lr"], c["seed"]) not in finished]
     collected = [c for c in todo if (runs_dir / run_name(c) / "results.json").exists()]
     if collected:  # finished runs whose rows a stopped sweep did not write
         write_rows(results_csv, done + [summarise(c, runs_dir / run_name(c)) for c in collected])
