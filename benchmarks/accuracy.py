@@ -280,13 +280,13 @@ def plot_dev_curves(grid: dict, done: list[dict], task: str) -> None:
     drawn = 0
     for row in grid["rows"]:
         best = best_lr(done, row, task)
-        found = [r for r in done if r["row"] == row and r["task"] == task and r["stage"] == "lr"
+        # a run at the row's best lr with a curve: the lr stage's, else another seed's (same steps)
+        found = [r for r in done if r["row"] == row and r["task"] == task and r["stage"] in ("lr", "tasks", "seeds")
                  and best is not None and float(r["lr"]) == best]
-        if not found:
-            continue
-        dev = dev_curve(found[0])
-        if dev:
-            ax.plot(*zip(*dev), "o-", label=f"{row} (lr {best:g})", markersize=3)
+        with_curve = [r for r in sorted(found, key=lambda r: r["stage"] != "lr") if dev_curve(r)]
+        if with_curve:
+            dev, seed = dev_curve(with_curve[0]), with_curve[0]["seed"]
+            ax.plot(*zip(*dev), "o-", label=f"{row} (lr {best:g}, seed {seed})", markersize=3)
             drawn += 1
     out = Path(grid["results_md"]).with_name("results_dev_curves.png")
     if not drawn:  # no curve in the CSV and the run folders live where the sweep ran: keep the plot

@@ -8,27 +8,30 @@
 #   bash benchmarks/gpu_speed.sh scale      # 2 GPUs: FSDP2, device_map, offload vs one GPU (7B shape); trajectory resume
 #                                           (VARIANTS=single,offload on one GPU)
 # With BEFORE=<dir> holding another version's src/, the SmolLM2 step times are measured for it too, in turn.
-# Results go to ${OUT:-/tmp/gpu-speed}.
+# Results go to ${OUT:-/tmp/gpu-speed}; the training runs' folders to ${RUNS:-/tmp/gpu-speed-runs}.
 set -uo pipefail
 out=${OUT:-/tmp/gpu-speed}
-mkdir -p "$out"
+runs=${RUNS:-/tmp/gpu-speed-runs}
+mkdir -p "$out" "$runs"
 train() {  # train <source dir> <run name> <zotune train arguments...>
   local src=$1 name=$2
   shift 2
   PYTHONPATH="$src:$PYTHONPATH" python3 -m zotune train --model.device cuda --optim.trainable all \
-    --train.output_dir "$out/runs" --train.run_name "$name" --train.progress false "$@" > "$out/$name.txt" 2>&1
+    --train.output_dir "$runs" --train.run_name "$name" --train.progress false "$@" > "$out/$name.txt" 2>&1
   tail -n 2 "$out/$name.txt"
 }
 median_step() {  # the median of a run's logged step seconds, the first 10 (warm-up, capture) left out
   python3 -c "import json, statistics, sys; s = [json.loads(l)['seconds'] for l in open(sys.argv[1]) if '\"seconds\"' in l]
 print(f'{sys.argv[2]}: median step {1000 * statistics.median(s[10:]):.1f} ms over {len(s) - 10} steps')" \
-    "$out/runs/$1/log.jsonl" "$1"
+    "$runs/$1/log.jsonl" "$1"
 }
 case ${1:-steps} in
 steps)
-  python3 benchmarks/mezo_step.py --device cuda --shape opt-1.3b --dtype float16 --batch 16 --repeats 10 | tee "$out/opt-1.3b.md"
+  python3 benchmarks/mezo_step.py --device cuda --shape opt-1.3b --dtype float16 --batch 16 --repeats 10 \
+    --breakdown "$out/steps-opt-1.3b.json" | tee "$out/opt-1.3b.md"
   python3 benchmarks/mezo_step.py --device cuda --shape llama-2-7b --dtype bfloat16 --batch 16 --repeats 5 --no-memory \
-    | tee "$out/llama-2-7b.md"
+    --breakdown "$out/steps-llama-2-7b.json" | tee "$out/llama-2-7b.md"
+  python3 benchmarks/plot_step_breakdown.py "$out"/steps-*.json --out "$out/step_breakdown.png"  # docs/step_breakdown.png
   for method in mezo lozo; do
     for version in now ${BEFORE:+before}; do
       src=$PWD/src
@@ -55,13 +58,13 @@ batched)
       python3 -m zotune train --model.device cuda --optim.method adazeta --adapter.kind adp --adapter.train_norms false \
         --optim.q_max $q --optim.q_alpha 1000 --data.n_train 16 --optim.batched $([ $path = batched ] && echo true || echo false) \
         --train.steps 60 --train.eval_every 0 --train.zero_shot false --data.n_test 64 --train.progress false \
-        --train.output_dir "$out/runs" --train.run_name "adazeta-q$q-$path" > "$out/adazeta-q$q-$path.txt" 2>&1
+        --train.output_dir "$runs" --train.run_name "adazeta-q$q-$path" > "$out/adazeta-q$q-$path.txt" 2>&1
       median_step "adazeta-q$q-$path" | tee -a "$out/batched.md"
     done
   done
   for path in inplace batched; do
     python3 -m zotune bench --model.device cuda --optim.method mezo --adapter.kind lora --optim.eps 0.01 \
-      --optim.batched $([ $path = batched ] && echo true || echo false) --train.output_dir "$out/bench-lora-$path" \
+      --optim.batched $([ $path = batched ] && echo true || echo false) --train.output_dir "$runs/bench-lora-$path" \
       2>&1 | grep -v "^written" | tee -a "$out/batched.md"
   done
   ;;
@@ -72,12 +75,12 @@ breakdown)
     tail -n 1 "$out/profile-$method.txt"
   done
   python3 benchmarks/plot_step_breakdown.py "$out"/breakdown-mezo.json "$out"/breakdown-lozo.json \
-    --out "$out/step_breakdown.png"
+    --out "$out/smollm2_step_breakdown.png"
   ;;
 scale)
   python3 benchmarks/scale_step.py --device cuda --shape llama-2-7b --dtype bfloat16 --batch 16 --tokens 256 \
     --repeats 5 --variants "${VARIANTS:-single,fsdp,device_map,offload}" 2>"$out/scale-errors.txt" | tee "$out/scale.md"
-  python3 benchmarks/trajectory_resume.py --out "$out/resume" --stop-after 990 -- --model.device cuda \
+  python3 benchmarks/trajectory_resume.py --out "$runs/resume" --stop-after 990 -- --model.device cuda \
     --optim.method mezo --optim.trainable all --train.steps 1000 --train.eval_every 0 --data.n_test 200 \
     2>&1 | tee "$out/resume.md"
   ;;

@@ -31,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -157,6 +158,18 @@ def memory(args) -> dict[str, float]:
     return out
 
 
+def write_breakdown(path: Path, times: dict[str, float], shape: str) -> None:
+    """The step variants as forwards + rest (ms): the rest is what the step adds to its forwards."""
+    pairs = {"reference (4-pass)": ("reference", "forward only (x2)"),
+             "zotune": ("zotune", "forward only (x2)"),
+             "zotune, captured forwards": ("zotune captured", "forward only (x2, captured)")}
+    rows = [{"variant": f"{shape}\n{label}", "wall_ms": 1000 * times[name], "forwards_ms": 1000 * times[fwd],
+             "rest_ms": 1000 * max(times[name] - times[fwd], 0.0)}
+            for name, (label, fwd) in pairs.items() if name in times and fwd in times]
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
@@ -166,6 +179,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--breakdown", type=Path, help="write each step variant split into its two forwards "
+                        "(timed alone, in the same mode) and the rest, for plot_step_breakdown.py")
     parser.add_argument("--memory-mode", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_mode:
@@ -185,6 +200,8 @@ def main() -> None:
     if "zotune, captured forwards" in times:
         ratio = times["zotune, captured forwards"] / times["forward only (x2, captured)"]
         print(f"\ncaptured step / its two captured forwards: {ratio:.2f}x")
+    if args.breakdown:
+        write_breakdown(args.breakdown, times, args.shape)
     if args.no_memory:
         return
     peaks = memory(args)

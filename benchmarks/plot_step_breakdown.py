@@ -2,8 +2,10 @@
 
     python benchmarks/plot_step_breakdown.py out/mezo.json out/lozo.json --out docs/step_breakdown.png
 
-Each file is one variant: device time in the perturbation kernels, in the other kernels (the
-forwards and the loss), and the wall time the device was idle (the host launching and waiting).
+Each file is one variant (a bar), or a list of variants: device time in the perturbation kernels,
+in the other kernels (the forwards and the loss), and the wall time the device was idle (the host
+launching and waiting), as ``profile_training.py`` splits a step; or, from ``mezo_step.py``'s side
+by side timings, the step's two forwards timed alone and the rest of the step.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import json
 from pathlib import Path
 
 PARTS = [("other_device_ms", "forwards and loss (device)"), ("perturbation_ms", "perturbation (device)"),
-         ("idle_ms", "device idle: host")]
+         ("idle_ms", "device idle: host"),
+         ("forwards_ms", "two forwards (timed alone)"), ("rest_ms", "rest: perturbation, update, host")]
 
 
 def main() -> None:
@@ -22,7 +25,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--labels", help="comma-separated names for the bars (default: each file's variant)")
     args = parser.parse_args()
-    rows = [json.loads(f.read_text()) for f in args.files]
+    rows = []
+    for f in args.files:
+        found = json.loads(f.read_text())
+        rows += found if isinstance(found, list) else [found]
     labels = args.labels.split(",") if args.labels else [r["variant"] for r in rows]
     import matplotlib
 
@@ -32,7 +38,9 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 4), dpi=110)
     bottom = [0.0] * len(rows)
     for key, name in PARTS:
-        values = [r[key] for r in rows]
+        if not any(key in r for r in rows):
+            continue
+        values = [r.get(key, 0.0) for r in rows]
         ax.bar(labels, values, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, values)]
     for x, row in enumerate(rows):
