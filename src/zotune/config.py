@@ -141,8 +141,8 @@ class TrainConfig:
     report_to: list[str] = _f([], "also send the log's numbers to these: tensorboard (a tensorboard/ folder in the "
                                   "run folder), wandb (Weights & Biases; WANDB_PROJECT, WANDB_MODE apply); "
                                   "e.g. tensorboard,wandb")
-    cuda_graphs: bool = _f(True, "on CUDA, replay the training forwards of the in-place path from CUDA graphs "
-                                 "(sequence lengths padded to multiples of 32); falls back to eager forwards, "
+    cuda_graphs: bool = _f(True, "on CUDA, replay the training forwards of the in-place and batched paths from CUDA "
+                                 "graphs (sequence lengths padded to multiples of 32); falls back to eager forwards, "
                                  "with a warning, where capture fails")
     threads: typing.Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
     sharding: str = _f("none", "under torchrun: fsdp shards every parameter over the ranks with FSDP2 (each rank "

@@ -165,3 +165,79 @@ def test_linear_copies_is_each_copy_through_its_own_weight():
         expected = torch.cat([torch.nn.functional.linear(x[2 * s:2 * s + 2], weights[s],
                                                          layer.bias if bias is None else bias[s]) for s in range(3)])
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def tail_closure(model, ids):
+    """Per-copy losses through the scoring code's call (left-padded rows, ``logits_to_keep``), the call
+    that the training loss makes and that CapturedCausalLM takes."""
+    from zotune.eval.scoring import tail_logprobs
+
+    rows = [(tuple(row.tolist()), row.numel() - 2) for row in ids]
+
+    def closure(copies=None):
+        logp = tail_logprobs(model, rows * (copies or 1), pad_id=0)  # (S·B, K, vocab)
+        targets = ids[:, 2:].repeat(copies or 1, 1).to(logp.device)  # the scored tokens
+        losses = -logp[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(dim=1)
+        return losses.mean() if copies is None else losses.view(copies, -1).mean(dim=1)
+
+    return closure
+
+
+def batched_grads_through(wrap, device, steps=2):
+    """Projected gradients of the batched path at q = 1, then at q = 3 (as AdaZeta's schedule raises it:
+    the copies move to new stacks), with the loss calling ``wrap(model, path)``."""
+    build, _ = CASES["adazeta-adapters"]
+    model = build().to(device)
+    path = Batched(model)
+    closure = tail_closure(wrap(model, path), ids_for(model))
+    opt = zotune.mezo([p for p in model.parameters() if p.requires_grad], lr=1e-3, seed=4, execution=path)
+    out = []
+    for q in (1, 3):
+        opt.set_num_queries(q)
+        for _ in range(steps):
+            opt.step(closure)
+            out.append(opt.last_record.projected_grads)
+    return out
+
+
+def test_the_batched_path_runs_through_the_capturable_forward():
+    # CapturedCausalLM's computation (bucket padding, its own 4-D mask, one call over S·B rows) with the
+    # per-copy layers installed measures what the model itself measures; tolerance as above.
+    from zotune.models.captured import CapturedCausalLM
+
+    plain = batched_grads_through(lambda model, path: model, "cpu")
+    bucketed = batched_grads_through(
+        lambda model, path: CapturedCausalLM(model, capture=False, storage_version=path.storage_version), "cpu")
+    for a, b in zip(plain, bucketed):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-3)
+
+
+def test_copy_stacks_change_version_only_when_the_copies_outgrow_them():
+    model = norms_only(tiny_llama())
+    path = Batched(model)
+    closure = per_copy_lm_closure(model, ids_for(model))
+    opt = zotune.mezo([p for p in model.parameters() if p.requires_grad], lr=1e-2, execution=path)
+    versions = [path.storage_version()]
+    for q in (1, 1, 3, 2, 3):
+        opt.set_num_queries(q)
+        opt.step(closure)
+        versions.append(path.storage_version())
+    # unbound, q = 1 (2 copies: first stacks), again, q = 3 (6 copies: new stacks), q = 2 and 3 (they fit)
+    assert versions == [0, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_batched_forwards_follow_new_copy_stacks_on_cuda():
+    from zotune.models.captured import CapturedCausalLM
+
+    plain = batched_grads_through(lambda model, path: model, "cuda")
+    captured = {}
+
+    def wrap(model, path):
+        captured["model"] = CapturedCausalLM(model, storage_version=path.storage_version)
+        return captured["model"]
+
+    replayed = batched_grads_through(wrap, "cuda")
+    assert captured["model"].failure is None
+    for a, b in zip(plain, replayed):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-3)

@@ -16,13 +16,18 @@ that same storage, so one capture serves every step (no re-capture between the Â
   transformers' own mask code inspects the mask's values on the host, which capture forbids;
 * a shape's first call warms up and captures (all graphs share one memory pool); a capture that
   fails (a model with host synchronisation or dynamic control flow in its forward) warns once
-  and every later call runs the model eagerly, unchanged.
+  and every later call runs the model eagerly, unchanged;
+* on the batched path (:class:`~zotune.optim.batched.Batched`) the forward runs with the per-copy
+  layers installed, reading the copies' values from stacks that persist across steps; when the
+  stacks move to new storage (AdaZeta's query count grows) ``storage_version`` changes and every
+  graph is captured again.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -49,8 +54,10 @@ def capture_unsupported(model: nn.Module) -> str | None:
 class CapturedCausalLM:
     """Calls a causal LM like the scoring code does, replaying one CUDA graph per input shape."""
 
-    def __init__(self, model: nn.Module, bucket: int = 32, capture: bool = True) -> None:
+    def __init__(self, model: nn.Module, bucket: int = 32, capture: bool = True,
+                 storage_version: Callable[[], int] | None = None) -> None:
         self.model, self.bucket, self.capture = model, bucket, capture
+        self.storage_version, self._version = storage_version, None
         self.forward = model.forward  # the scoring code reads its signature
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, Tensor]] = {}
         self._pool = None
@@ -74,6 +81,9 @@ class CapturedCausalLM:
         key = (input_ids.shape[0], padded, logits_to_keep, str(input_ids.device))
         if not self.capture:  # the same computation, eagerly: what the tests compare on the CPU
             return SimpleNamespace(logits=self._logits(inputs, logits_to_keep))
+        if self.storage_version is not None and self.storage_version() != self._version:
+            self._graphs.clear()  # the graphs read storage that has been replaced
+            self._version = self.storage_version()
         entry = self._graphs.get(key)
         if entry is None:
             try:

@@ -42,6 +42,11 @@ class Batched(CopiesOfTheBatch):
         self._units = per_copy_units(self.model, params)
         self._values = CopyValues()
 
+    def storage_version(self) -> int:
+        """Changes when the copies' values move to new storage: forwards captured in CUDA graphs
+        (``train.cuda_graphs``) read the old storage and must be captured again."""
+        return self._values.generation if hasattr(self, "_values") else 0
+
     def measure_points(self, points, closures) -> list[float]:
         per = self.copies_per_forward or len(points)
         losses = []
@@ -76,6 +81,7 @@ class CopyValues:
     def __init__(self) -> None:
         self.stacks: dict[int, Tensor] = {}  # param index -> (capacity, *shape)
         self.rows: list[dict[int, Tensor]] = []  # [copy][param index] -> row view (a Parameter without grad)
+        self.generation = 0  # counts the allocations of ``stacks``
 
     def fill(self, params, perturbation, points) -> list[dict[int, Tensor]]:
         """``θ + offset·Z(key)`` of every parameter for each point ``(offset, key)``: [copy][param index]."""
@@ -83,6 +89,7 @@ class CopyValues:
         if copies > len(self.rows):  # grown (AdaZeta's query count rises): new stacks, new plans, once
             self.stacks = {index: torch.empty((copies, *p.shape), dtype=p.dtype, device=p.device)
                            for index, p in params}
+            self.generation += 1
             # Parameters: the perturbation keeps pass plans for Parameters only
             self.rows = [{index: nn.Parameter(stack[s], requires_grad=False) for index, stack in self.stacks.items()}
                          for s in range(copies)]

@@ -285,17 +285,18 @@ def checkpoint_kind(setting: str | None, spec: MethodSpec, n_trainable: int) -> 
 
 def training_forward(model: nn.Module, cfg, optimizer, masked: bool, say) -> nn.Module:
     """The model as the training loss calls it: :class:`~zotune.models.captured.CapturedCausalLM` where
-    CUDA graphs apply (a ZO method on the in-place path, a causal LM on one GPU), else the model itself."""
+    CUDA graphs apply (a ZO method on the in-place or batched path, a causal LM on one GPU), else the
+    model itself."""
     path = getattr(optimizer, "execution", None)
     path = getattr(path, "inner", path)  # under torchrun, the path each rank runs
-    if not (cfg.train.cuda_graphs and isinstance(path, InPlace) and not masked
+    if not (cfg.train.cuda_graphs and isinstance(path, (InPlace, Batched)) and not masked
             and any(p.is_cuda for p in model.parameters())):
         return model
     why = capture_unsupported(model)
     if why is not None:
         say(f"note: training forwards run eagerly, not from CUDA graphs: {why}")
         return model
-    return CapturedCausalLM(model)
+    return CapturedCausalLM(model, storage_version=path.storage_version if isinstance(path, Batched) else None)
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int, nan_policy: str | None = None, layout=None):
