@@ -85,6 +85,7 @@ class Offload(CopiesOfTheBatch):
         self._pending: dict[int, list] = {}  # id(offloaded trainable parameter) -> deferred update terms
         self._arriving: dict[int, tuple] = {}  # block index -> (weights on the device by id, CUDA event or None)
         self._written: dict[int, object] = {}  # block index -> CUDA event of its last write-back
+        self._computed: dict[int, object] = {}  # block index -> CUDA event after its forward's kernels
         self._side_streams: dict = {}  # CUDA: "copy" (uploads) and "write" (write-backs)
 
     def bind(self, params, perturbation, estimator) -> None:
@@ -127,6 +128,7 @@ class Offload(CopiesOfTheBatch):
     def flush(self) -> None:
         """Apply every deferred update to the weights in CPU memory (before reading them)."""
         self._arriving.clear()  # a copy started by a forward that did not finish
+        self._computed.clear()
         for i, (_, held, _) in enumerate(self._blocks):
             if any(self._pending.get(id(p)) for _, _, _, p in held):
                 self._upload(i)
@@ -147,6 +149,12 @@ class Offload(CopiesOfTheBatch):
         if self.device.type != "cuda":
             self._arriving[i] = ({id(p): p.detach().to(self.device, copy=True) for _, _, _, p in held}, None)
             return
+        # The host issues a forward's kernels far ahead of the device. Unchecked, it would start the copies
+        # of every block at once: their memory outgrows a capped device, and the allocator then frees its
+        # cache with a device-wide synchronisation at each block, undoing the overlap. So block i's copy
+        # starts once block i - 2 has computed: at most three blocks on the device.
+        if (done := self._computed.pop(i - 2, None)) is not None:
+            done.synchronize()
         streams = self._streams()
         with torch.cuda.stream(streams["copy"]):
             if i in self._written:
@@ -217,6 +225,10 @@ class Offload(CopiesOfTheBatch):
                     with swapped([(owner, attr, on_device[id(p)], p) for owner, attr, _, p in held]):
                         return inner(*part_args, **part_kwargs)
 
-                return split_by_copies(block, len(points), run, args, kwargs)
+                out = split_by_copies(block, len(points), run, args, kwargs)
+                if self.device.type == "cuda":
+                    self._computed[i] = torch.cuda.Event()
+                    self._computed[i].record()
+                return out
             return forward
         return make
