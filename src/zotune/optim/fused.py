@@ -103,6 +103,19 @@ def _perturb_kernel(addresses, numels, bases, indices, block_tensor, block_start
     tl.store(pointer + o3, x3.to(DTYPE), mask=m3)
 
 
+def table_to_device(table: Tensor, device: torch.device) -> Tensor:
+    """A launch table (int64, built on the host) on ``device``, queued behind the device's work.
+
+    From pageable memory a copy to the GPU first waits for the stream to drain: the host would stop
+    at every pass over one-off tensors (a rule's coordinates, an offloaded block's uploaded weights)
+    until the GPU caught up, and nothing queued after it could overlap. From pinned memory (torch's
+    caching host allocator, which keeps the block until the copy is done) the copy is queued like a
+    kernel."""
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class _Tables:
     """Where each program works: built once per set of tensors (weights do not move)."""
@@ -143,7 +156,7 @@ class FusedPerturber:
         addresses = torch.tensor([t.data_ptr() for _, t in tensors], dtype=torch.int64)
         indices = torch.tensor([index for index, _ in tensors], dtype=torch.int64)
         # one transfer for all six tables (a one-off tensor, e.g. moments' coordinates, builds them each call)
-        packed = torch.cat([addresses, numels, base, indices, owner, starts]).to(device)
+        packed = table_to_device(torch.cat([addresses, numels, base, indices, owner, starts]), device)
         n = len(tensors)
         return _Tables(*packed[:4 * n].view(4, n), packed[4 * n:4 * n + owner.numel()],
                        packed[4 * n + owner.numel():], _DTYPES[tensors[0][1].dtype])
