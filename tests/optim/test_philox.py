@@ -119,6 +119,24 @@ def test_the_kernel_on_cuda_draws_the_reference_stream():
     assert torch.allclose(t, want, atol=1e-4, rtol=1e-5)
 
 
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_pass_over_one_off_tensors_on_cuda_does_not_wait_for_the_gpu():
+    # A one-off tensor's launch tables are built for its pass; sent from pageable memory they would make
+    # the host wait for the stream (torch's sync debug mode raises on that), from pinned memory they queue.
+    perturbation = Gaussian(generator="philox")
+    fresh = [(i, torch.zeros(1000 + i, device="cuda")) for i in range(3)]  # plain tensors: no kept plan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        perturbation.add_each_(fresh, [(1.0, DrawKey(0, 1, 0))], ())
+        coords = perturbation.coordinates(torch.nn.Parameter(torch.zeros(512, device="cuda")), 7,
+                                          [(0.5, DrawKey(0, 1, 0))])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(t.abs().sum() > 0 for _, t in fresh) and coords.abs().sum() > 0
+
+
 def test_philox_generator_gives_the_same_estimate_as_its_stream():
     # One MeZO step on f(θ) = ½|θ|² with the philox generator (torch stream on the CPU): the projected
     # gradient is (f(θ+εz) − f(θ−εz)) / 2ε = θ·z exactly for a quadratic, and the update θ − lr·g·z.
