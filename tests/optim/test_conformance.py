@@ -125,3 +125,27 @@ def test_spec_tells_the_truth(name):
     else:
         with pytest.raises(ValueError, match="factored perturbation"):
             spec(model.parameters(), lr=1e-3, execution=zotune.Virtual(model))
+
+
+@pytest.mark.parametrize("method", ["mezo_adam", "mezo_momentum"])
+def test_multi_tensor_rule_update_equals_the_per_tensor_one(method, batch, monkeypatch):
+    # Stateful rules over dense directions update chunks of tensors in multi-tensor kernels; the
+    # arithmetic is the per-tensor update's, so weights and moments agree bit for bit. Chunks of
+    # 5,000 elements split the tiny model's tensors into many chunks (some tensors larger than one).
+    from zotune.optim import optimizer
+
+    def run():
+        model = tiny_llama()
+        opt = make(method, model, num_queries=2)
+        for _ in range(3):
+            opt.step(lm_closure(model, batch))
+        return [p.detach().clone() for p in model.parameters()], opt.state_dict()
+
+    monkeypatch.setattr(optimizer, "_CHUNK_NUMEL", 5000)
+    chunked_weights, chunked_state = run()
+    monkeypatch.setattr(optimizer.ZOOptimizer, "_many_at_once", lambda self, members: False)
+    weights, state = run()
+    assert all(torch.equal(a, b) for a, b in zip(chunked_weights, weights))
+    for a, b in zip(chunked_state["state"].values(), state["state"].values()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
+                                            for k in a)

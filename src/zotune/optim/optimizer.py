@@ -27,6 +27,22 @@ from .schedules import QuerySchedule
 
 Closure = Callable[..., "Tensor | float"]
 _STATE_KEY = "zotune"  # global (non-parameter) entry of ``self.state``
+# Elements per chunk of a stateful rule's multi-tensor update: 2^26 float32 coordinates are 256 MiB (a tensor
+# larger than that is a chunk of its own, as it was its own update before).
+_CHUNK_NUMEL = 1 << 26
+
+
+def _chunks(members: list, budget: int) -> Iterable[list]:
+    """Consecutive runs of ``(index, param)`` of about ``budget`` elements in all."""
+    chunk, numel = [], 0
+    for member in members:
+        if chunk and numel + member[1].numel() > budget:
+            yield chunk
+            chunk, numel = [], 0
+        chunk.append(member)
+        numel += member[1].numel()
+    if chunk:
+        yield chunk
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -260,6 +276,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             if self.rule.linear:  # θ += restore − η ĝ, ĝ = κ Σ_i (g_i/q) Z_i
                 self.perturbation.add_each_(members, restore_terms, [(-lr * g / q, key) for g, key in zip(grads, keys)])
                 continue
+            if self._many_at_once(members):
+                self._update_many(members, restore_terms, [(g / q, key) for g, key in zip(grads, keys)], step, lr)
+                continue
             for index, p in members:
                 kappa = self.perturbation.scale(p)
                 estimate_terms = [(kappa * g / q, key) for g, key in zip(grads, keys)]
@@ -276,6 +295,28 @@ class ZOOptimizer(torch.optim.Optimizer):
                         state[name] = self.perturbation.transport(state[name], p, index, old, basis)
                     state["basis_step"] = step
                 self.rule.update_(p, index, self.perturbation, coords, state, step + 1, lr, basis)
+
+    def _many_at_once(self, members) -> bool:
+        """Dense Gaussian coordinates (κ = 1, one basis) and a rule with multi-tensor kernels, unsharded."""
+        return type(self.perturbation) is Gaussian and hasattr(self.rule, "direction_each") and \
+            not any(is_sharded(p) for _, p in members)
+
+    def _update_many(self, members, restore_terms, estimate_terms, step: int, lr: float) -> None:
+        """The stateful rule's update over many tensors at once, in chunks of about ``_CHUNK_NUMEL`` elements
+        (their coordinates and the rule's temporaries exist for one chunk at a time): a few launches a
+        chunk instead of a few a tensor, the same arithmetic as the per-tensor update."""
+        if restore_terms:
+            self.perturbation.add_each_(members, restore_terms, ())
+        for chunk in _chunks(members, _CHUNK_NUMEL):
+            coords = self.perturbation.coordinates_each(chunk, estimate_terms)
+            states = [self.state[p] for _, p in chunk]
+            for state, c in zip(states, coords):
+                if not state:
+                    state.update(self.rule.init_state(c))
+                state["basis_step"] = step
+            directions = self.rule.direction_each(coords, states, step + 1)
+            if lr != 0.0:
+                self.perturbation.add_coordinates_each_(chunk, directions, -lr)
 
     def state_numel(self) -> dict[str, int]:
         """Numbers held beyond the weights: the rule's moments, the perturbation's cached factors,

@@ -227,9 +227,21 @@ class Gaussian(Perturbation):
         return out
 
     def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float, key: DrawKey) -> None:
-        if self._deferred is not None and id(param) in self._deferred:
+        self.add_coordinates_each_([(index, param)], [coords], alpha)
+
+    def coordinates_each(self, params: Sequence[tuple[int, Tensor]], terms: Sequence[Term]) -> list[Tensor]:
+        """:meth:`coordinates` of unsharded ``params`` at once: one pass over all of them."""
+        out = [torch.zeros(p.shape, device=p.device, dtype=torch.promote_types(p.dtype, torch.float32))
+               for _, p in params]
+        self.add_each_([(index, o) for (index, _), o in zip(params, out)], terms, ())
+        return out
+
+    def add_coordinates_each_(self, params: Sequence[tuple[int, Tensor]], coords: Sequence[Tensor],
+                              alpha: float) -> None:
+        """``param += alpha * coords`` for every parameter, in multi-tensor kernels."""
+        if self._deferred is not None and any(id(p) in self._deferred for _, p in params):
             raise ValueError("offloaded parameters take SGD updates only in this version (mezo, adazeta)")
-        param.add_(coords.to(param.dtype), alpha=alpha)
+        torch._foreach_add_([p for _, p in params], [c.to(p.dtype) for (_, p), c in zip(params, coords)], alpha=alpha)
 
     def scratch_numel(self) -> int:
         return sum(buf.numel() for buf in self._scratch.values())

@@ -109,6 +109,19 @@ class Momentum(_CoordinateRule):
             m.mul_(self.beta).add_(grad, alpha=1.0 - self.beta)
         return m
 
+    def direction_each(self, grads: list[Tensor], states: list[dict[str, Tensor]], step: int) -> list[Tensor]:
+        """:meth:`direction` of many tensors at once (multi-tensor kernels: a few launches, not a few per tensor)."""
+        ms = [state["momentum"] for state in states]
+        if self.form == "heavy_ball":
+            torch._foreach_mul_(ms, self.beta)
+            torch._foreach_add_(ms, grads)
+        elif step == 1:
+            torch._foreach_copy_(ms, grads)
+        else:
+            torch._foreach_mul_(ms, self.beta)
+            torch._foreach_add_(ms, grads, alpha=1.0 - self.beta)
+        return ms
+
 
 @dataclass(frozen=True)
 class Adam(_CoordinateRule):
@@ -141,6 +154,20 @@ class Adam(_CoordinateRule):
         bias2 = 1.0 - self.beta2**step
         denom = (v / bias2).sqrt_().add_(self.eps)
         return (m / bias1).div_(denom)
+
+    def direction_each(self, grads: list[Tensor], states: list[dict[str, Tensor]], step: int) -> list[Tensor]:
+        """:meth:`direction` of many tensors at once, the same arithmetic in multi-tensor kernels."""
+        ms, vs = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
+        torch._foreach_mul_(ms, self.beta1)
+        torch._foreach_add_(ms, grads, alpha=1.0 - self.beta1)
+        torch._foreach_mul_(vs, self.beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1.0 - self.beta2)
+        denom = torch._foreach_div(vs, 1.0 - self.beta2**step)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, self.eps)
+        directions = torch._foreach_div(ms, 1.0 - self.beta1**step)
+        torch._foreach_div_(directions, denom)
+        return directions
 
 
 
