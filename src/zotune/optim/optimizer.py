@@ -27,9 +27,9 @@ from .schedules import QuerySchedule
 
 Closure = Callable[..., "Tensor | float"]
 _STATE_KEY = "zotune"  # global (non-parameter) entry of ``self.state``
-# Elements per chunk of a stateful rule's multi-tensor update: 2^26 float32 coordinates are 256 MiB (a tensor
+# Elements per chunk of a stateful rule's multi-tensor update: 2^22 float32 coordinates are 16 MiB (a tensor
 # larger than that is a chunk of its own, as it was its own update before).
-_CHUNK_NUMEL = 1 << 26
+_CHUNK_NUMEL = 1 << 22
 
 
 def _chunks(members: list, budget: int) -> Iterable[list]:
