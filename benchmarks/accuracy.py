@@ -143,9 +143,12 @@ def summarise(cell: dict, run_dir: Path) -> dict:
 
 
 def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: float | None = None,
-              gpus: int = 1) -> None:
+              gpus: int = 1, deadline: float | None = None) -> None:
     """Run the stage's missing cells, ``parallel`` at once (spread over ``gpus`` GPUs, the least busy
-    first); no new cell starts ``stop_after`` seconds in."""
+    first); no new cell starts ``stop_after`` seconds in. With ``deadline`` (seconds) the sweep ends by
+    then: a cell starts only if the longest cell of its task finished so far in this call would end in
+    time, and cells still running at the deadline are stopped (SIGTERM: a run then writes a checkpoint,
+    which a later call resumes)."""
     runs_dir, results_csv = Path(grid["runs_dir"]), Path(grid["results_csv"])
     done = read_rows(results_csv)
     own = {name for name, spec in grid["stages"].items() if "overrides" in spec}
@@ -166,11 +169,26 @@ def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: 
         return
     runs_dir.mkdir(parents=True, exist_ok=True)
     running: list[tuple[dict, subprocess.Popen, float, int]] = []
+    longest: dict[str, float] = {}  # task -> the longest wall time of its cells finished in this call
     began = time.time()
     while todo or running:
         if stop_after is not None and time.time() - began > stop_after and todo:
             print(f"{len(todo)} cells left for a later call (--stop-after {stop_after:g} s)")
             todo = []
+        if deadline is not None:
+            left = deadline - (time.time() - began)
+            # a task with no finished cell yet is judged by the longest of any task
+            fits = [c for c in todo if longest.get(c["task"], max(longest.values(), default=0.0)) <= left]
+            if len(fits) < len(todo):
+                print(f"{len(todo) - len(fits)} cells left for a later call: they would not end by the deadline")
+                todo = fits
+            if left <= 0:
+                for cell, proc, _, _ in running:
+                    proc.terminate()
+                    proc.wait()
+                    print(f"stopped {run_name(cell)} at the deadline ({deadline:g} s); a later call continues it "
+                          "(from the checkpoint it writes when stopped, if it had begun training)")
+                return
         while todo and len(running) < parallel:
             cell = todo.pop(0)
             log = open(runs_dir / f"{run_name(cell)}.out", "a", encoding="utf-8")
@@ -186,6 +204,7 @@ def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: 
             running.remove(item)
             run_dir = runs_dir / run_name(cell)
             if proc.returncode == 0 and (run_dir / "results.json").exists():
+                longest[cell["task"]] = max(longest.get(cell["task"], 0.0), time.time() - start)
                 done = read_rows(results_csv) + [summarise(cell, run_dir)]
                 write_rows(results_csv, done)  # after every cell: an interrupted sweep keeps what finished
                 print(f"done {run_name(cell)} in {time.time() - start:.0f} s: test {done[-1]['test']:.3f}")
@@ -311,6 +330,8 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated rows to run (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--stop-after", type=float, help="start no new cell after this many seconds")
+    parser.add_argument("--deadline", type=float, help="end by this many seconds: start a cell only if it would "
+                        "end in time (judged by its task's longest finished cell), stop what still runs then")
     parser.add_argument("--report", action="store_true", help="rewrite the table and the plot from the CSV")
     args = parser.parse_args()
     grid = load_grid(args.grid)
@@ -319,7 +340,7 @@ def main() -> None:
     if args.stage == "baselines":
         run_baselines(grid)
     elif args.stage:
-        run_stage(grid, args.stage, args.parallel, args.dry_run, args.stop_after, args.gpus)
+        run_stage(grid, args.stage, args.parallel, args.dry_run, args.stop_after, args.gpus, args.deadline)
     if args.report:
         report(load_grid(args.grid))
 

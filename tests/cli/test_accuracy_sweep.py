@@ -65,3 +65,23 @@ def test_a_stage_runs_its_cells_once_and_the_report_fills_the_table(tiny_model_d
     assert "| sst2 (long) |" in table.splitlines()[2]
     mezo = next(line for line in table.splitlines() if line.startswith("| mezo |")).split(" | ")
     assert mezo[2].endswith("(2)")  # sst2: seeds 0 and 1, the tasks stage's copy of seed 0 counted once
+
+
+def test_a_deadline_stops_the_running_cells_and_keeps_the_rest_for_later(tiny_model_dir, tmp_path):
+    # A cell of 100,000 steps is still running at a 3-second deadline: it is stopped, nothing is recorded,
+    # and the call ends in time; the next call finds the cell still to run.
+    grid = {"base": {"model.name": str(tiny_model_dir), "data.data_dir": str(SHARED_DATA), "data.n_train": 16,
+                     "data.n_dev": 8, "data.n_test": 8, "train.steps": 100000, "train.batch_size": 4,
+                     "train.progress": "false", "train.zero_shot": "false"},
+            "runs_dir": str(tmp_path / "runs"), "results_csv": str(tmp_path / "results.csv"),
+            "rows": {"mezo": {"optim.method": "mezo", "optim.trainable": "all"}},
+            "stages": {"lr": {"tasks": ["sst2"], "seeds": [0], "lr_factors": [1]}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    argv = [sys.executable, str(SWEEP), str(path), "--stage", "lr"]
+    done = subprocess.run(argv + ["--deadline", "3"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stopped mezo-sst2-lr1e-05-s0 at the deadline" in done.stdout
+    assert not (tmp_path / "results.csv").exists()
+    again = subprocess.run(argv + ["--dry-run"], capture_output=True, text=True, timeout=120)
+    assert "stage lr: 1 cells to run (0 cells done in all)" in again.stdout
