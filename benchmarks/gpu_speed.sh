@@ -3,7 +3,7 @@
 # `python3 -m zotune train` finds SmolLM2-135M and the task files (../shared/gpu/stage-smollm2.sh stages them).
 #   bash benchmarks/gpu_speed.sh steps      # step times: mezo_step at two shapes, SmolLM2 training steps (3 methods)
 #   bash benchmarks/gpu_speed.sh accuracy   # 1,000-step SmolLM2 SST-2 runs of MeZO and LOZO (both at once)
-#   bash benchmarks/gpu_speed.sh batched    # AdaZeta q = 1 and 10, in place and batched; MeZO-LoRA against inference
+#   bash benchmarks/gpu_speed.sh batched    # AdaZeta q = 1 and 10, in place and batched (captured, eager); MeZO-LoRA vs inference
 #   bash benchmarks/gpu_speed.sh breakdown  # SmolLM2 MeZO and LOZO steps profiled: forwards, perturbation, host (a plot)
 #   bash benchmarks/gpu_speed.sh scale      # 2 GPUs: FSDP2, device_map, offload vs one GPU (7B shape); trajectory resume
 #                                           (VARIANTS=single,offload on one GPU)
@@ -54,9 +54,10 @@ accuracy)
   ;;
 batched)
   for q in 1 10; do  # an epoch is one step (16 examples): from the second step on, Q = min(1000 e^β, q)
-    for path in inplace batched; do
+    for path in inplace batched batched-eager; do  # batched-eager: its forwards not from CUDA graphs
       python3 -m zotune train --model.device cuda --optim.method adazeta --adapter.kind adp --adapter.train_norms false \
-        --optim.q_max $q --optim.q_alpha 1000 --data.n_train 16 --optim.batched $([ $path = batched ] && echo true || echo false) \
+        --optim.q_max $q --optim.q_alpha 1000 --data.n_train 16 --optim.batched $([ $path = inplace ] && echo false || echo true) \
+        --train.cuda_graphs $([ $path = batched-eager ] && echo false || echo true) \
         --train.steps 60 --train.eval_every 0 --train.zero_shot false --data.n_test 64 --train.progress false \
         --train.output_dir "$runs" --train.run_name "adazeta-q$q-$path" > "$out/adazeta-q$q-$path.txt" 2>&1
       median_step "adazeta-q$q-$path" | tee -a "$out/batched.md"
