@@ -31,7 +31,7 @@ from abc import abstractmethod
 
 from .perturbations import DrawKey, FactoredPerturbation, Term, merge_terms
 from .seeding import DeviceGenerators
-from .shards import is_sharded, local_part
+from .shards import held, is_sharded, local_part
 
 # Domain tags keep the streams apart from each other and from Gaussian chunks.
 _TAG_V, _TAG_CP_U, _TAG_CP_V, _TAG_FRESH, _TAG_PACK = 102, 104, 105, 106, 107
@@ -50,10 +50,6 @@ def _held(param: Tensor, left: Tensor) -> tuple[Tensor, Tensor]:
         return (param if param.dim() < 3 else as_matrix(param)), left
     local, first, rows = local_part(param)
     return (local if local.dim() < 3 else local.view(rows, -1)), left[first:first + rows]
-
-
-def _storage(param: Tensor) -> int:
-    return (param.to_local() if is_sharded(param) else param).data_ptr()
 
 
 def _kernel_groups(matrices: list) -> tuple[list, list]:
@@ -210,8 +206,8 @@ class _Factored(FactoredPerturbation):
                 matrix.addmm_(left, right_t, alpha=alpha)
         if vectors:
             for alpha, key in vector_terms:
-                held = [_held(p, self._fresh(p, index, key)) for index, p in vectors]
-                torch._foreach_add_([t for t, _ in held], [z for _, z in held], alpha=alpha)
+                parts = [_held(p, self._fresh(p, index, key)) for index, p in vectors]
+                torch._foreach_add_([t for t, _ in parts], [z for _, z in parts], alpha=alpha)
 
     def _one_term_plan(self, params, key: DrawKey):
         """(launch tables of the CUDA matrices, [(matrix, L, Rᵀ)] of the others, 1-D tensors, their z) of
@@ -229,7 +225,7 @@ class _Factored(FactoredPerturbation):
         slot = (tuple((index, id(p)) for index, p in params), key.query)
         hit = self._plans.get(slot)
         # A parameter given new storage (module.to()) would leave the plan's matrix views on the old one.
-        if hit is None or hit[0] != reuse or any(_storage(p) != ptr for (_, p), ptr in zip(params, hit[3])):
+        if hit is None or hit[0] != reuse or any(held(p).data_ptr() != ptr for (_, p), ptr in zip(params, hit[3])):
             self._plans.pop(slot, None)  # a stale plan would keep the old storage alive
             if any(index not in self._layout or self._layout[index][0][1] != p.dtype for index, p in params):
                 return None
@@ -244,7 +240,7 @@ class _Factored(FactoredPerturbation):
                     matrix, left = _held(p, left)
                     matrices.append((matrix, left, right_t))
             groups = {self._layout[index][0] for index, _ in params}
-            pointers = [_storage(p) for _, p in params]
+            pointers = [held(p).data_ptr() for _, p in params]
             kernel_groups, matrices = _kernel_groups(matrices) if self._kernel_works else ([], matrices)
             hit = self._plans[slot] = (reuse, groups, (kernel_groups, matrices, vectors, zs), pointers)
         for group in hit[1]:

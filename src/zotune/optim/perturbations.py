@@ -213,26 +213,15 @@ class Gaussian(Perturbation):
             self._fused.add_(tables, keyed)
 
     def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
-        # float32 at least (half-precision moments underflow), float64 kept as is.
-        dtype = torch.promote_types(param.dtype, torch.float32)
-        if is_sharded(param):  # sharded like the parameter: the rule's moments are then sharded too
-            from torch.distributed.tensor import DTensor
-
-            local = torch.zeros(param.to_local().shape, device=param.device, dtype=dtype)
-            out = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                                     stride=param.stride())
-        else:
-            out = torch.zeros(param.shape, device=param.device, dtype=dtype)
-        self.add_each_([(index, out)], terms, ())  # (a fresh tensor each time: its plan is not kept)
-        return out
+        return self.coordinates_each([(index, param)], terms)[0]
 
     def add_coordinates_(self, param: Tensor, index: int, coords: Tensor, alpha: float, key: DrawKey) -> None:
         self.add_coordinates_each_([(index, param)], [coords], alpha)
 
     def coordinates_each(self, params: Sequence[tuple[int, Tensor]], terms: Sequence[Term]) -> list[Tensor]:
-        """:meth:`coordinates` of unsharded ``params`` at once: one pass over all of them."""
-        out = [torch.zeros(p.shape, device=p.device, dtype=torch.promote_types(p.dtype, torch.float32))
-               for _, p in params]
+        """:meth:`coordinates` of many parameters at once: one pass over all of them (fresh tensors: their
+        plan is not kept)."""
+        out = [_zero_coordinates(p) for _, p in params]
         self.add_each_([(index, o) for (index, _), o in zip(params, out)], terms, ())
         return out
 
@@ -311,6 +300,19 @@ class Gaussian(Perturbation):
         for chunk_index, chunk in self._chunks(flat):
             for alpha, key in terms:
                 chunk.add_(self._draw(chunk, index, key, chunk_index), alpha=alpha)
+
+
+def _zero_coordinates(param: Tensor) -> Tensor:
+    """Zeros shaped like ``param`` in float32 at least (half-precision moments underflow; float64 kept);
+    of a sharded parameter, sharded like it (the rule's moments are then sharded too)."""
+    dtype = torch.promote_types(param.dtype, torch.float32)
+    if not is_sharded(param):
+        return torch.zeros(param.shape, device=param.device, dtype=dtype)
+    from torch.distributed.tensor import DTensor
+
+    local = torch.zeros(param.to_local().shape, device=param.device, dtype=dtype)
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
 
 
 @dataclass

@@ -100,23 +100,17 @@ class Momentum(_CoordinateRule):
         return {"momentum": torch.zeros_like(coords)}
 
     def direction(self, grad: Tensor, state: dict[str, Tensor], step: int) -> Tensor:
-        m = state["momentum"]
-        if self.form == "heavy_ball":
-            m.mul_(self.beta).add_(grad)
-        elif step == 1:
-            m.copy_(grad)
-        else:
-            m.mul_(self.beta).add_(grad, alpha=1.0 - self.beta)
-        return m
+        return self.direction_each([grad], [state], step)[0]
 
     def direction_each(self, grads: list[Tensor], states: list[dict[str, Tensor]], step: int) -> list[Tensor]:
-        """:meth:`direction` of many tensors at once (multi-tensor kernels: a few launches, not a few per tensor)."""
+        """The direction of many tensors at once (multi-tensor kernels: a few launches, not a few per tensor)."""
         ms = [state["momentum"] for state in states]
         if self.form == "heavy_ball":
             torch._foreach_mul_(ms, self.beta)
             torch._foreach_add_(ms, grads)
         elif step == 1:
-            torch._foreach_copy_(ms, grads)
+            for m, grad in zip(ms, grads):  # (once; DTensor has no multi-tensor copy)
+                m.copy_(grad)
         else:
             torch._foreach_mul_(ms, self.beta)
             torch._foreach_add_(ms, grads, alpha=1.0 - self.beta)
@@ -147,16 +141,10 @@ class Adam(_CoordinateRule):
         }
 
     def direction(self, grad: Tensor, state: dict[str, Tensor], step: int) -> Tensor:
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.mul_(self.beta1).add_(grad, alpha=1.0 - self.beta1)
-        v.mul_(self.beta2).addcmul_(grad, grad, value=1.0 - self.beta2)
-        bias1 = 1.0 - self.beta1**step
-        bias2 = 1.0 - self.beta2**step
-        denom = (v / bias2).sqrt_().add_(self.eps)
-        return (m / bias1).div_(denom)
+        return self.direction_each([grad], [state], step)[0]
 
     def direction_each(self, grads: list[Tensor], states: list[dict[str, Tensor]], step: int) -> list[Tensor]:
-        """:meth:`direction` of many tensors at once, the same arithmetic in multi-tensor kernels."""
+        """The direction of many tensors at once, in multi-tensor kernels (with bias correction)."""
         ms, vs = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
         torch._foreach_mul_(ms, self.beta1)
         torch._foreach_add_(ms, grads, alpha=1.0 - self.beta1)
