@@ -9,7 +9,8 @@ grid continues where it stopped (in a later session too).
 The YAML names ``base`` overrides (every run), ``rows`` (a method and its trainable set, as
 overrides), ``stages`` (``lr``: each row's learning rates on the tuning task, as factors of the
 method's default lr for its trainable kind; later stages: tasks and seeds at the row's best lr, the
-one with the best dev metric in the ``lr`` stage), and ``baselines`` (``zotune eval`` settings:
+one with the best dev metric in the ``lr`` stage, or multiples of it: ``best_lr_factors``), and
+``baselines`` (``zotune eval`` settings:
 zero-shot, in-context). A cell's run folder is ``runs_dir/<row>-<task>-lr<lr>-s<seed>``; one that
 is unfinished is resumed. ``--report`` rewrites the table between the markers of ``results_md`` and
 draws the dev curves of each row's best lr on the tuning task.
@@ -89,12 +90,20 @@ def cells(grid: dict, stage: str, done: list[dict]) -> list[dict]:
             if best is None:
                 print(f"{row}: no finished lr-stage cell yet; skipped in stage {stage}")
                 continue
-            lrs[row] = [best]
+            lrs[row] = [best * factor for factor in spec.get("best_lr_factors", [1])]
     # Task by task, then seed by seed: a sweep stopped part-way has every row on the first tasks.
     return [{"row": row, "stage": stage, "task": task, "lr": float(f"{lr:.3g}"), "seed": seed,
              "own_folder": "overrides" in spec,
              "overrides": {**grid["base"], **grid["rows"][row], **spec.get("overrides", {})}}
             for task in spec["tasks"] for seed in spec["seeds"] for row in lrs for lr in lrs[row]]
+
+
+def _at_stage_lr(grid: dict, result: dict, best: float | None) -> bool:
+    """Whether a result ran at an lr its stage takes from the row's best (the best, or the stage's multiples)."""
+    if best is None:
+        return False
+    factors = grid["stages"].get(result["stage"], {}).get("best_lr_factors", [1])
+    return float(result["lr"]) in {float(f"{best * factor:.3g}") for factor in factors} | {best}
 
 
 def best_lr(done: list[dict], row: str, task: str) -> float | None:
@@ -248,20 +257,30 @@ def report(grid: dict) -> None:
              "|---|---|" + "---|" * len(columns) + "---|"]
     for row in list(grid.get("baselines", {})) + list(grid["rows"]):
         best = best_lr(done, row, tuning)
-        mine = [r for r in done if r["row"] == row and (r["stage"] == "baseline" or float(r["lr"]) == best)]
+        mine = [r for r in done if r["row"] == row and (r["stage"] == "baseline" or _at_stage_lr(grid, r, best))]
         if not mine:
             continue
         cells_ = []
         for stage, task in columns:
             # one score per run: the tasks stage's cell on the tuning task is the lr stage's run
-            scores = list({r["run_dir"] or id(r): 100 * float(r["test"]) for r in mine if r["task"] == task
-                           and (r["stage"] == stage if stage else r["stage"] not in own)}.values())
+            runs = list({r["run_dir"] or id(r): r for r in mine if r["task"] == task
+                         and (r["stage"] == stage if stage else r["stage"] not in own)}.values())
+            # a stage at several multiples of the best lr shows the multiple with the best dev (the test
+            # score is not looked at to choose), and says which it was
+            by_lr: dict[float, list] = {}
+            for r in runs:
+                by_lr.setdefault(float(r["lr"]), []).append(r)
+            note = ""
+            if len(by_lr) > 1 or (runs and best is not None and float(runs[0]["lr"]) != best):
+                chosen = max(by_lr, key=lambda lr: statistics.mean(float(r["best_dev"] or 0) for r in by_lr[lr]))
+                runs, note = by_lr[chosen], f" (lr {chosen:g})"
+            scores = [100 * float(r["test"]) for r in runs]
             if not scores:
                 cells_.append("")
             elif len(scores) == 1:
-                cells_.append(f"{scores[0]:.1f}")
+                cells_.append(f"{scores[0]:.1f}{note}")
             else:
-                cells_.append(f"{statistics.mean(scores):.1f} ± {statistics.stdev(scores):.1f} ({len(scores)})")
+                cells_.append(f"{statistics.mean(scores):.1f} ± {statistics.stdev(scores):.1f} ({len(scores)}){note}")
         ratios = [float(r["max_loss_ratio"]) for r in mine if r["max_loss_ratio"]]
         tried = sorted({float(r["lr"]) for r in done if r["row"] == row and r["stage"] == "lr"})
         lr_text = "" if best is None else f"{best:g} of {', '.join(f'{lr:g}' for lr in tried)}"

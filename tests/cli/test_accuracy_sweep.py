@@ -28,7 +28,8 @@ def test_a_stage_runs_its_cells_once_and_the_report_fills_the_table(tiny_model_d
         "stages": {"lr": {"tasks": ["sst2"], "seeds": [0], "lr_factors": [1, 10]},
                    "seeds": {"tasks": ["sst2"], "seeds": [1]},
                    "tasks": {"tasks": ["sst2"], "seeds": [0]},
-                   "long": {"tasks": ["sst2"], "seeds": [0], "rows": ["mezo"], "overrides": {"train.steps": 6}}},
+                   "long": {"tasks": ["sst2"], "seeds": [0], "rows": ["mezo"], "best_lr_factors": [1, 3],
+                            "overrides": {"train.steps": 6}}},
     }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
@@ -58,13 +59,20 @@ def test_a_stage_runs_its_cells_once_and_the_report_fills_the_table(tiny_model_d
         if folder.is_dir():
             shutil.rmtree(folder)
     out = sweep("--stage", "tasks,long", "--report")
-    assert "stage tasks,long: 1 cells to run (6 cells done in all)" in out
-    long_row = [r for r in csv.DictReader(open(tmp_path / "results.csv")) if r["stage"] == "long"]
-    assert len(long_row) == 1 and long_row[0]["steps"] == "6" and long_row[0]["run_dir"].endswith("-long")
+    assert "stage tasks,long: 2 cells to run (6 cells done in all)" in out
+    long_rows = [r for r in csv.DictReader(open(tmp_path / "results.csv")) if r["stage"] == "long"]
+    best = next(float(r["lr"]) for r in rows if r["row"] == "mezo" and r["stage"] == "lr"
+                and r["best_dev"] == max(x["best_dev"] for x in rows if x["row"] == "mezo"))
+    assert sorted(float(r["lr"]) for r in long_rows) == [best, float(f"{3 * best:.3g}")]  # the row's best lr, and 3x
+    assert all(r["steps"] == "6" and r["run_dir"].endswith("-long") for r in long_rows)
     table = (tmp_path / "results.md").read_text()
     assert "| sst2 (long) |" in table.splitlines()[2]
     mezo = next(line for line in table.splitlines() if line.startswith("| mezo |")).split(" | ")
     assert mezo[2].endswith("(2)")  # sst2: seeds 0 and 1, the tasks stage's copy of seed 0 counted once
+    # the long column: the multiple with the better dev, named when it is not the best lr itself
+    chosen = max(long_rows, key=lambda r: float(r["best_dev"]))  # (ties: the first, as the report's max)
+    expected = f"{100 * float(chosen['test']):.1f}"
+    assert mezo[-2] in (expected, f"{expected} (lr {float(chosen['lr']):g})")
 
 
 def test_a_deadline_stops_the_running_cells_and_keeps_the_rest_for_later(tiny_model_dir, tmp_path):
