@@ -2,6 +2,7 @@
 # The CUDA measurements of docs/benchmarks.md ("GPU"), run from the project root on a CUDA machine where
 # `python3 -m zotune train` finds SmolLM2-135M and the task files (../shared/gpu/stage-smollm2.sh stages them).
 #   bash benchmarks/gpu_speed.sh steps      # step times: mezo_step at two shapes, SmolLM2 training steps (3 methods)
+#   bash benchmarks/gpu_speed.sh train-steps  # the SmolLM2 training steps only
 #   bash benchmarks/gpu_speed.sh accuracy   # 1,000-step SmolLM2 SST-2 runs of MeZO and LOZO (both at once)
 #   bash benchmarks/gpu_speed.sh batched    # AdaZeta q = 1 and 10, in place and batched (captured, eager); MeZO-LoRA vs inference
 #   bash benchmarks/gpu_speed.sh breakdown  # SmolLM2 MeZO and LOZO steps profiled: forwards, perturbation, host (a plot)
@@ -32,6 +33,9 @@ steps)
   python3 benchmarks/mezo_step.py --device cuda --shape llama-2-7b --dtype bfloat16 --batch 16 --repeats 5 --no-memory \
     --breakdown "$out/steps-llama-2-7b.json" | tee "$out/llama-2-7b.md"
   python3 benchmarks/plot_step_breakdown.py "$out"/steps-*.json --out "$out/step_breakdown.png"  # docs/step_breakdown.png
+  bash "$0" train-steps
+  ;;
+train-steps)
   for method in mezo lozo mezo_adam; do  # MeZO-Adam: the stateful rules' multi-tensor update
     for version in now ${BEFORE:+before}; do
       src=$PWD/src

@@ -41,7 +41,10 @@ def breakdown(averages, wall: float, steps: int) -> dict:
     """
     from torch.autograd import DeviceType
 
-    kernels = [e for e in averages if e.device_type != DeviceType.CPU]
+    # (a host range such as ``Optimizer.step#...`` also appears on the device's timeline, spanning the
+    # kernels it launched: it shares its name with the host event and is left out, or they count twice)
+    host = {e.key for e in averages if e.device_type == DeviceType.CPU}
+    kernels = [e for e in averages if e.device_type != DeviceType.CPU and e.key not in host]
 
     def device_ms(entry) -> float:
         return entry.self_device_time_total / 1000 / steps

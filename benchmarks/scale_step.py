@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -92,6 +93,13 @@ def worker(args) -> None:
     for _ in range(2):
         step()
     times = [timed(step, device) for _ in range(args.repeats)]
+    if args.profile and rank == 0:  # one more step under torch.profiler: where a slow variant waits
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            timed(step, device)
+        Path(args.profile).write_text(f"{args.variant}\n" + prof.key_averages().table(sort_by="cpu_time_total",
+                                                                                      row_limit=25))
     if rank == 0:
         print("RESULT " + json.dumps({
             "variant": args.variant, "step_s": statistics.median(times), "note": note,
@@ -105,6 +113,8 @@ def launch(args, variant: str) -> dict:
     flags = ["--worker", "--variant", variant, "--device", args.device, "--shape", args.shape, "--dtype", args.dtype,
              "--batch", str(args.batch), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
              "--offload-cap", str(args.offload_cap)]
+    if args.profile:
+        flags += ["--profile", f"{args.profile}.{variant}"]
     if variant == "fsdp":
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -133,6 +143,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="global batch")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", help="also profile one step of each variant into PROFILE.<variant>")
     parser.add_argument("--offload-cap", type=float, default=0.5,
                         help="offload: cap the GPU at this fraction of the model's weight bytes")
     args = parser.parse_args()

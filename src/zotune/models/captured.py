@@ -82,7 +82,10 @@ class CapturedCausalLM:
         if not self.capture:  # the same computation, eagerly: what the tests compare on the CPU
             return SimpleNamespace(logits=self._logits(inputs, logits_to_keep))
         if self.storage_version is not None and self.storage_version() != self._version:
-            self._graphs.clear()  # the graphs read storage that has been replaced
+            # The graphs read storage that has been replaced. Their memory pool goes with them: the
+            # allocator frees a private pool once no graph holds it, so its old handle must not be reused.
+            self._graphs.clear()
+            self._pool = None
             self._version = self.storage_version()
         entry = self._graphs.get(key)
         if entry is None:
