@@ -273,7 +273,7 @@ def report(grid: dict) -> None:
             note = ""
             if len(by_lr) > 1 or (runs and best is not None and float(runs[0]["lr"]) != best):
                 chosen = max(by_lr, key=lambda lr: statistics.mean(float(r["best_dev"] or 0) for r in by_lr[lr]))
-                runs, note = by_lr[chosen], f" (lr {chosen:g})"
+                runs, note = by_lr[chosen], (f" (lr {chosen:g})" if chosen != best else "")
             scores = [100 * float(r["test"]) for r in runs]
             if not scores:
                 cells_.append("")
@@ -281,7 +281,9 @@ def report(grid: dict) -> None:
                 cells_.append(f"{scores[0]:.1f}{note}")
             else:
                 cells_.append(f"{statistics.mean(scores):.1f} ± {statistics.stdev(scores):.1f} ({len(scores)}){note}")
-        ratios = [float(r["max_loss_ratio"]) for r in mine if r["max_loss_ratio"]]
+        # (at the chosen lr: the multiples a stage tries beyond it are no default)
+        ratios = [float(r["max_loss_ratio"]) for r in mine if r["max_loss_ratio"] and
+                  (r["stage"] == "baseline" or float(r["lr"]) == best)]
         tried = sorted({float(r["lr"]) for r in done if r["row"] == row and r["stage"] == "lr"})
         lr_text = "" if best is None else f"{best:g} of {', '.join(f'{lr:g}' for lr in tried)}"
         lines.append(f"| {row} | {lr_text} | " + " | ".join(cells_) + f" | {max(ratios):.2f} |" if ratios else

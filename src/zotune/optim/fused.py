@@ -13,6 +13,7 @@ Imported only where it runs: on CUDA, or on the CPU through Triton's interpreter
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,6 +26,7 @@ from triton.language.extra import libdevice
 from .philox import MIN_UNIFORM, QUADS, UNIFORM_SCALE
 
 MAX_TERMS = 4  # terms fused in one launch (a pass with more runs in several)
+_LAYOUTS_KEPT = 64  # layout tables kept per perturber (distinct sets of one-off tensors)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
 _SCALE, _FLOOR = tl.constexpr(UNIFORM_SCALE), tl.constexpr(MIN_UNIFORM)  # globals a kernel reads are constexpr
 _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -129,37 +131,62 @@ class _Tables:
     dtype: tl.dtype
 
 
+def _layout(numels: Sequence[int], indices: Sequence[int], bases: Sequence[int], device: torch.device):
+    """(numels, bases, indices, block_tensor, block_start) of ``_Tables`` on ``device``, in one transfer."""
+    block = 4 * QUADS
+    numel = torch.tensor(numels, dtype=torch.int64)
+    base = torch.tensor(bases, dtype=torch.int64)
+    first_block, end_block = base // block, (base + numel + block - 1) // block  # the stream's blocks it spans
+    blocks = end_block - first_block  # (tensors,)
+    owner = torch.repeat_interleave(torch.arange(len(numels)), blocks)
+    first = torch.cumsum(blocks, 0) - blocks  # each tensor's first program
+    starts = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first - first_block, blocks)) * block
+    packed = table_to_device(torch.cat([numel, base, torch.tensor(indices, dtype=torch.int64), owner, starts]),
+                             device)
+    n = len(numels)
+    return (*packed[:3 * n].view(3, n), packed[3 * n:3 * n + owner.numel()], packed[3 * n + owner.numel():])
+
+
 class FusedPerturber:
     """Applies Σ α_k Z_k to groups of same-device, same-dtype contiguous tensors (one launch per
     group and up to MAX_TERMS terms)."""
-
-    def __init__(self, num_warps: int = 4) -> None:
-        self.num_warps = num_warps
 
     @staticmethod
     def supports(param: Tensor) -> bool:
         return param.dtype in _DTYPES and param.is_contiguous()
 
-    @staticmethod
-    def tables(tensors: Sequence[tuple], bases: Sequence[int] | None = None) -> _Tables:
+    def __init__(self, num_warps: int = 4) -> None:
+        self.num_warps = num_warps
+        # The layout tables (numels, bases, indices, the programs' tensors and starts) of the tensor sets
+        # seen last, by (device, dtype, numels, indices, bases): one-off tensors of a recurring layout (an
+        # offloaded block's uploaded weights, a rule's coordinates) then send only their addresses.
+        self._layouts: OrderedDict[tuple, tuple[Tensor, ...]] = OrderedDict()
+        self._addresses: OrderedDict[tuple, Tensor] = OrderedDict()  # (device, data pointers) -> their table
+
+    def tables(self, tensors: Sequence[tuple], bases: Sequence[int] | None = None) -> _Tables:
         """The launch tables of same-device, same-dtype contiguous ``(index, tensor)`` pairs (keep them:
         they stay valid while the tensors keep their storage). ``bases[t]``: the parameter element a
         shard's first element is (its direction is the parameter's from there on); 0 by default."""
-        device, block = tensors[0][1].device, 4 * QUADS
-        numels = torch.tensor([t.numel() for _, t in tensors], dtype=torch.int64)
-        base = torch.tensor(bases if bases is not None else [0] * len(tensors), dtype=torch.int64)
-        first_block, end_block = base // block, (base + numels + block - 1) // block  # the stream's blocks it spans
-        blocks = end_block - first_block  # (tensors,)
-        owner = torch.repeat_interleave(torch.arange(len(tensors)), blocks)
-        first = torch.cumsum(blocks, 0) - blocks  # each tensor's first program
-        starts = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first - first_block, blocks)) * block
-        addresses = torch.tensor([t.data_ptr() for _, t in tensors], dtype=torch.int64)
-        indices = torch.tensor([index for index, _ in tensors], dtype=torch.int64)
-        # one transfer for all six tables (a one-off tensor, e.g. moments' coordinates, builds them each call)
-        packed = table_to_device(torch.cat([addresses, numels, base, indices, owner, starts]), device)
-        n = len(tensors)
-        return _Tables(*packed[:4 * n].view(4, n), packed[4 * n:4 * n + owner.numel()],
-                       packed[4 * n + owner.numel():], _DTYPES[tensors[0][1].dtype])
+        device, dtype = tensors[0][1].device, tensors[0][1].dtype
+        bases = tuple(bases) if bases is not None else (0,) * len(tensors)
+        key = (device, dtype, tuple(t.numel() for _, t in tensors), tuple(index for index, _ in tensors), bases)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = _layout(key[2], key[3], bases, device)
+            if len(self._layouts) > _LAYOUTS_KEPT:
+                self._layouts.popitem(last=False)
+        else:
+            self._layouts.move_to_end(key)
+        pointers = (device, tuple(t.data_ptr() for _, t in tensors))
+        addresses = self._addresses.get(pointers)  # the allocator hands recurring one-off tensors the same blocks
+        if addresses is None:
+            addresses = self._addresses[pointers] = table_to_device(torch.tensor(pointers[1], dtype=torch.int64),
+                                                                    device)
+            if len(self._addresses) > 4 * _LAYOUTS_KEPT:
+                self._addresses.popitem(last=False)
+        else:
+            self._addresses.move_to_end(pointers)
+        return _Tables(addresses, *layout, _DTYPES[dtype])
 
     def add_(self, tensors: Sequence[tuple[int, Tensor]] | _Tables, terms: Sequence[tuple[float, int]]) -> None:
         """``t += Σ α_k Z(seed_k, index)`` for every ``(index, t)`` (or the tensors of prebuilt tables);
