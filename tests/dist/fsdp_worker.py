@@ -11,6 +11,7 @@ mean of the two halves' losses. Rank 0 saves the gathered weights and the projec
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -75,9 +76,21 @@ def run_reference(method: str = "mezo") -> tuple[dict[str, torch.Tensor], list]:
 def main(out: Path, method: str) -> None:
     import torch.distributed as dist
 
+    dist.init_process_group("gloo")
+    train_and_save(out, method)
+    # The sharded model (its FSDP state and device mesh hold the process group and gloo's pending work) is
+    # gone before the group is: left to the interpreter's exit, its teardown raced gloo's threads and
+    # aborted a rank now and then (SIGABRT, "terminate called without an active exception").
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def train_and_save(out: Path, method: str) -> None:
+    import torch.distributed as dist
+
     from zotune.dist import Distributed, Layout, shard
 
-    dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = shard(tiny_llama())  # each decoder layer a unit, the rest the root's
     opt = optimizer(model, method, execution=Distributed(zotune.InPlace(), Layout(world, rank)))
@@ -90,8 +103,6 @@ def main(out: Path, method: str) -> None:
         torch.save({"weights": full, "grads": grads,
                     "local_numel": sum(p.to_local().numel() for p in model.parameters()),
                     "numel": sum(p.numel() for p in model.parameters())}, out / f"fsdp-{method}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -92,7 +92,15 @@ KERNEL_CHECK = textwrap.dedent("""
     perturber = FusedPerturber()
     perturber.add_(perturber.tables([(4, shard)], bases=[1500]), [(1.0, 11)])
     out["shard"] = float((shard - normals(11, 4, 1500, 3001)).abs().max() / (8 * torch.finfo(torch.float32).eps * 6))
-    print(json.dumps({"max_error_over_tolerance": out, "max_terms": MAX_TERMS}))
+    # one-off tensors of one layout, in other storage each pass (an offloaded block's uploads): the cached
+    # layout serves them all, and each pass lands in its own tensors
+    passes = [[(2, torch.zeros(700)), (9, torch.zeros(40, 30))] for _ in range(3)]
+    for held in passes:
+        perturber.add_(held, [(0.5, 21)])
+    out["one-off"] = max(float((t.view(-1) - 0.5 * normals(21, index, 0, t.numel())).abs().max()
+                               / (8 * torch.finfo(torch.float32).eps * 3)) for held in passes for index, t in held)
+    print(json.dumps({"max_error_over_tolerance": out, "max_terms": MAX_TERMS,
+                      "layouts_kept": len(perturber._layouts)}))
 """)
 
 
@@ -103,6 +111,7 @@ def test_the_kernel_draws_the_reference_stream_through_the_interpreter():
     # normal by O(1), millions of float32 ulps; agreement within a few ulps means every word agrees.
     report = run_interpreted(KERNEL_CHECK)
     assert report["max_terms"] == 4
+    assert report["layouts_kept"] == 2  # the shard's, and the one the three passes of one-off tensors shared
     for dtype, error in report["max_error_over_tolerance"].items():
         assert error <= 1, (dtype, error)
 

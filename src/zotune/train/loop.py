@@ -9,6 +9,7 @@ shared with bench, replay and eval.
 
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import time
@@ -107,6 +108,10 @@ def fit(cfg: RunConfig, say: Callable[[str], None] = print) -> dict:
                     bar.update()
                     run.evaluate_and_checkpoint(step + 1, stop_requested=ctx.any(stop["stop"]))
             results = run.finish()
+        # The model goes before the process group: a sharded model's FSDP state holds the group and gloo's
+        # pending work, and tearing those down at the interpreter's exit could abort a rank.
+        del run
+        gc.collect()
         ctx.close(finished=True)
         return results
     except RuntimeError as err:
