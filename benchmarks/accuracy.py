@@ -266,15 +266,15 @@ def report(grid: dict) -> None:
             runs = list({r["run_dir"] or id(r): r for r in mine if r["task"] == task
                          and (r["stage"] == stage if stage else r["stage"] not in own)}.values())
             # a stage at several multiples of the best lr shows the multiple with the best dev (the test
-            # score is not looked at to choose), and says which it was
+            # score is not looked at to choose), and says which it was where it is not the best lr itself
             by_lr: dict[float, list] = {}
             for r in runs:
                 by_lr.setdefault(float(r["lr"]), []).append(r)
-            note = ""
-            if len(by_lr) > 1 or (runs and best is not None and float(runs[0]["lr"]) != best):
+            note, scores = "", []
+            if by_lr:
                 chosen = max(by_lr, key=lambda lr: statistics.mean(float(r["best_dev"] or 0) for r in by_lr[lr]))
-                runs, note = by_lr[chosen], (f" (lr {chosen:g})" if chosen != best else "")
-            scores = [100 * float(r["test"]) for r in runs]
+                scores = [100 * float(r["test"]) for r in by_lr[chosen]]
+                note = f" (lr {chosen:g})" if best is not None and chosen != best else ""
             if not scores:
                 cells_.append("")
             elif len(scores) == 1:

@@ -131,6 +131,17 @@ class _Tables:
     dtype: tl.dtype
 
 
+def _recent(cache: OrderedDict, key: tuple, keep: int, build):
+    """``cache[key]``, built on a miss; beyond ``keep`` entries the least recently used is dropped."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = cache[key] = build()
+    if len(cache) > keep:
+        cache.popitem(last=False)
+    return value
+
+
 def _layout(numels: Sequence[int], indices: Sequence[int], bases: Sequence[int], device: torch.device):
     """(numels, bases, indices, block_tensor, block_start) of ``_Tables`` on ``device``, in one transfer."""
     block = 4 * QUADS
@@ -151,10 +162,6 @@ class FusedPerturber:
     """Applies Σ α_k Z_k to groups of same-device, same-dtype contiguous tensors (one launch per
     group and up to MAX_TERMS terms)."""
 
-    @staticmethod
-    def supports(param: Tensor) -> bool:
-        return param.dtype in _DTYPES and param.is_contiguous()
-
     def __init__(self, num_warps: int = 4) -> None:
         self.num_warps = num_warps
         # The layout tables (numels, bases, indices, the programs' tensors and starts) of the tensor sets
@@ -163,29 +170,22 @@ class FusedPerturber:
         self._layouts: OrderedDict[tuple, tuple[Tensor, ...]] = OrderedDict()
         self._addresses: OrderedDict[tuple, Tensor] = OrderedDict()  # (device, data pointers) -> their table
 
+    @staticmethod
+    def supports(param: Tensor) -> bool:
+        return param.dtype in _DTYPES and param.is_contiguous()
+
     def tables(self, tensors: Sequence[tuple], bases: Sequence[int] | None = None) -> _Tables:
         """The launch tables of same-device, same-dtype contiguous ``(index, tensor)`` pairs (keep them:
         they stay valid while the tensors keep their storage). ``bases[t]``: the parameter element a
         shard's first element is (its direction is the parameter's from there on); 0 by default."""
         device, dtype = tensors[0][1].device, tensors[0][1].dtype
         bases = tuple(bases) if bases is not None else (0,) * len(tensors)
-        key = (device, dtype, tuple(t.numel() for _, t in tensors), tuple(index for index, _ in tensors), bases)
-        layout = self._layouts.get(key)
-        if layout is None:
-            layout = self._layouts[key] = _layout(key[2], key[3], bases, device)
-            if len(self._layouts) > _LAYOUTS_KEPT:
-                self._layouts.popitem(last=False)
-        else:
-            self._layouts.move_to_end(key)
-        pointers = (device, tuple(t.data_ptr() for _, t in tensors))
-        addresses = self._addresses.get(pointers)  # the allocator hands recurring one-off tensors the same blocks
-        if addresses is None:
-            addresses = self._addresses[pointers] = table_to_device(torch.tensor(pointers[1], dtype=torch.int64),
-                                                                    device)
-            if len(self._addresses) > 4 * _LAYOUTS_KEPT:
-                self._addresses.popitem(last=False)
-        else:
-            self._addresses.move_to_end(pointers)
+        numels, indices = tuple(t.numel() for _, t in tensors), tuple(index for index, _ in tensors)
+        layout = _recent(self._layouts, (device, dtype, numels, indices, bases), _LAYOUTS_KEPT,
+                         lambda: _layout(numels, indices, bases, device))
+        pointers = tuple(t.data_ptr() for _, t in tensors)  # the allocator hands recurring tensors the same blocks
+        addresses = _recent(self._addresses, (device, pointers), 4 * _LAYOUTS_KEPT,
+                            lambda: table_to_device(torch.tensor(pointers, dtype=torch.int64), device))
         return _Tables(addresses, *layout, _DTYPES[dtype])
 
     def add_(self, tensors: Sequence[tuple[int, Tensor]] | _Tables, terms: Sequence[tuple[float, int]]) -> None:
