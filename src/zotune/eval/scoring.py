@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tasks.templates import Example
+from ..transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,10 @@ def tail_logprobs(model: nn.Module, rows: list[tuple[tuple[int, ...], int]], pad
     for r, (ids, _) in enumerate(rows):
         input_ids[r, length - len(ids) :] = torch.tensor(ids)
         mask[r, length - len(ids) :] = 1
-    kwargs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    kwargs = {"input_ids": to_device(input_ids, device), "attention_mask": to_device(mask, device)}
     accepted = _forward_kwargs(model)
     if "position_ids" in accepted:  # left padding: real tokens count positions from 0
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        kwargs["position_ids"] = to_device((mask.cumsum(-1) - 1).clamp(min=0), device)
     if "logits_to_keep" in accepted:
         kwargs["logits_to_keep"] = keep
     if "use_cache" in accepted:  # scoring and training never decode: a key/value cache is wasted memory
@@ -109,9 +110,9 @@ def _gathered(logp: Tensor, spans: list[tuple[int, list[int], int]]) -> tuple[Te
         positions += [last - end - len(tokens) + 1 + t for t in range(len(tokens))] + [0] * pad
         picked += list(tokens) + [0] * pad
         mask += [1.0] * len(tokens) + [0.0] * pad
-    index = torch.tensor([rows, positions, picked]).to(logp.device)  # one transfer for the whole batch
+    index = to_device(torch.tensor([rows, positions, picked]), logp.device)  # one transfer for the whole batch
     values = logp[index[0], index[1], index[2]].view(len(spans), longest)
-    return values, torch.tensor(mask, device=logp.device).view(len(spans), longest)
+    return values, to_device(torch.tensor(mask), logp.device).view(len(spans), longest)
 
 
 def candidate_scores(model: nn.Module, batch: list[Encoded], pad_id: int) -> Tensor:
@@ -140,7 +141,7 @@ def candidate_scores(model: nn.Module, batch: list[Encoded], pad_id: int) -> Ten
     means = (values * mask).sum(-1) / mask.sum(-1)  # (candidates of the batch,)
     num_candidates = max(len(ex.candidates) for ex in batch)
     scores = torch.full((len(batch), num_candidates), float("-inf"), device=logp.device)
-    where = torch.tensor(slots).to(logp.device)
+    where = to_device(torch.tensor(slots), logp.device)
     scores[where[:, 0], where[:, 1]] = means
     return scores
 

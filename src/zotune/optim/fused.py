@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
+from ..transfer import to_device
 from .philox import MIN_UNIFORM, QUADS, UNIFORM_SCALE
 
 MAX_TERMS = 4  # terms fused in one launch (a pass with more runs in several)
@@ -105,19 +106,6 @@ def _perturb_kernel(addresses, numels, bases, indices, block_tensor, block_start
     tl.store(pointer + o3, x3.to(DTYPE), mask=m3)
 
 
-def table_to_device(table: Tensor, device: torch.device) -> Tensor:
-    """A launch table (int64, built on the host) on ``device``, queued behind the device's work.
-
-    From pageable memory a copy to the GPU first waits for the stream to drain: the host would stop
-    at every pass over one-off tensors (a rule's coordinates, an offloaded block's uploaded weights)
-    until the GPU caught up, and nothing queued after it could overlap. From pinned memory (torch's
-    caching host allocator, which keeps the block until the copy is done) the copy is queued like a
-    kernel."""
-    if device.type != "cuda":
-        return table.to(device)
-    return table.pin_memory().to(device, non_blocking=True)
-
-
 @dataclass
 class _Tables:
     """Where each program works: built once per set of tensors (weights do not move)."""
@@ -152,7 +140,7 @@ def _layout(numels: Sequence[int], indices: Sequence[int], bases: Sequence[int],
     owner = torch.repeat_interleave(torch.arange(len(numels)), blocks)
     first = torch.cumsum(blocks, 0) - blocks  # each tensor's first program
     starts = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first - first_block, blocks)) * block
-    packed = table_to_device(torch.cat([numel, base, torch.tensor(indices, dtype=torch.int64), owner, starts]),
+    packed = to_device(torch.cat([numel, base, torch.tensor(indices, dtype=torch.int64), owner, starts]),
                              device)
     n = len(numels)
     return (*packed[:3 * n].view(3, n), packed[3 * n:3 * n + owner.numel()], packed[3 * n + owner.numel():])
@@ -185,7 +173,7 @@ class FusedPerturber:
                          lambda: _layout(numels, indices, bases, device))
         pointers = tuple(t.data_ptr() for _, t in tensors)  # the allocator hands recurring tensors the same blocks
         addresses = _recent(self._addresses, (device, pointers), 4 * _LAYOUTS_KEPT,
-                            lambda: table_to_device(torch.tensor(pointers, dtype=torch.int64), device))
+                            lambda: to_device(torch.tensor(pointers, dtype=torch.int64), device))
         return _Tables(addresses, *layout, _DTYPES[dtype])
 
     def add_(self, tensors: Sequence[tuple[int, Tensor]] | _Tables, terms: Sequence[tuple[float, int]]) -> None:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fused import table_to_device
+from ..transfer import to_device
 
 BM, BN = 32, 64  # a tile: 32 rows of 64 contiguous elements (coalesced row segments)
 _FIELDS = 11  # numbers per matrix in the table
@@ -88,7 +88,7 @@ def tables(triples: Sequence[tuple[Tensor, Tensor, Tensor]]) -> LowRankTables:
         tile_col += [j * BN for _ in range(grid_rows) for j in range(grid_cols)]
     device = triples[0][0].device
     packed = torch.tensor([x for row in rows for x in row] + owner + tile_row + tile_col, dtype=torch.int64)
-    on_device = table_to_device(packed, device)  # one transfer for all four tables
+    on_device = to_device(packed, device)  # one transfer for all four tables
     k, tiles = len(rows) * _FIELDS, len(owner)
     return LowRankTables(on_device[:k], on_device[k:k + tiles], on_device[k + tiles:k + 2 * tiles],
                          on_device[k + 2 * tiles:], _DTYPES[triples[0][0].dtype])
