@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_speed.sh breakdown  # SmolLM2 MeZO and LOZO steps profiled: forwards, perturbation, host (a plot)
 #   bash benchmarks/gpu_speed.sh scale      # 2 GPUs: FSDP2, device_map, offload vs one GPU (7B shape); trajectory resume
 #                                           (VARIANTS=single,offload on one GPU)
+#   bash benchmarks/gpu_speed.sh offload    # one GPU: offload vs in-GPU (7B shape), each with a one-step profile
 # With BEFORE=<dir> holding another version's src/, the SmolLM2 step times are measured for it too, in turn.
 # Results go to ${OUT:-/tmp/gpu-speed}; the training runs' folders to ${RUNS:-/tmp/gpu-speed-runs}.
 set -uo pipefail
@@ -81,6 +82,10 @@ breakdown)
   done
   python3 benchmarks/plot_step_breakdown.py "$out"/breakdown-mezo.json "$out"/breakdown-lozo.json \
     --out "$out/smollm2_step_breakdown.png"
+  ;;
+offload)
+  python3 benchmarks/scale_step.py --device cuda --shape llama-2-7b --dtype bfloat16 --batch 16 --tokens 256 \
+    --repeats 5 --variants single,offload --profile "$out/profile" 2>"$out/offload-errors.txt" | tee "$out/offload.md"
   ;;
 scale)
   python3 benchmarks/scale_step.py --device cuda --shape llama-2-7b --dtype bfloat16 --batch 16 --tokens 256 \
