@@ -61,6 +61,23 @@ def test_an_evaluation_between_steps_sees_the_deferred_update():
         torch.testing.assert_close(seen, plain(input_ids=ids).logits)
 
 
+def test_a_block_applies_its_deferred_update_in_one_pass(monkeypatch):
+    # Every parameter of a block shares the step's update terms: one pass over the block's uploaded weights
+    # (on CUDA one fused launch), not one per tensor, whose launch tables the host would build each time.
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(0))
+    path = Offload(model, "cpu")
+    opt = zotune.mezo(model.parameters(), lr=1e-2, seed=3, execution=path)
+    opt.step(per_copy_lm_closure(model, ids))
+    passes = []
+    original = opt.perturbation.add_each_
+    monkeypatch.setattr(opt.perturbation, "add_each_",
+                        lambda params, terms, scaled: (passes.append(len(params)), original(params, terms, scaled)))
+    path.flush()  # uploads every block with a pending update and applies it
+    blocks = len(path._blocks)
+    assert blocks > 1 and passes == [len([h for h in held if h[2] is not None]) for _, held, _ in path._blocks]
+
+
 def test_offload_refuses_what_it_cannot_defer():
     model = tiny_llama()
     opt = zotune.mezo(model.parameters(), lr=1e-3, execution=Offload(model, "cpu"))

@@ -130,8 +130,9 @@ def _recent(cache: OrderedDict, key: tuple, keep: int, build):
     return value
 
 
-def _layout(numels: Sequence[int], indices: Sequence[int], bases: Sequence[int], device: torch.device):
-    """(numels, bases, indices, block_tensor, block_start) of ``_Tables`` on ``device``, in one transfer."""
+def _layout(numels: Sequence[int], bases: Sequence[int], device: torch.device) -> tuple[Tensor, ...]:
+    """(numels, bases, block_tensor, block_start) of ``_Tables`` on ``device``, in one transfer: what depends
+    only on the tensors' sizes (the per-program tables, one entry per 4·QUADS elements, are the large ones)."""
     block = 4 * QUADS
     numel = torch.tensor(numels, dtype=torch.int64)
     base = torch.tensor(bases, dtype=torch.int64)
@@ -140,10 +141,9 @@ def _layout(numels: Sequence[int], indices: Sequence[int], bases: Sequence[int],
     owner = torch.repeat_interleave(torch.arange(len(numels)), blocks)
     first = torch.cumsum(blocks, 0) - blocks  # each tensor's first program
     starts = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first - first_block, blocks)) * block
-    packed = to_device(torch.cat([numel, base, torch.tensor(indices, dtype=torch.int64), owner, starts]),
-                             device)
+    packed = to_device(torch.cat([numel, base, owner, starts]), device)
     n = len(numels)
-    return (*packed[:3 * n].view(3, n), packed[3 * n:3 * n + owner.numel()], packed[3 * n + owner.numel():])
+    return (*packed[:2 * n].view(2, n), packed[2 * n:2 * n + owner.numel()], packed[2 * n + owner.numel():])
 
 
 class FusedPerturber:
@@ -152,11 +152,12 @@ class FusedPerturber:
 
     def __init__(self, num_warps: int = 4) -> None:
         self.num_warps = num_warps
-        # The layout tables (numels, bases, indices, the programs' tensors and starts) of the tensor sets
-        # seen last, by (device, dtype, numels, indices, bases): one-off tensors of a recurring layout (an
-        # offloaded block's uploaded weights, a rule's coordinates) then send only their addresses.
+        # The tables of the tensor sets seen last: the layout (numels, bases, the programs' tensors and
+        # starts) by (device, numels, bases), shared by every set of those sizes (the decoder blocks of a
+        # model); the addresses and parameter indices by their values. One-off tensors of a recurring
+        # layout (an offloaded block's uploaded weights, a rule's coordinates) then build nothing.
         self._layouts: OrderedDict[tuple, tuple[Tensor, ...]] = OrderedDict()
-        self._addresses: OrderedDict[tuple, Tensor] = OrderedDict()  # (device, data pointers) -> their table
+        self._heads: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()  # -> (addresses, indices)
 
     @staticmethod
     def supports(param: Tensor) -> bool:
@@ -168,13 +169,14 @@ class FusedPerturber:
         shard's first element is (its direction is the parameter's from there on); 0 by default."""
         device, dtype = tensors[0][1].device, tensors[0][1].dtype
         bases = tuple(bases) if bases is not None else (0,) * len(tensors)
-        numels, indices = tuple(t.numel() for _, t in tensors), tuple(index for index, _ in tensors)
-        layout = _recent(self._layouts, (device, dtype, numels, indices, bases), _LAYOUTS_KEPT,
-                         lambda: _layout(numels, indices, bases, device))
-        pointers = tuple(t.data_ptr() for _, t in tensors)  # the allocator hands recurring tensors the same blocks
-        addresses = _recent(self._addresses, (device, pointers), 4 * _LAYOUTS_KEPT,
-                            lambda: to_device(torch.tensor(pointers, dtype=torch.int64), device))
-        return _Tables(addresses, *layout, _DTYPES[dtype])
+        numels = tuple(t.numel() for _, t in tensors)
+        numel, base, block_tensor, block_start = _recent(self._layouts, (device, numels, bases), _LAYOUTS_KEPT,
+                                                         lambda: _layout(numels, bases, device))
+        # (the allocator hands recurring one-off tensors the same blocks, so their addresses recur too)
+        head = (tuple(t.data_ptr() for _, t in tensors), tuple(index for index, _ in tensors))
+        addresses, indices = _recent(self._heads, (device, *head), 4 * _LAYOUTS_KEPT,
+                                     lambda: tuple(to_device(torch.tensor(head, dtype=torch.int64), device)))
+        return _Tables(addresses, numel, base, indices, block_tensor, block_start, _DTYPES[dtype])
 
     def add_(self, tensors: Sequence[tuple[int, Tensor]] | _Tables, terms: Sequence[tuple[float, int]]) -> None:
         """``t += Σ α_k Z(seed_k, index)`` for every ``(index, t)`` (or the tensors of prebuilt tables);

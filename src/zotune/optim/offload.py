@@ -175,13 +175,17 @@ class Offload(CopiesOfTheBatch):
             compute.wait_event(arrived)
             for value in on_device.values():
                 value.record_stream(compute)  # allocated on the copy stream, used (and freed) on this one
-        updated = []
+        # The block's deferred updates, one pass per distinct list of terms (every parameter of one group
+        # shares the step's terms): one launch for the block, not one a tensor.
+        updated, by_terms = [], {}
         for _, _, index, p in self._blocks[i][1]:
             terms = self._pending.get(id(p)) if index is not None else None
             if terms:
-                self.perturbation.add_each_([(index, on_device[id(p)])], terms, ())
+                by_terms.setdefault(tuple(terms), []).append((index, on_device[id(p)]))
                 self._pending[id(p)] = []
                 updated.append(p)
+        for terms, members in by_terms.items():
+            self.perturbation.add_each_(members, list(terms), ())
         if updated and arrived is None:
             for p in updated:
                 p.data.copy_(on_device[id(p)])  # the update lands in CPU memory once
