@@ -22,6 +22,10 @@ train() {  # train <source dir> <run name> <zotune train arguments...>
     --train.output_dir "$runs" --train.run_name "$name" --train.progress false "$@" > "$out/$name.txt" 2>&1
   tail -n 2 "$out/$name.txt"
 }
+scale_7b() {  # scale_step.py at the Llama-2-7B shape, bfloat16, batch 16 x 256, 5 timed steps, each variant alone
+  python3 benchmarks/scale_step.py --device cuda --shape llama-2-7b --dtype bfloat16 --batch 16 --tokens 256 \
+    --repeats 5 "$@"
+}
 median_step() {  # the median of a run's logged step seconds, the first 10 (warm-up, capture) left out
   python3 -c "import json, statistics, sys; s = [json.loads(l)['seconds'] for l in open(sys.argv[1]) if '\"seconds\"' in l]
 print(f'{sys.argv[2]}: median step {1000 * statistics.median(s[10:]):.1f} ms over {len(s) - 10} steps')" \
@@ -84,12 +88,10 @@ breakdown)
     --out "$out/smollm2_step_breakdown.png"
   ;;
 offload)
-  python3 benchmarks/scale_step.py --device cuda --shape llama-2-7b --dtype bfloat16 --batch 16 --tokens 256 \
-    --repeats 5 --variants single,offload --profile "$out/profile" 2>"$out/offload-errors.txt" | tee "$out/offload.md"
+  scale_7b --variants single,offload --profile "$out/profile" 2>"$out/offload-errors.txt" | tee "$out/offload.md"
   ;;
 scale)
-  python3 benchmarks/scale_step.py --device cuda --shape llama-2-7b --dtype bfloat16 --batch 16 --tokens 256 \
-    --repeats 5 --variants "${VARIANTS:-single,fsdp,device_map,offload}" 2>"$out/scale-errors.txt" | tee "$out/scale.md"
+  scale_7b --variants "${VARIANTS:-single,fsdp,device_map,offload}" 2>"$out/scale-errors.txt" | tee "$out/scale.md"
   python3 benchmarks/trajectory_resume.py --out "$runs/resume" --stop-after 990 -- --model.device cuda \
     --optim.method mezo --optim.trainable all --train.steps 1000 --train.eval_every 0 --data.n_test 200 \
     2>&1 | tee "$out/resume.md"
