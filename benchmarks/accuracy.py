@@ -59,7 +59,9 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, FIELDS)
         writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: (r["row"], r["stage"], r["task"], float(r["lr"]), int(r["seed"]))))
+        # one row per cell: a cell run again (e.g. resumed after a collected copy) keeps its last result
+        key = lambda r: (r["row"], r["stage"], r["task"], float(r["lr"]), int(r["seed"]))  # noqa: E731
+        writer.writerows(sorted({key(r): r for r in rows}.values(), key=key))
     tmp.replace(path)
 
 
@@ -92,7 +94,10 @@ def cells(grid: dict, stage: str, done: list[dict]) -> list[dict]:
                 continue
             lrs[row] = [best * factor for factor in spec.get("best_lr_factors", [1])]
     # Task by task, then seed by seed: a sweep stopped part-way has every row on the first tasks.
-    return [{"row": row, "stage": stage, "task": task, "lr": float(f"{lr:.3g}"), "seed": seed,
+    # An extra lr may equal a factor's (10x a default that moved): each lr once, or two processes would
+    # share one run folder.
+    lrs = {row: list(dict.fromkeys(float(f"{lr:.3g}") for lr in values)) for row, values in lrs.items()}
+    return [{"row": row, "stage": stage, "task": task, "lr": lr, "seed": seed,
              "own_folder": "overrides" in spec,
              "overrides": {**grid["base"], **grid["rows"][row], **spec.get("overrides", {})}}
             for task in spec["tasks"] for seed in spec["seeds"] for row in lrs for lr in lrs[row]]

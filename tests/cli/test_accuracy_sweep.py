@@ -25,7 +25,9 @@ def test_a_stage_runs_its_cells_once_and_the_report_fills_the_table(tiny_model_d
         "results_md": str(tmp_path / "results.md"),
         "rows": {"mezo": {"optim.method": "mezo", "optim.trainable": "all"},
                  "lozo": {"optim.method": "lozo", "optim.trainable": "all"}},
-        "stages": {"lr": {"tasks": ["sst2"], "seeds": [0], "lr_factors": [1, 10]},
+        # mezo's extra lr is its 10x factor's: one cell, not two runs in one folder
+        "stages": {"lr": {"tasks": ["sst2"], "seeds": [0], "lr_factors": [1, 10],
+                          "extra_lrs": {"mezo": [zotune.METHODS["mezo"].default_lr["all"] * 10]}},
                    "seeds": {"tasks": ["sst2"], "seeds": [1]},
                    "tasks": {"tasks": ["sst2"], "seeds": [0]},
                    "long": {"tasks": ["sst2"], "seeds": [0], "rows": ["mezo"], "best_lr_factors": [1, 3],
