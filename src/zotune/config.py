@@ -120,6 +120,9 @@ class TrainConfig:
     seed: int = _f(0, "run seed: data order and every ZO direction derive from it")
     output_dir: str = _f("runs", "where run folders are written")
     run_name: typing.Optional[str] = _f(None, "run folder name (default: task-method-timestamp)")
+    lr_schedule: str = _f("constant", "learning rate over the run: constant (the papers' ZO runs), linear (down to 0 "
+                                      "at the last step) or cosine")
+    warmup_steps: int = _f(0, "steps of linear learning-rate warm-up before the schedule")
     guard_spike: typing.Optional[float] = _f(None, "divergence guard: skip a step with a NaN/inf loss or a loss "
                                                    "above this factor times the running median, and say so "
                                                    "(default: 5 for ZO methods, off for adamw; 0: off, and a "

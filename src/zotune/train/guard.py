@@ -5,7 +5,8 @@ A step is suspect when its loss or projected gradient is not finite (the optimiz
 exceeds ``spike_factor`` times the median of the last ``window`` accepted losses. The guard
 rejects a spiking step before its update is applied; with ``action="rollback"`` it also undoes
 the ``rollback_steps`` updates before it (replayed with the opposite sign), and with
-``lr_factor < 1`` it multiplies every learning rate by that factor. The loop logs every event.
+``lr_factor < 1`` it multiplies every learning rate by that factor (and keeps the product in
+``lr_scale``, which the training loop applies on top of its schedule). The loop logs every event.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class DivergenceGuard:
             raise ValueError("need spike_factor >= 0, window >= 1, 0 <= rollback_steps <= 255, 0 < lr_factor <= 1")
         self.spike_factor, self.action, self.rollback_steps = spike_factor, action, rollback_steps
         self.lr_factor, self.min_history = lr_factor, min_history
+        self.lr_scale = 1.0  # the product of the lr factors of the events so far
         self.losses: deque[float] = deque(maxlen=window)  # accepted losses
         self.applied: deque[tuple[dict, list[float]]] = deque(maxlen=max(rollback_steps, 1))  # for rollback
         self._spike = False
@@ -70,6 +72,7 @@ class DivergenceGuard:
                 if self.losses:
                     self.losses.pop()
         if self.lr_factor != 1.0:
+            self.lr_scale *= self.lr_factor
             for group in optimizer.param_groups:
                 group["lr"] *= self.lr_factor
         self._spike = False
@@ -77,8 +80,9 @@ class DivergenceGuard:
                           rolled_back, self.lr_factor)
 
     def state_dict(self) -> dict:
-        return {"losses": list(self.losses), "applied": list(self.applied)}
+        return {"losses": list(self.losses), "applied": list(self.applied), "lr_scale": self.lr_scale}
 
     def load_state_dict(self, state: dict) -> None:
         self.losses.extend(state.get("losses", []))
+        self.lr_scale = state.get("lr_scale", 1.0)
         self.applied.extend((record, lrs) for record, lrs in state.get("applied", []))

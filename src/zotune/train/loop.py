@@ -35,6 +35,7 @@ from .plots import plot_run
 from .recipe import setup
 from .replay import apply_records
 from .run_folder import RunFolder
+from .schedule import lr_multiplier
 from .setup import build_guard, build_optimizer, checkpoint_kind, training_forward
 from .validate import validate, validate_launch
 
@@ -162,6 +163,8 @@ class Training:
                                          nan_policy="skip" if self.guard else None,
                                          layout=self.layout if ctx.enabled else None)
         self.spec = get_method(cfg.optim.method)
+        # each group's lr before any schedule or guard event (a resume sets the groups from these again)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.checkpoint_kind = "trajectory" if self.sharded else \
             checkpoint_kind(cfg.train.checkpoint, self.spec, self.n_trainable)
         self.train_model = training_forward(self.model, cfg, self.optimizer, pieces.masked, say)  # CUDA graphs
@@ -249,6 +252,10 @@ class Training:
         """One optimizer step on the step's batch, guarded and logged; returns the smoothed loss."""
         optimizer, guard, run = self.optimizer, self.guard, self.run
         batch = self.layout.shard_batch([self.train_set[i] for i in self.sampler.batch(step)])
+        t = self.cfg.train
+        scale = lr_multiplier(t.lr_schedule, step, t.steps, t.warmup_steps) * (guard.lr_scale if guard else 1.0)
+        for group, base in zip(optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * scale
         lrs = [group["lr"] for group in optimizer.param_groups]
         steps_per_epoch = self.sampler.steps_per_epoch
         optimizer.start_epoch(step // steps_per_epoch, self.cfg.train.steps / steps_per_epoch)  # AdaZeta's q

@@ -6,6 +6,7 @@ from ..config import ConfigError, RunConfig
 from ..optim import MethodSpec
 from ..tasks import get_task
 from .reporters import check_reporters
+from .schedule import SCHEDULES
 from .setup import adapter_config, build_guard, check_device, check_optim
 
 
@@ -24,6 +25,10 @@ def validate(cfg: RunConfig) -> None:
     if t.steps < 0 or t.batch_size < 1 or t.checkpoint_every < 0 or (t.eval_every or 0) < 0:
         raise ConfigError("train.steps, train.eval_every and train.checkpoint_every must be >= 0, "
                           "train.batch_size >= 1")
+    if t.lr_schedule not in SCHEDULES:
+        raise ConfigError(f"train.lr_schedule must be one of {', '.join(SCHEDULES)}, got {t.lr_schedule!r}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     if t.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints must be >= 1")
     if t.checkpoint not in (None, "weights", "trajectory"):
