@@ -58,5 +58,6 @@ def test_a_scheduled_run_stops_resumes_and_replays_bit_identically(tiny_model_di
                 load_file(str(straight / "trainable.safetensors")))
 
     # the trajectory log holds each step's lr: replay needs no knowledge of the schedule
-    output = replay(str(tiny_model_dir), straight, tmp_path / "replayed.safetensors", progress=False, say=lambda _: None)
+    output = replay(str(tiny_model_dir), straight, tmp_path / "replayed.safetensors", progress=False,
+                    say=lambda _: None)
     assert_same(load_file(str(output)), load_file(str(straight / "trainable.safetensors")))
