@@ -63,11 +63,17 @@ def test_two_ranks_train_kill_one_and_resume(tiny_model_dir, tmp_path):
         assert torch.equal(resumed[name], reference[name]), name
 
 
-@pytest.mark.parametrize("method", ["mezo", "mezo_adam"])  # mezo_adam: moments sharded like the parameters
+# mezo_adam: moments sharded like the parameters; adazeta: TT adapters sharded, q growing 1 -> 3
+ADAZETA = ("--adapter.kind", "adp", "--adapter.bottleneck", "8", "--adapter.tt_rank", "2", "--optim.trainable", "auto",
+           "--optim.q_alpha", "2", "--optim.q_max", "3", "--optim.q_beta", "1")
+
+
+@pytest.mark.parametrize("method", ["mezo", "mezo_adam", "adazeta"])
 def test_sharded_fsdp_run_replays_bit_identically_in_one_process(tiny_model_dir, tmp_path, method):
     from zotune.train.replay import replay
 
-    extra = ("--train.sharding", "fsdp", "--data.n_dev", "8", "--train.eval_every", "10", "--optim.method", method)
+    extra = ("--train.sharding", "fsdp", "--data.n_dev", "8", "--train.eval_every", "10", "--optim.method", method,
+             *(ADAZETA if method == "adazeta" else ()))
     done = subprocess.run(torchrun_train(tiny_model_dir, tmp_path, "sharded", extra), capture_output=True, text=True,
                           timeout=600, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
