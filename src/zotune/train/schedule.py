@@ -22,5 +22,5 @@ def lr_multiplier(schedule: str, step: int, total_steps: int, warmup_steps: int 
     if schedule == "constant":
         return 1.0
     decaying = max(total_steps - warmup_steps, 1)
-    done = min(step - warmup_steps, decaying) / decaying  # in [0, 1): the step's place in the decay
+    done = min(step - warmup_steps, decaying) / decaying  # in [0, 1]: the step's place in the decay (1 past the end)
     return 1.0 - done if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
