@@ -1,6 +1,6 @@
 """``zotune train`` as one rank of a torchrun job, whose rank DIE_RANK kills itself with SIGKILL after step DIE_STEP.
 
-    torchrun ... tests/dist/die_at_step.py DIE_RANK DIE_STEP train --flags...
+    torchrun ... tests/distributed/die_at_step.py DIE_RANK DIE_STEP train --flags...
 
 A rank dies at a fixed point of the run, whatever the machine's speed: the test of a dead rank
 used to kill one from outside once the log showed 12 steps, and on a fast machine the 30-step

@@ -1,6 +1,6 @@
 """Runs ZO steps on a tiny LLaMA, in one process or as one rank of a torchrun job.
 
-    python tests/dist/worker.py OUT_DIR QUERY_SHARDS            # under torchrun: parallel
+    python tests/distributed/worker.py OUT_DIR QUERY_SHARDS            # under torchrun: parallel
     run_case(case) from the tests                               # in process: the reference
 
 Each case trains 20 steps on a global batch of 8 fixed random sequences per step and saves the

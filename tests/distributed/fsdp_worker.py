@@ -1,6 +1,6 @@
 """MeZO over FSDP2-sharded parameters, one rank of a torchrun job, or the unsharded reference in process.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist/fsdp_worker.py OUT_DIR [METHOD]
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed/fsdp_worker.py OUT_DIR [METHOD]
     run_reference(METHOD) from the tests
 
 Each rank holds a shard of every parameter (``zotune.dist.shard``: per decoder layer and the root), perturbs
