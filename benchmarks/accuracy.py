@@ -77,6 +77,11 @@ def default_lr(overrides: dict) -> float:
     return METHODS[overrides["optim.method"]].default_lr[kind]
 
 
+def rounded_lr(lr: float) -> float:
+    """An lr as cells, run folders and the CSV name it: three significant digits (10 x 3e-5 is 3e-4)."""
+    return float(f"{lr:.3g}")
+
+
 def cells(grid: dict, stage: str, done: list[dict]) -> list[dict]:
     """The cells of ``stage``: (row, task, lr, seed) with their overrides."""
     spec = grid["stages"][stage]
@@ -96,7 +101,7 @@ def cells(grid: dict, stage: str, done: list[dict]) -> list[dict]:
     # Task by task, then seed by seed: a sweep stopped part-way has every row on the first tasks.
     # An extra lr may equal a factor's (10x a default that moved): each lr once, or two processes would
     # share one run folder.
-    lrs = {row: list(dict.fromkeys(float(f"{lr:.3g}") for lr in values)) for row, values in lrs.items()}
+    lrs = {row: list(dict.fromkeys(map(rounded_lr, values))) for row, values in lrs.items()}
     return [{"row": row, "stage": stage, "task": task, "lr": lr, "seed": seed,
              "own_folder": "overrides" in spec,
              "overrides": {**grid["base"], **grid["rows"][row], **spec.get("overrides", {})}}
@@ -108,7 +113,7 @@ def _at_stage_lr(grid: dict, result: dict, best: float | None) -> bool:
     if best is None:
         return False
     factors = grid["stages"].get(result["stage"], {}).get("best_lr_factors", [1])
-    return float(result["lr"]) in {float(f"{best * factor:.3g}") for factor in factors} | {best}
+    return float(result["lr"]) in {rounded_lr(best * factor) for factor in factors} | {best}
 
 
 def best_lr(done: list[dict], row: str, task: str) -> float | None:
