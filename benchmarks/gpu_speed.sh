@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_speed.sh accuracy   # 1,000-step SmolLM2 SST-2 runs of MeZO and LOZO (both at once)
 #   bash benchmarks/gpu_speed.sh batched    # AdaZeta q = 1 and 10, in place and batched (captured, eager); MeZO-LoRA vs inference
 #   bash benchmarks/gpu_speed.sh breakdown  # SmolLM2 MeZO and LOZO steps profiled: forwards, perturbation, host (a plot)
+#   bash benchmarks/gpu_speed.sh adazeta-profile  # the batched AdaZeta step profiled at q = 1 and q = 10
 #   bash benchmarks/gpu_speed.sh scale      # 2 GPUs: FSDP2, device_map, offload vs one GPU (7B shape); trajectory resume
 #                                           (VARIANTS=single,offload on one GPU)
 #   bash benchmarks/gpu_speed.sh offload    # one GPU: offload vs in-GPU (7B shape), each with a one-step profile
@@ -86,6 +87,14 @@ breakdown)
   done
   python3 benchmarks/plot_step_breakdown.py "$out"/breakdown-mezo.json "$out"/breakdown-lozo.json \
     --out "$out/smollm2_step_breakdown.png"
+  ;;
+adazeta-profile)
+  for q in 1 10; do  # as in `batched`: from the second step on, the schedule gives Q
+    python3 benchmarks/profile_training.py --breakdown "$out/breakdown-adazeta-q$q.json" --model.device cuda \
+      --optim.method adazeta --adapter.kind adp --adapter.train_norms false --optim.q_max $q --optim.q_alpha 1000 \
+      --data.n_train 16 --optim.batched true --train.zero_shot false --data.n_test 64 > "$out/profile-adazeta-q$q.txt" 2>&1
+    tail -n 1 "$out/profile-adazeta-q$q.txt"
+  done
   ;;
 offload)
   scale_7b --variants single,offload --profile "$out/profile" 2>"$out/offload-errors.txt" | tee "$out/offload.md"
