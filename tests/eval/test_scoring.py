@@ -60,3 +60,20 @@ def test_scoring_builds_no_key_value_cache(make):
     with torch.no_grad():
         gold_lm_loss(model, EXAMPLES, pad_id=0)
     assert outputs and all(out.past_key_values is None for out in outputs)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt, tiny_gpt2])
+def test_frozen_head_multiplies_one_contiguous_block(make):
+    # With its weight frozen (every ZO run), a head fed a strided slice of the hidden states is
+    # multiplied as a batched product that reads the weight once per row; the scoring code's kept
+    # positions reach it as one contiguous (rows, keep, H) block instead, with the same scores.
+    model = make().requires_grad_(False)
+    head_inputs = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda module, args: head_inputs.append(args[0]))
+    with torch.no_grad():
+        loss = gold_lm_loss(model, EXAMPLES, pad_id=0)
+    keep = max(len(ex.candidates[ex.label]) for ex in EXAMPLES) + 1  # the longest gold span, plus one
+    assert [x.shape[:2] for x in head_inputs] == [(len(EXAMPLES), keep)]
+    assert head_inputs[0].is_contiguous()
+    logps = torch.cat([unpadded_logprob(model, ex.prompt, ex.candidates[ex.label]) for ex in EXAMPLES])
+    torch.testing.assert_close(loss, -logps.mean(), rtol=1e-4, atol=1e-5)

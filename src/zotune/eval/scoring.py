@@ -2,7 +2,8 @@
 
 Sequences are left-padded so that every row ends at the same position; the model then only
 needs logits for the last few positions (``logits_to_keep``), not for every token, which
-saves the vocabulary projection over the prompt. When all candidates of an example are
+saves the vocabulary projection over the prompt (the positions go as an index tensor:
+see :func:`last_positions`). When all candidates of an example are
 single tokens, one forward over the prompt scores them all from its last position.
 """
 
@@ -61,6 +62,19 @@ def _forward_kwargs(model: nn.Module) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
 
+def last_positions(length: int, keep: int, device) -> Tensor:
+    """``logits_to_keep`` for the last ``keep`` of ``length`` positions, as ``(keep,)`` indices.
+
+    With an int, transformers slices the hidden states to a strided ``(B, keep, H)`` view. For a
+    head whose weight does not require grad (every ZO run: nothing is backpropagated), torch
+    multiplies such a view as a batched product against the weight expanded B times, which reads the
+    whole ``(vocab, H)`` weight once per row (SmolLM2: 113 MB a row; on CUDA a batched matrix-vector
+    kernel). An index tensor gathers the rows into one contiguous block, which the head multiplies
+    in a single matrix product: the same values.
+    """
+    return torch.arange(length - keep, length, device=device)
+
+
 def tail_logprobs(model: nn.Module, rows: list[tuple[tuple[int, ...], int]], pad_id: int) -> Tensor:
     """Log-probabilities of the next token at the last ``k + 1`` positions of each row.
 
@@ -86,7 +100,7 @@ def tail_logprobs(model: nn.Module, rows: list[tuple[tuple[int, ...], int]], pad
     if "position_ids" in accepted:  # left padding: real tokens count positions from 0
         kwargs["position_ids"] = to_device((mask.cumsum(-1) - 1).clamp(min=0), device)
     if "logits_to_keep" in accepted:
-        kwargs["logits_to_keep"] = keep
+        kwargs["logits_to_keep"] = last_positions(length, keep, device)
     if "use_cache" in accepted:  # scoring and training never decode: a key/value cache is wasted memory
         kwargs["use_cache"] = False
     logits = model(**kwargs).logits[:, -keep:]  # (rows, K, vocab)

@@ -7,7 +7,8 @@ storage they were captured with, and the in-place execution path writes the pert
 that same storage, so one capture serves every step (no re-capture between the ± evaluations).
 
 :class:`CapturedCausalLM` stands in for the model where the training loss calls it
-(``model(input_ids=..., attention_mask=..., position_ids=..., logits_to_keep=...)``):
+(``model(input_ids=..., attention_mask=..., position_ids=..., logits_to_keep=...)``, the last
+positions to keep as a count or as their indices):
 
 * shapes must repeat, so the sequence length is left-padded up to a multiple of ``bucket``
   tokens (left padding keeps the last positions, the ones scored, where they were);
@@ -32,6 +33,8 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
+
+from ..eval.scoring import last_positions
 
 #: Attention implementations whose 4-D mask format is known: sdpa takes a boolean mask (True:
 #: attend), eager an additive one (0 or the dtype's minimum).
@@ -67,10 +70,12 @@ class CapturedCausalLM:
         return self.model.parameters(recurse)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
-                 logits_to_keep: int = 0, **rest) -> SimpleNamespace:
+                 logits_to_keep: int | Tensor = 0, **rest) -> SimpleNamespace:
         if self.failure is not None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               logits_to_keep=logits_to_keep, **rest)
+        if isinstance(logits_to_keep, Tensor):  # the scoring code's form: the last positions' indices
+            logits_to_keep = logits_to_keep.numel()
         if logits_to_keep < 1:
             raise ValueError("CapturedCausalLM needs logits_to_keep >= 1 (the scored positions)")
         length = input_ids.shape[1]
@@ -109,8 +114,9 @@ class CapturedCausalLM:
         """(B, keep, vocab) logits at the last ``keep`` positions, with the mask built from the inputs."""
         mask = _attention_mask_4d(inputs["attention_mask"], self.model.config._attn_implementation,
                                   self.model.dtype)
+        positions = last_positions(inputs["input_ids"].shape[1], keep, mask.device)
         return self.model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"],
-                          logits_to_keep=keep, use_cache=False).logits
+                          logits_to_keep=positions, use_cache=False).logits
 
     def _record(self, inputs: dict[str, Tensor], keep: int):
         static = {name: value.clone() for name, value in inputs.items()}
