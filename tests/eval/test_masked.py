@@ -111,3 +111,40 @@ def test_classification_loss_on_masked_examples_is_cross_entropy_over_label_word
     expected = torch.nn.functional.cross_entropy(scores, torch.tensor([1, 0]))
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(per_copy, expected.repeat(3), rtol=1e-5, atol=1e-6)  # copies for the virtual path
+
+
+def tiny_masked_lm(architecture: str, vocab_size: int):
+    import transformers
+
+    torch.manual_seed(0)
+    if architecture == "distilbert":
+        config = transformers.DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                               max_position_embeddings=64)
+        return transformers.DistilBertForMaskedLM(config).eval()
+    shape = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=80)
+    if architecture == "roberta":
+        return transformers.RobertaForMaskedLM(transformers.RobertaConfig(pad_token_id=0, **shape)).eval()
+    return transformers.BertForMaskedLM(transformers.BertConfig(**shape)).eval()
+
+
+@pytest.mark.parametrize("architecture", ["bert", "roberta", "distilbert"])
+def test_the_head_runs_at_the_mask_only(architecture):
+    # The scores need the mask's logits alone: the head sees one hidden state per row, and the
+    # scores equal those read off every position's logits of an unpadded forward per example.
+    tokenizer = word_tokenizer()
+    model = tiny_masked_lm(architecture, len(tokenizer))
+    examples = [templates.sst2_mlm({"sentence": "good film"}, 1), templates.sst2_mlm({"sentence": "bad"}, 0)]
+    encoded = encode_masked(tokenizer, examples)
+    head_inputs = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda m, args: head_inputs.append(args[0].shape))
+    with torch.no_grad():
+        scores = candidate_scores(model, encoded, tokenizer.pad_token_id)
+    hook.remove()
+    assert head_inputs == [torch.Size([len(encoded), 1, model.get_output_embeddings().in_features])]
+    with torch.no_grad():  # the hook is gone: every position's logits again
+        for row, ex in enumerate(encoded):
+            logits = model(input_ids=torch.tensor([ex.ids])).logits
+            assert logits.shape[1] == len(ex.ids)
+            expected = torch.log_softmax(logits[0, ex.mask_index], -1)[[c[0] for c in ex.candidates]]
+            torch.testing.assert_close(scores[row], expected, rtol=1e-5, atol=1e-5)

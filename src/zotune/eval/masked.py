@@ -5,10 +5,15 @@ single token (with a leading space for byte-level BPE vocabularies such as RoBER
 score of a candidate is the log-probability of its token at the mask; the classification loss
 is the cross-entropy over the candidates' scores (the softmax normaliser cancels, so this is
 LM-BFF's cross-entropy over the label words' logits).
+
+Only the mask's logits are used, so the LM head runs at the mask alone (:func:`head_at`): the
+head of a masked LM maps every position to the vocabulary (MiniLM's 30,522 x 384 projection costs
+about as much per token as its six layers).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +62,38 @@ def encode_masked(tokenizer, examples: list[Example], max_length: int = 512) -> 
     return encoded
 
 
+@contextlib.contextmanager
+def head_at(model: nn.Module, positions: Tensor):
+    """While open, ``model``'s base model hands its head the hidden state at one position per row.
+
+    A forward hook on ``model.base_model`` replaces its output's ``(B, T, H)`` hidden states with the
+    rows at ``positions`` (``(B,)``), ``(B, 1, H)``; every transformers masked LM applies its head
+    position by position to that output, so its logits come out ``(B, 1, V)``: the ones at the
+    positions, the same values. Yields a list that holds True once the hook has run (a model without
+    a separate base model is left as it is, and then returns every position's logits).
+    """
+    ran: list[bool] = []
+    base = getattr(model, "base_model", model)
+    if base is model:
+        yield ran
+        return
+
+    def keep_positions(module, args, output):
+        hidden = output[0]  # (B, T, H)
+        kept = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions].unsqueeze(1)  # (B, 1, H)
+        ran.append(True)
+        if isinstance(output, tuple):
+            return (kept, *output[1:])
+        output["last_hidden_state"] = kept
+        return output
+
+    handle = base.register_forward_hook(keep_positions)
+    try:
+        yield ran
+    finally:
+        handle.remove()
+
+
 def masked_scores(model: nn.Module, batch: list[MaskedEncoded], pad_id: int) -> Tensor:
     """``(B, C)`` log-probability of each label word at its example's mask."""
     device = next(model.parameters()).device
@@ -66,9 +103,12 @@ def masked_scores(model: nn.Module, batch: list[MaskedEncoded], pad_id: int) -> 
     for r, ex in enumerate(batch):  # right padding: encoders use absolute positions from 0
         input_ids[r, : len(ex.ids)] = torch.tensor(ex.ids)
         attention[r, : len(ex.ids)] = 1
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits  # (B, T, V)
-    rows = torch.arange(len(batch), device=device)
-    at_mask = F.log_softmax(logits[rows, torch.tensor([ex.mask_index for ex in batch], device=device)].float(), -1)
+    masks = torch.tensor([ex.mask_index for ex in batch], device=device)
+    with head_at(model, masks) as ran:
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+    if not ran:  # (B, T, V): every position's
+        logits = logits[torch.arange(len(batch), device=device), masks].unsqueeze(1)
+    at_mask = F.log_softmax(logits[:, 0].float(), -1)  # (B, V)
     num_candidates = max(len(ex.candidates) for ex in batch)
     scores = torch.full((len(batch), num_candidates), float("-inf"), device=device)
     for r, ex in enumerate(batch):
