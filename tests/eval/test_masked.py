@@ -142,9 +142,27 @@ def test_the_head_runs_at_the_mask_only(architecture):
         scores = candidate_scores(model, encoded, tokenizer.pad_token_id)
     hook.remove()
     assert head_inputs == [torch.Size([len(encoded), 1, model.get_output_embeddings().in_features])]
-    with torch.no_grad():  # the hook is gone: every position's logits again
+    assert_unpadded_scores(model, encoded, scores)
+
+
+def assert_unpadded_scores(model, encoded, scores):
+    with torch.no_grad():  # no hook left behind: every position's logits
         for row, ex in enumerate(encoded):
             logits = model(input_ids=torch.tensor([ex.ids])).logits
             assert logits.shape[1] == len(ex.ids)
             expected = torch.log_softmax(logits[0, ex.mask_index], -1)[[c[0] for c in ex.candidates]]
             torch.testing.assert_close(scores[row], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_wrapped_masked_lm_is_scored_from_every_position():
+    # PEFT's wrapper's ``base_model`` is its LoRA model, which its forward goes around (it calls the
+    # masked LM inside): the hook is never reached, the head runs everywhere and the mask's row is read.
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = word_tokenizer()
+    model = get_peft_model(tiny_masked_lm("bert", len(tokenizer)), LoraConfig(r=2, target_modules=["query"]))
+    examples = [templates.sst2_mlm({"sentence": "good film"}, 1), templates.sst2_mlm({"sentence": "bad"}, 0)]
+    encoded = encode_masked(tokenizer, examples)
+    with torch.no_grad():
+        scores = candidate_scores(model.eval(), encoded, tokenizer.pad_token_id)
+    assert_unpadded_scores(model, encoded, scores)

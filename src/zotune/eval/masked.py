@@ -69,29 +69,30 @@ def head_at(model: nn.Module, positions: Tensor):
     A forward hook on ``model.base_model`` replaces its output's ``(B, T, H)`` hidden states with the
     rows at ``positions`` (``(B,)``), ``(B, 1, H)``; every transformers masked LM applies its head
     position by position to that output, so its logits come out ``(B, 1, V)``: the ones at the
-    positions, the same values. Yields a list that holds True once the hook has run (a model without
-    a separate base model is left as it is, and then returns every position's logits).
+    positions, the same values. A model whose ``base_model`` is itself, returns no hidden states, or
+    is not called on the way (PEFT's wrapper) returns every position's logits, ``(B, T, V)``.
     """
-    ran: list[bool] = []
     base = getattr(model, "base_model", model)
-    if base is model:
-        yield ran
-        return
 
     def keep_positions(module, args, output):
-        hidden = output[0]  # (B, T, H)
+        if isinstance(output, tuple):
+            hidden = output[0]
+        elif "last_hidden_state" in output:
+            hidden = output["last_hidden_state"]
+        else:
+            return None
         kept = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions].unsqueeze(1)  # (B, 1, H)
-        ran.append(True)
         if isinstance(output, tuple):
             return (kept, *output[1:])
         output["last_hidden_state"] = kept
         return output
 
-    handle = base.register_forward_hook(keep_positions)
+    handle = base.register_forward_hook(keep_positions) if base is not model else None
     try:
-        yield ran
+        yield
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
 
 
 def masked_scores(model: nn.Module, batch: list[MaskedEncoded], pad_id: int) -> Tensor:
@@ -104,9 +105,9 @@ def masked_scores(model: nn.Module, batch: list[MaskedEncoded], pad_id: int) -> 
         input_ids[r, : len(ex.ids)] = torch.tensor(ex.ids)
         attention[r, : len(ex.ids)] = 1
     masks = torch.tensor([ex.mask_index for ex in batch], device=device)
-    with head_at(model, masks) as ran:
+    with head_at(model, masks):
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-    if not ran:  # (B, T, V): every position's
+    if logits.shape[1] != 1:  # (B, T, V): the hook did not reach this model's head
         logits = logits[torch.arange(len(batch), device=device), masks].unsqueeze(1)
     at_mask = F.log_softmax(logits[:, 0].float(), -1)  # (B, V)
     num_candidates = max(len(ex.candidates) for ex in batch)
