@@ -14,8 +14,9 @@ found as ``zotune train`` finds them (``$ZOTUNE_DATA``, ``../shared/data``...).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
-import time
+import sys
 
 import torch
 
@@ -24,15 +25,13 @@ from zotune.eval.scoring import candidate_scores, encode, gold_lm_loss
 from zotune.models.loading import load_model
 from zotune.tasks import get_task, load_splits
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import timed  # noqa: E402
+
 
 def median_ms(fn, repeats: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(timed(fn, "cpu") for _ in range(repeats))
 
 
 def main() -> None:

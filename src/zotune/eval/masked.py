@@ -74,17 +74,15 @@ def head_at(model: nn.Module, positions: Tensor):
     """
     base = getattr(model, "base_model", model)
 
+    def kept(hidden: Tensor) -> Tensor:  # (B, T, H) -> (B, 1, H)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions].unsqueeze(1)
+
     def keep_positions(module, args, output):
-        if isinstance(output, tuple):
-            hidden = output[0]
-        elif "last_hidden_state" in output:
-            hidden = output["last_hidden_state"]
-        else:
+        if isinstance(output, tuple):  # return_dict=False
+            return (kept(output[0]), *output[1:])
+        if "last_hidden_state" not in output:
             return None
-        kept = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions].unsqueeze(1)  # (B, 1, H)
-        if isinstance(output, tuple):
-            return (kept, *output[1:])
-        output["last_hidden_state"] = kept
+        output["last_hidden_state"] = kept(output["last_hidden_state"])
         return output
 
     handle = base.register_forward_hook(keep_positions) if base is not model else None

@@ -70,7 +70,7 @@ def last_positions(length: int, keep: int, device) -> Tensor:
     multiplies such a view as a batched product against the weight expanded B times, which reads the
     whole ``(vocab, H)`` weight once per row (SmolLM2: 113 MB a row; on CUDA a batched matrix-vector
     kernel). An index tensor gathers the rows into one contiguous block, which the head multiplies
-    in a single matrix product: the same values.
+    in a single matrix product: the same values up to rounding.
     """
     return torch.arange(length - keep, length, device=device)
 
