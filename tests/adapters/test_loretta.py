@@ -1,5 +1,7 @@
 """LoRETTA adapters on stock transformers models: targets, trainable set, function preservation, save/load/merge."""
 
+import copy
+
 import pytest
 import torch
 
@@ -49,12 +51,13 @@ def test_rep_is_function_preserving_at_init_without_a_zero_core(arch):
     torch.testing.assert_close(logits(model), before, rtol=1e-4, atol=1e-5)
 
 
-def test_adp_is_function_preserving_by_default_and_the_papers_init_is_an_option():
-    model = tiny_llama()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adp_is_function_preserving_by_default_and_the_papers_init_is_an_option(dtype):
+    model = tiny_llama().to(dtype)
     before = logits(model)
     inject(model, LorettaAdpConfig(bottleneck=8, tt_rank=2))
-    torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-6)
-    plain = inject(tiny_llama(), LorettaAdpConfig(bottleneck=8, tt_rank=2, function_preserving=False))
+    assert torch.equal(logits(model), before)  # bit-identical: the adapters' difference is an exact zero
+    plain = inject(tiny_llama().to(dtype), LorettaAdpConfig(bottleneck=8, tt_rank=2, function_preserving=False))
     assert (logits(plain) - before).abs().max() > 1e-4  # the paper's init: not the identity
 
 
@@ -71,6 +74,57 @@ def test_adp_layer_output_is_input_plus_adapter(position):
             h = layer.base_layer(x)
             expected = h + layer.loretta_adapter(h)
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def _moved_adapter(hidden=24, seed=0):
+    """A TTAdapter and its initial copy, the adapter's parameters moved away from the copy's."""
+    from zotune.adapters.layers import TTAdapter
+
+    adapter = TTAdapter(hidden, 8, 3, "relu", 0.5, 16, torch.Generator().manual_seed(seed))
+    initial = copy.deepcopy(adapter).requires_grad_(False)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return adapter, initial
+
+
+@pytest.mark.parametrize("function_preserving", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapter_sum_in_one_product_equals_the_plain_sum(function_preserving, dtype):
+    # add_to: h + s·[u − u₀, u₀, 1][B; B − B₀; b − b₀] (one GEMM) against h + adapter(h) − initial(h).
+    # Tolerance: float32 sums of at most 17 products (bfloat16 h: one rounding to its 8-bit mantissa).
+    adapter, initial = _moved_adapter()
+    initial = initial if function_preserving else None
+    h = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(3)).to(dtype)
+    with torch.no_grad():
+        delta = adapter(h) - (initial(h) if initial is not None else 0)
+        expected = h + delta.to(dtype)
+        out = adapter.add_to(h, initial)
+    assert out.dtype == dtype
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(out, expected, **tolerance)
+
+
+def test_adapter_sum_with_stacked_parameters_runs_each_copy_through_its_own():
+    # The batched path's form: the trainable TT layers' parameters stacked (S = 3), the frozen initial
+    # adapter shared; copy s's rows (copy-major) against the adapter with copy s's parameters loaded.
+    from zotune.optim.execution import swapped
+
+    adapter, initial = _moved_adapter()
+    h = torch.randn(3 * 2, 5, 24, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(5)
+    params = [(layer, name, p) for layer in (adapter.down, adapter.up) for name, p in layer.named_parameters()]
+    stacks = [p.detach() + 0.1 * torch.randn(3, *p.shape, generator=g) for _, _, p in params]
+    with torch.no_grad():
+        with swapped([(layer, name, stack, p) for (layer, name, p), stack in zip(params, stacks)]):
+            out = adapter.add_to(h, initial)
+        expected = []
+        for s in range(3):
+            for (layer, name, p), stack in zip(params, stacks):
+                p.copy_(stack[s])
+            expected.append(adapter.add_to(h[2 * s:2 * s + 2], initial))
+    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_train_norms_unfreezes_every_norm_and_nothing_else():

@@ -57,24 +57,11 @@ def test_both_layouts_compute_the_same_map(layout, bias):
     g = torch.Generator().manual_seed(3)
     layer = TTLinear(48, 160, 4, bias=bias, generator=g, dtype=torch.float64)
     x = torch.randn(2, 7, 48, generator=g, dtype=torch.float64)
-    residual = torch.randn(2, 7, 160, generator=g, dtype=torch.float64)
     dense = x @ layer.to_dense() + (layer.bias if bias else 0)
     torch.testing.assert_close(layer(x), dense, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(layer.forward_add(residual, x, -0.5), residual - 0.5 * dense, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_forward_add_fuses_the_residual_sum(bias):
-    g = torch.Generator().manual_seed(7)
-    layer = TTLinear(24, 96, 3, bias=bias, generator=g, dtype=torch.float64)
-    x = torch.randn(2, 5, 24, generator=g, dtype=torch.float64)
-    residual = torch.randn(2, 5, 96, generator=g, dtype=torch.float64)
-    expected = residual + 0.25 * (x @ layer.to_dense() + (layer.bias if bias else 0))
-    torch.testing.assert_close(layer.forward_add(residual, x, 0.25), expected, rtol=1e-10, atol=1e-12)
-    # Another dtype than the cores': the unfused sum, in the residual's dtype.
-    half = layer.forward_add(residual.float(), x, 0.25)
-    assert half.dtype == torch.float32
-    torch.testing.assert_close(half, expected.float(), rtol=1e-5, atol=1e-5)
+    hidden, b = layer.split(x)  # the thin product and the output side, as the adapters' fused sums take them
+    assert hidden.shape == (2, 7, b.shape[0])
+    torch.testing.assert_close(hidden @ b + (layer.bias if bias else 0), dense, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -141,16 +128,24 @@ def test_bad_modes_are_rejected():
 
 
 @pytest.mark.parametrize("shared_bias", [False, True])
-def test_forward_copies_is_each_copy_through_its_own_parameters(shared_bias):
-    # The batched path's copy-aware call: S = 3 copies of a batch (copy-major), copy s through core_data[s]
-    # (and bias[s]); against the layer run once per copy with that copy's parameters loaded.
+def test_stacked_parameters_run_each_copy_through_its_own(shared_bias):
+    # The batched path swaps in (S, numel) cores (and (S, N_out) biases): S = 3 copies of a batch
+    # (copy-major), copy s through core_data[s] and bias[s], against the layer run once per copy with
+    # that copy's parameters loaded. Tolerance: float32 sums of at most 48 products.
+    from zotune.optim.execution import swapped
+
     g = torch.Generator().manual_seed(0)
     layer = TTLinear(48, 20, rank=3, bias=True, generator=g)
     x = torch.randn(3 * 2, 5, 48, generator=g)  # 3 copies of a batch of 2 sequences of 5
     cores = layer.core_data.detach() + 0.1 * torch.randn(3, layer.core_data.numel(), generator=g)
     biases = layer.bias.detach() + 0.1 * torch.randn(3, 20, generator=g)
+    entries = [(layer, "core_data", cores, layer.core_data)] + \
+        ([] if shared_bias else [(layer, "bias", biases, layer.bias)])
     with torch.no_grad():
-        out = layer.forward_copies(x, core_data=cores, bias=None if shared_bias else biases)
+        with swapped(entries):
+            assert layer.copies() == 3
+            out = layer(x)
+        assert layer.copies() is None
         expected = []
         for s in range(3):
             copy = TTLinear(48, 20, rank=3, bias=True, generator=torch.Generator().manual_seed(0))
@@ -158,3 +153,5 @@ def test_forward_copies_is_each_copy_through_its_own_parameters(shared_bias):
             copy.bias.copy_(layer.bias if shared_bias else biases[s])
             expected.append(copy(x[2 * s:2 * (s + 1)]))
     torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-6)
+
+

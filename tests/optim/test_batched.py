@@ -118,15 +118,16 @@ def test_the_command_line_trains_adazeta_batched(tiny_model_dir, tmp_path):
     assert main(["train", "--optim.batched", "true", "--optim.virtual", "true", "--optim.method", "lozo"]) == 2
 
 
-def test_the_fused_up_projection_is_perturbed_on_every_path():
-    # LoRETTA_adp with the paper's init runs its up-projection through TTLinear.forward_add in float32 (the
-    # residual sum fused into the GEMM), past the module's call: the paths that perturb a module's
-    # parameters at its call (drift-safe, batched) must still see it perturbed. The in-place path, which
-    # writes the perturbation into the weights, is the reference.
+@pytest.mark.parametrize("function_preserving", [False, True])
+def test_the_fused_up_projection_is_perturbed_on_every_path(function_preserving):
+    # LoRETTA_adp runs its up-projection inside TTAdapter.add_to (the residual sum, and the frozen initial
+    # adapter's difference, fused into one GEMM), past the module's call: the paths that perturb a
+    # module's parameters at its call (drift-safe) or stack them (batched) must still see it perturbed.
+    # The in-place path, which writes the perturbation into the weights, is the reference.
     def build():
         torch.manual_seed(0)
         return inject(tiny_llama(), LorettaAdpConfig(bottleneck=8, tt_rank=2, train_norms=False,
-                                                     function_preserving=False))
+                                                     function_preserving=function_preserving))
 
     def make(params, path):
         return zotune.mezo(params, lr=1e-3, num_queries=2, seed=5, execution=path)
@@ -143,14 +144,14 @@ def test_tt_layers_take_all_copies_in_one_call(monkeypatch):
     from zotune.adapters import TTLinear
 
     calls = []
-    original = TTLinear.forward_copies
-    monkeypatch.setattr(TTLinear, "forward_copies", lambda self, x, **kw: calls.append(kw["core_data"].shape[0])
-                        or original(self, x, **kw))
+    original = TTLinear.factors_of_copies
+    monkeypatch.setattr(TTLinear, "factors_of_copies", lambda self, core_data: calls.append(core_data.shape[0])
+                        or original(self, core_data))
     model = inject(tiny_llama(), LorettaAdpConfig(bottleneck=8, tt_rank=2, train_norms=False))
     layers = sum(isinstance(m, TTLinear) for m in model.modules()) // 2  # the frozen initial copies excluded
     zotune.mezo([p for p in model.parameters() if p.requires_grad], lr=1e-3, num_queries=3,
                 execution=Batched(model)).step(per_copy_lm_closure(model, ids_for(model)))
-    assert calls == [6] * layers  # each trainable TT layer: one call for the step's 6 points
+    assert calls == [6] * layers  # each trainable TT layer: its factors once, for the step's 6 points
 
 
 def test_linear_copies_is_each_copy_through_its_own_weight():

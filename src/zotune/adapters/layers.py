@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tt import TTLinear, factorize
+from .tt import TTLinear, factorize, per_copy_matmul
 
 PREFIX = "loretta_"
 
@@ -47,16 +48,57 @@ class TTAdapter(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         return self.scale * self.up(self.act(self.down(h.float())))  # (..., H) -> (..., b) -> (..., H)
 
-    def add_to(self, h: Tensor) -> Tensor:
-        """h + forward(h), the sum fused into the up-projection's GEMM (for float32 h).
+    def add_to(self, h: Tensor, initial: TTAdapter | None = None) -> Tensor:
+        """h + forward(h) − initial(h), everything as wide as h in one GEMM onto h.
 
-        The fused GEMM goes past the up-projection's call; where something intercepts that call (the
-        drift-safe and batched paths swap perturbed parameters in there, by hook or by an instance
-        ``forward``), the sum goes through it instead."""
+        ``initial``: the frozen copy a function-preserving adapter subtracts (or None). With
+        u = act(down h) A_up (..., r) and B_up (r x H), the sum is
+        h + s·[u − u₀, u₀, 1] [B; B − B₀; b − b₀]: a product with K = 2r + 1 instead of two
+        up-projections, their bias adds and scales, a difference and a sum, each a pass over (..., H).
+        At initialisation u = u₀, B = B₀ and b = b₀ bit for bit, so every term is an exact zero and h
+        comes back bit-identical. With copies (the batched path's stacked parameters) B is (S, r, H) and
+        the product a batched one. Where something intercepts the up-projection's call (the drift-safe
+        path's hooks swap perturbed parameters in there), the sum goes through that call instead.
+        """
         up = self.up
         if "forward" in up.__dict__ or up._forward_pre_hooks or up._forward_hooks:
-            return h + self(h)
-        return up.forward_add(h, self.act(self.down(h.float())), self.scale)
+            delta = self(h) if initial is None else self(h) - initial(h)
+            return h + delta.to(h.dtype)
+        u, b = up.split(self.act(self.down(h.float())))  # (..., r), (r, H) or (S, r, H)
+        columns, rows, bias = [u], [b], up.bias
+        if initial is not None:
+            u0, b0 = initial.up.split(initial.act(initial.down(h.float())))
+            columns, rows = [u - u0, u0], [b, b - b0]
+            bias = None if bias is None else bias - initial.up.bias
+        if bias is not None:  # a ones column against the bias as a row: (H) -> (1, H), (S, H) -> (S, 1, H)
+            rows.append(bias.unsqueeze(-2))
+        product = torch.cat(columns, dim=-1)
+        if bias is not None:
+            product = F.pad(product, (0, 1), value=1.0)
+        return _add_product(h, product, _concat_rows(rows), self.scale)
+
+
+def _concat_rows(rows: list[Tensor]) -> Tensor:
+    """The matrices (K_i, H), some (S, K_i, H) per copy, stacked along K: (K, H), or (S, K, H) if any is per copy."""
+    copies = next((r.shape[0] for r in rows if r.dim() == 3), None)
+    if copies is None:
+        return torch.cat(rows)
+    return torch.cat([r if r.dim() == 3 else r.expand(copies, -1, -1) for r in rows], dim=1)
+
+
+def _add_product(h: Tensor, x: Tensor, w: Tensor, alpha: float) -> Tensor:
+    """h + alpha·(x w), written once for float32 h (x: (..., K); w: (K, H), or (S, K, H) for copy-major rows);
+    otherwise computed in float32 and added in h's dtype."""
+    width = w.shape[-1]
+    if h.dtype != torch.float32:
+        product = per_copy_matmul(x, w) if w.dim() == 3 else x @ w
+        return h + (alpha * product).to(h.dtype)
+    if w.dim() == 3:
+        copies = w.shape[0]
+        out = torch.baddbmm(h.reshape(copies, -1, width), x.reshape(copies, -1, x.shape[-1]), w, alpha=alpha)
+    else:
+        out = torch.addmm(h.reshape(-1, width), x.reshape(-1, x.shape[-1]), w, alpha=alpha)
+    return out.view(h.shape)
 
 
 class LorettaAdpLayer(nn.Module):
@@ -77,14 +119,9 @@ class LorettaAdpLayer(nn.Module):
             self.initial_adapter = copy.deepcopy(self.loretta_adapter).requires_grad_(False)
 
     def _adapt(self, h: Tensor) -> Tensor:
-        if self.initial_adapter is None and h.dtype == torch.float32:
-            return self.loretta_adapter.add_to(h)
-        # Function-preserving: the two adapters' outputs are subtracted first, so that at
-        # initialisation the difference is exactly zero and h comes back bit-identical.
-        delta = self.loretta_adapter(h)
-        if self.initial_adapter is not None:
-            delta = delta - self.initial_adapter(h)
-        return h + delta.to(h.dtype)
+        # Function-preserving: the initial adapter's output is subtracted in the same product (see
+        # TTAdapter.add_to), so that at initialisation h comes back bit-identical.
+        return self.loretta_adapter.add_to(h, self.initial_adapter)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if not self.enabled:

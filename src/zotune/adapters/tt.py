@@ -112,6 +112,12 @@ def _output_side(hidden: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(hidden, b.T, bias)
 
 
+def per_copy_matmul(x: Tensor, w: Tensor) -> Tensor:
+    """x @ w[s] for copy s's rows of ``x``: w (S, K, N), x (..., K) with its rows copy-major -> (..., N)."""
+    rows = x.reshape(w.shape[0], -1, x.shape[-1])  # (S, rows of a copy, K)
+    return torch.bmm(rows, w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 def tt_numel(modes: list[int], rank: int) -> int:
     """Σ_i r_{i-1} k_i r_i with r_0 = r_d = 1 and every inner rank equal to ``rank``."""
     ranks = [1] + [rank] * (len(modes) - 1) + [1]
@@ -132,6 +138,9 @@ class TTLinear(nn.Module):
     standard deviation ≈ σ. Parameters: ``core_data``, all cores in one flat tensor (``cores`` are
     views of it: one tensor per layer to perturb, draw and update instead of d), and ``bias``.
     """
+
+    #: The batched execution path may swap in parameters with a leading copies dimension (see :meth:`copies`).
+    stacked_parameters = True
 
     def __init__(self, in_features: int, out_features: int, rank: int = 5, *, in_modes: list[int] | None = None,
                  out_modes: list[int] | None = None, bias: bool = True, generator: torch.Generator | None = None,
@@ -170,8 +179,22 @@ class TTLinear(nn.Module):
             start += size
         return out
 
+    def copies(self) -> int | None:
+        """S when the parameters carry a leading copies dimension, else None. The batched execution path
+        swaps in (S, numel) cores and (S, N_out) biases, one row per measuring point of a step; the layer
+        then maps copy s's rows of its input (copy-major) through copy s's parameters, all in one call."""
+        for tensor in (self.core_data, self.bias):
+            if tensor is not None and tensor.dim() == 2:
+                return tensor.shape[0]
+        return None
+
     def factors(self) -> tuple[Tensor, Tensor]:
-        """A (N_in x r_m) from the input cores and B (r_m x N_out) from the output cores; W = A B."""
+        """A (N_in x r_m) from the input cores and B (r_m x N_out) from the output cores; W = A B.
+        With copies (:meth:`copies`): A (S, N_in, r_m) and B (S, r_m, N_out)."""
+        copies = self.copies()
+        if copies is not None:
+            core_data = self.core_data
+            return self.factors_of_copies(core_data if core_data.dim() == 2 else core_data.expand(copies, -1))
         m, cores = len(self.in_modes), self.cores
         a = cores[0].reshape(cores[0].shape[1], -1)  # (k_1, r_1)
         for core in cores[1:m]:
@@ -203,51 +226,29 @@ class TTLinear(nn.Module):
             b = torch.bmm(core.reshape(copies, r_prev * k, r), b).reshape(copies, r_prev, -1)
         return a, b
 
-    def forward_copies(self, x: Tensor, core_data: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-        """The layer for S copies of the batch at once (the batched execution path), copy s's rows of ``x``
-        (copy-major) through copy s's parameters: ``core_data`` (S, numel), ``bias`` (S, N_out); one not
-        given is the layer's own, shared by the copies."""
-        copies = (core_data if core_data is not None else bias).shape[0]
-        if core_data is None:
-            core_data = self.core_data.expand(copies, -1)
-        a, b = self.factors_of_copies(core_data)
-        rows = x.reshape(copies, -1, self.in_features).to(a.dtype)  # (S, rows of a copy, N_in)
-        out = torch.bmm(torch.bmm(rows, a), b)  # (S, rows, N_out)
-        bias = bias if bias is not None else self.bias
-        if bias is not None:
-            out = out + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
-        return out.reshape(*x.shape[:-1], self.out_features)
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(x A, B): the thin input-side product (..., r_m) and the output-side factor B, so that
+        ``self(x) = (x A) B + bias``; with copies, B is (S, r_m, N_out) and each copy's rows went through its A."""
+        a, b = self.factors()
+        if a.dim() == 3:
+            return per_copy_matmul(x.to(a.dtype), a), b
+        return _input_side(x.to(a.dtype), a), b
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden, b = self.split(x)  # (..., N_in) -> (..., r_m)
+        if b.dim() == 2:
+            return _output_side(hidden, b, self.bias)  # (..., r_m) -> (..., N_out), bias fused
+        out = per_copy_matmul(hidden, b)
+        bias = self.bias
+        if bias is not None:  # (S, N_out) one per copy, or (N_out) shared
+            out = (out.view(b.shape[0], -1, self.out_features) + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
+                   ).view(out.shape)
+        return out
 
     def to_dense(self) -> Tensor:
         """W (N_in x N_out), for tests and for folding ΔW into a base weight."""
         a, b = self.factors()
         return a @ b
-
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = self.factors()
-        hidden = _input_side(x.to(a.dtype), a)  # (..., N_in) -> (..., r_m)
-        return _output_side(hidden, b, self.bias)  # (..., r_m) -> (..., N_out), bias fused
-
-    def forward_add(self, residual: Tensor, x: Tensor, alpha: float = 1.0) -> Tensor:
-        """``residual + alpha · self(x)``, writing the output once.
-
-        An adapter's up-projection always lands on a residual stream: one GEMM with the sum (and,
-        on a CPU, the bias, as a row of B against a column of ones) fused in replaces three passes
-        over an (..., N_out) tensor, which dominate the map when N_out is wide. ``residual`` must have
-        the cores' dtype (otherwise the unfused sum is returned).
-        """
-        if residual.dtype != self.core_data.dtype:
-            return residual + alpha * self(x).to(residual.dtype)
-        a, b = self.factors()
-        hidden = _input_side(x.to(a.dtype), a)  # (..., r_m)
-        bias_as_row = self.bias is not None and _host_layout(residual.device)
-        if bias_as_row:  # [t, 1] [B; bias] = t B + bias
-            hidden = F.pad(hidden, (0, 1), value=1.0)
-            b = torch.cat([b, self.bias.unsqueeze(0)])
-        out = torch.addmm(residual.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]), b, alpha=alpha)
-        if self.bias is not None and not bias_as_row:
-            out.add_(self.bias, alpha=alpha)
-        return out.view(residual.shape)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

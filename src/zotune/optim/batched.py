@@ -6,8 +6,10 @@ network. The batch is repeated S times (copy-major, as on the virtual path: the 
 called as ``closure(copies=S)`` and returns S losses). Every module outside the trainable ones
 runs once over all S·B rows; each module that owns trainable parameters runs once per copy, on
 that copy's B rows, with that copy's parameters ``θ + offset_s·Z_s`` swapped in (materialised:
-S copies of a small set). AdaZeta's q = 10 is then one forward of the frozen network over 20
-copies of the batch, plus 20 small forwards of each adapter.
+S copies of a small set). Layers that know copies take them all in one call instead: a TT layer
+(:class:`~zotune.adapters.TTLinear`) gets its parameters stacked, (S, ...), for the whole forward,
+and an ``nn.Linear`` runs as one batched product (:func:`linear_copies`). AdaZeta's q = 10 is then
+one forward of the frozen network over 20 copies of the batch, with the adapters' products batched.
 
 Unlike :class:`~zotune.optim.virtual.Virtual` it works for any perturbation (dense Gaussian
 included) and any module type, because it perturbs parameters, not outputs; it suits small
@@ -18,7 +20,6 @@ same way (a copy plus offset·Z), so the two paths measure the same points.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -76,7 +77,7 @@ class CopyValues:
     """The perturbed values of a step's copies, kept across steps: per parameter an (S, *shape) stack whose
     row s is copy s's value. Reused, the rows keep the perturbation's pass plans (one fused launch per copy
     on CUDA, where fresh tensors cost a plan and a launch each); stacked, they feed copy-aware layers
-    (``forward_copies``) whole."""
+    (stacked parameters, ``linear_copies``) whole."""
 
     def __init__(self) -> None:
         self.stacks: dict[int, Tensor] = {}  # param index -> (capacity, *shape)
@@ -105,28 +106,39 @@ def measure_on_copies(units, params, perturbation, points, closures, values: Cop
     """The losses at ``points``, one copy of the batch each, ``units`` running per copy with their values
     (computed into ``values``, kept by the caller across steps)."""
     rows = values.fill(params, perturbation, points)
+    copies = len(points)
+    # Modules that take stacked parameters get them for the whole forward: each call (and whatever reads
+    # their parameters past the call, as the adapters' fused sums do) then runs every copy at once.
+    stacked = [(owner, attr, values.stacks[index][:copies], param)
+               for module, inside in units if takes_stacked_parameters(module, inside)
+               for owner, attr, index, param in inside]
     installed = [(module, replace_forward(module, _per_copy(module, inside, rows, values.stacks)))
-                 for module, inside in units]
+                 for module, inside in units if not takes_stacked_parameters(module, inside)]
     try:
-        return per_copy_losses(closures, len(points))
+        with swapped(stacked):
+            return per_copy_losses(closures, copies)
     finally:
         for module, previous in installed:
             restore_forward(module, previous)
 
 
+def takes_stacked_parameters(module: nn.Module, inside: list) -> bool:
+    """Whether ``module`` owns all of the unit's parameters and runs S copies when they carry a leading
+    copies dimension (``stacked_parameters``, e.g. :class:`~zotune.adapters.TTLinear`)."""
+    return getattr(module, "stacked_parameters", False) and all(owner is module for owner, _, _, _ in inside)
+
+
 def _per_copy(module: nn.Module, inside: list, values: list[dict[int, Tensor]], stacks: dict[int, Tensor]):
-    """``module``'s forward split by copies: copy s runs on its rows with copy s's parameters. A copy-aware
-    module (``forward_copies``, e.g. :class:`~zotune.adapters.TTLinear`; an ``nn.Linear``, through
-    :func:`linear_copies`) owning all of them takes every copy in one call, with the parameters stacked."""
+    """``module``'s forward split by copies: copy s runs on its rows with copy s's parameters. An
+    ``nn.Linear`` owning all of them (PEFT LoRA's A and B, a norm-free adapter's projections) takes every
+    copy in one call instead, through :func:`linear_copies` with its parameters stacked."""
     copies = len(values)
-    copy_aware = getattr(module, "forward_copies", None) or \
-        (functools.partial(linear_copies, module) if type(module) is nn.Linear else None)
-    if copy_aware is not None and all(owner is module for owner, _, _, _ in inside):
+    if type(module) is nn.Linear and all(owner is module for owner, _, _, _ in inside):
         stacked = {attr: stacks[index][:copies] for _, attr, index, _ in inside}
 
         def make_copy_aware(inner):
-            def forward(x, *args, **kwargs):
-                return copy_aware(x, *args, **stacked, **kwargs)
+            def forward(x):
+                return linear_copies(module, x, **stacked)
             return forward
 
         return make_copy_aware
