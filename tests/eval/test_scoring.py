@@ -77,3 +77,19 @@ def test_frozen_head_multiplies_one_contiguous_block(make):
     assert head_inputs[0].is_contiguous()
     logps = torch.cat([unpadded_logprob(model, ex.prompt, ex.candidates[ex.label]) for ex in EXAMPLES])
     torch.testing.assert_close(loss, -logps.mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_copies_score_the_batch_repeated():
+    # The batched and virtual paths score S copies of a step's batch in one forward; the inputs are
+    # built once and repeated as tensors. Each copy must score (and lose) exactly what the batch
+    # repeated S times as a list does: same rows, same forward, so equal up to the rows' rounding.
+    model = tiny_llama()
+    with torch.no_grad():
+        repeated = candidate_scores(model, EXAMPLES * 3, pad_id=0)
+        copies = candidate_scores(model, EXAMPLES, pad_id=0, copies=3)
+        torch.testing.assert_close(copies, repeated, rtol=1e-6, atol=1e-6)
+        assert torch.isinf(copies[3 + 0, 2]) and torch.isfinite(copies[3 + 1, 2])  # padding slots stay -inf
+        losses = gold_lm_loss(model, EXAMPLES, pad_id=0, copies=3)
+        single = gold_lm_loss(model, EXAMPLES, pad_id=0)
+    assert losses.shape == (3,)
+    torch.testing.assert_close(losses, single.expand(3), rtol=1e-6, atol=1e-6)

@@ -75,16 +75,18 @@ def last_positions(length: int, keep: int, device) -> Tensor:
     return torch.arange(length - keep, length, device=device)
 
 
-def tail_logprobs(model: nn.Module, rows: list[tuple[tuple[int, ...], int]], pad_id: int) -> Tensor:
+def tail_logprobs(model: nn.Module, rows: list[tuple[tuple[int, ...], int]], pad_id: int, copies: int = 1) -> Tensor:
     """Log-probabilities of the next token at the last ``k + 1`` positions of each row.
 
     Args:
         rows: (token ids, k) pairs: k = number of trailing tokens to score (0 = score only
             the token after the sequence).
+        copies: run the rows this many times over (copy-major), as the batched and virtual
+            paths measure a step's points: the inputs are built once and repeated as tensors.
 
     Returns:
-        ``(rows, K, vocab)`` float32 log-probabilities, K = max k + 1, aligned to the end:
-        ``out[r, -1]`` predicts the token after row r, ``out[r, -1 - k + j]`` predicts the
+        ``(copies · rows, K, vocab)`` float32 log-probabilities, K = max k + 1, aligned to the
+        end: ``out[r, -1]`` predicts the token after row r, ``out[r, -1 - k + j]`` predicts the
         row's j-th scored token (0-based) for j < k.
     """
     device = next(model.parameters()).device
@@ -95,6 +97,8 @@ def tail_logprobs(model: nn.Module, rows: list[tuple[tuple[int, ...], int]], pad
     for r, (ids, _) in enumerate(rows):
         input_ids[r, length - len(ids) :] = torch.tensor(ids)
         mask[r, length - len(ids) :] = 1
+    if copies > 1:
+        input_ids, mask = input_ids.repeat(copies, 1), mask.repeat(copies, 1)
     kwargs = {"input_ids": to_device(input_ids, device), "attention_mask": to_device(mask, device)}
     accepted = _forward_kwargs(model)
     if "position_ids" in accepted:  # left padding: real tokens count positions from 0
@@ -107,13 +111,14 @@ def tail_logprobs(model: nn.Module, rows: list[tuple[tuple[int, ...], int]], pad
     return F.log_softmax(logits.float(), dim=-1)
 
 
-def _gathered(logp: Tensor, spans: list[tuple[int, list[int], int]]) -> tuple[Tensor, Tensor]:
+def _gathered(logp: Tensor, spans: list[tuple[int, list[int], int]], copies: int = 1) -> tuple[Tensor, Tensor]:
     """Log-probabilities of scored tokens, gathered in one indexing op.
 
     ``spans[n] = (row, tokens, end)``: the span's tokens are predicted at the positions ending
     ``end`` from the last (``end = 0``: the last token predicts the span's last one, i.e. the span
-    follows the row; ``end = 1``: the span is the row's own last tokens). Returns ``(values,
-    mask)``, both ``(spans, longest span)``, padding entries masked out.
+    follows the row; ``end = 1``: the span is the row's own last tokens). With ``copies``, ``logp``
+    holds that many copies of the rows (copy-major) and the spans are gathered from each. Returns
+    ``(values, mask)``, both ``(copies · spans, longest span)``, padding entries masked out.
     """
     longest = max(len(tokens) for _, tokens, _ in spans)
     last = logp.shape[1] - 1
@@ -124,20 +129,25 @@ def _gathered(logp: Tensor, spans: list[tuple[int, list[int], int]]) -> tuple[Te
         positions += [last - end - len(tokens) + 1 + t for t in range(len(tokens))] + [0] * pad
         picked += list(tokens) + [0] * pad
         mask += [1.0] * len(tokens) + [0.0] * pad
-    index = to_device(torch.tensor([rows, positions, picked]), logp.device)  # one transfer for the whole batch
-    values = logp[index[0], index[1], index[2]].view(len(spans), longest)
-    return values, to_device(torch.tensor(mask), logp.device).view(len(spans), longest)
+    index, mask = torch.tensor([rows, positions, picked]), torch.tensor(mask)
+    if copies > 1:  # copy c's rows are c · (rows of a copy) further on
+        index, mask = index.repeat(1, copies), mask.repeat(copies)
+        index[0] += torch.arange(copies).repeat_interleave(len(rows)) * (logp.shape[0] // copies)
+    index = to_device(index, logp.device)  # one transfer for the whole batch
+    values = logp[index[0], index[1], index[2]].view(copies * len(spans), longest)
+    return values, to_device(mask, logp.device).view(copies * len(spans), longest)
 
 
-def candidate_scores(model: nn.Module, batch: list[Encoded], pad_id: int) -> Tensor:
-    """``(B, C)`` mean log-likelihood per token of each candidate given its prompt.
+def candidate_scores(model: nn.Module, batch: list[Encoded], pad_id: int, copies: int = 1) -> Tensor:
+    """``(B, C)`` mean log-likelihood per token of each candidate given its prompt; with ``copies``,
+    ``(copies · B, C)``: the batch scored that many times over in one forward (copy-major).
 
     Masked-LM examples (:class:`~zotune.eval.masked.MaskedEncoded`) are scored at their mask instead.
     """
     from .masked import MaskedEncoded, masked_scores
 
     if batch and isinstance(batch[0], MaskedEncoded):
-        return masked_scores(model, batch, pad_id)
+        return masked_scores(model, batch * copies, pad_id)
     rows: list[tuple[tuple[int, ...], int]] = []
     spans: list[tuple[int, list[int], int]] = []  # per (example, candidate): what it scores (see _gathered)
     slots: list[tuple[int, int]] = []
@@ -150,12 +160,14 @@ def candidate_scores(model: nn.Module, batch: list[Encoded], pad_id: int) -> Ten
                 rows.append((ex.prompt + cand, len(cand)))
                 spans.append((len(rows) - 1, list(cand), 1))
         slots += [(i, j) for j in range(len(ex.candidates))]
-    logp = tail_logprobs(model, rows, pad_id)  # (rows, K, vocab)
-    values, mask = _gathered(logp, spans)
-    means = (values * mask).sum(-1) / mask.sum(-1)  # (candidates of the batch,)
+    logp = tail_logprobs(model, rows, pad_id, copies)  # (copies · rows, K, vocab)
+    values, mask = _gathered(logp, spans, copies)
+    means = (values * mask).sum(-1) / mask.sum(-1)  # (copies · candidates of the batch,)
     num_candidates = max(len(ex.candidates) for ex in batch)
-    scores = torch.full((len(batch), num_candidates), float("-inf"), device=logp.device)
-    where = to_device(torch.tensor(slots), logp.device)
+    scores = torch.full((copies * len(batch), num_candidates), float("-inf"), device=logp.device)
+    where = torch.tensor(slots).repeat(copies, 1)  # (example, candidate), copy c's examples c · B further on
+    where[:, 0] += torch.arange(copies).repeat_interleave(len(slots)) * len(batch)
+    where = to_device(where, logp.device)
     scores[where[:, 0], where[:, 1]] = means
     return scores
 
@@ -164,12 +176,12 @@ def gold_lm_loss(model: nn.Module, batch: list[Encoded], pad_id: int, copies: in
     """LM loss on the gold candidate's tokens only (prompt tokens are not in the loss).
 
     A token mean over the batch (a 0-d tensor); with ``copies`` given (one included) the batch is
-    taken as that many equal copies (copy-major) and the per-copy token means are returned,
-    shape ``(copies,)``, as the virtual path requires.
+    run that many times over in one forward (copy-major) and the per-copy token means are
+    returned, shape ``(copies,)``, as the batched and virtual paths require.
     """
     rows = [(ex.prompt + ex.candidates[ex.label], len(ex.candidates[ex.label])) for ex in batch]
-    logp = tail_logprobs(model, rows, pad_id)
-    values, mask = _gathered(logp, [(r, list(ex.candidates[ex.label]), 1) for r, ex in enumerate(batch)])
+    logp = tail_logprobs(model, rows, pad_id, copies or 1)
+    values, mask = _gathered(logp, [(r, list(ex.candidates[ex.label]), 1) for r, ex in enumerate(batch)], copies or 1)
     sums, counts = -(values * mask).sum(-1), mask.sum(-1)  # (B,)
     per_copy = sums.view(copies or 1, -1).sum(1) / counts.view(copies or 1, -1).sum(1)
     return per_copy[0] if copies is None else per_copy
