@@ -12,9 +12,10 @@ step runs):
     (``pip install --no-deps loretta``), where it is installed.
 The last column is the floor of any map that returns a new output: allocating and writing it.
 Part 2: the whole adapter (both maps, ReLU, residual sum), zotune's fused up-projection against
-the reference's reconstruct-then-multiply. Part 3: one ZO step at the SmolLM2-135M shape
-(batch 4 x 64 unless --step-batch / --step-tokens say otherwise): AdaZeta over LoRETTA_adp
-adapters (q = 1 and q = 4) against full-parameter MeZO.
+the reference's reconstruct-then-multiply; and the function-preserving form (the default: a frozen
+initial copy subtracted), one GEMM against h + adapter(h) − initial(h) as three tensors.
+Part 3: one ZO step at the SmolLM2-135M shape (batch 4 x 64 unless --step-batch / --step-tokens
+say otherwise): AdaZeta over LoRETTA_adp adapters (q = 1 and q = 4) against full-parameter MeZO.
 
     python benchmarks/tt_adapters.py [--device cuda]
 
@@ -29,6 +30,7 @@ let glibc keep freed memory in the heap (both sides alike):
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 
@@ -97,10 +99,12 @@ def adapter_table(sizes: list[int], device: str, repeats: int, tokens: int) -> N
     """The whole adapter h + s·up(relu(down(h))) as LoRETTA_adp runs it, against the reference's way."""
     print(f"\nTT adapter h + up(relu(down(h))), bottleneck 64, TT rank 5, batch 16 x {tokens} tokens, float32, "
           f"median of {repeats}")
-    print("| hidden | zotune ms | reconstruct ms | reconstruct / zotune |\n|---|---|---|---|")
+    print("| hidden | zotune ms | reconstruct ms | reconstruct / zotune | function-preserving ms | "
+          "unfused function-preserving ms | unfused / fused |\n|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for size in sizes:
         adapter = TTAdapter(size, 64, 5, "relu", 1.0, 16, g).to(device)
+        initial = copy.deepcopy(adapter).requires_grad_(False)  # the frozen copy a function-preserving one subtracts
         h = torch.randn(16, tokens, size, generator=g).to(device)
 
         def rebuilt():
@@ -110,7 +114,11 @@ def adapter_table(sizes: list[int], device: str, repeats: int, tokens: int) -> N
 
         fast = median_time(lambda: adapter.add_to(h), device, repeats)
         full = median_time(rebuilt, device, repeats)
-        print(f"| {size} | {1e3 * fast:.3f} | {1e3 * full:.3f} | {full / fast:.2f}x |")
+        # LoRETTA_adp's default: h + adapter(h) − initial(h) in one GEMM, against the three-tensor sum
+        preserving = median_time(lambda: adapter.add_to(h, initial), device, repeats)
+        unfused = median_time(lambda: h + (adapter(h) - initial(h)), device, repeats)
+        print(f"| {size} | {1e3 * fast:.3f} | {1e3 * full:.3f} | {full / fast:.2f}x | {1e3 * preserving:.3f} | "
+              f"{1e3 * unfused:.3f} | {unfused / preserving:.2f}x |")
 
 
 def step_table(device: str, repeats: int, batch: int, tokens: int) -> None:
