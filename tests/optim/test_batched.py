@@ -213,6 +213,54 @@ def test_the_batched_path_runs_through_the_capturable_forward():
         assert b == pytest.approx(a, rel=1e-3, abs=1e-3)
 
 
+def test_copy_values_are_theta_plus_each_points_direction_for_every_dtype():
+    # The stacks of one device and dtype share a buffer; each row must be exactly what the drift-safe
+    # path computes for that point (a copy of θ, then offset·Z added in place), in every dtype, also
+    # when a later step uses fewer copies than the stacks hold.
+    from zotune.optim.batched import CopyValues
+    from zotune.optim.perturbations import DrawKey, Gaussian
+
+    g = torch.Generator().manual_seed(0)
+    params = [(0, torch.nn.Parameter(torch.randn(3, 4, generator=g))),
+              (1, torch.nn.Parameter(torch.randn(5, generator=g).bfloat16())),
+              (2, torch.nn.Parameter(torch.randn(2, 2, 2, generator=g))),
+              (3, torch.nn.Parameter(torch.randn((), generator=g)))]
+    perturbation, values = Gaussian(), CopyValues()
+    for points in ([(1e-3, DrawKey(7, 0, 0)), (-1e-3, DrawKey(7, 0, 0)), (0.0, DrawKey(7, 0, 0)),
+                    (2e-3, DrawKey(7, 0, 1))],
+                   [(5e-3, DrawKey(7, 1, 0)), (-5e-3, DrawKey(7, 1, 0))]):
+        rows = values.fill(params, perturbation, points)
+        assert len(rows) == len(points)
+        for s, ((offset, key), row) in enumerate(zip(points, rows)):
+            for index, p in params:
+                expected = p.detach().clone()
+                perturbation.add_(expected, index, [(offset, key)])
+                assert row[index].dtype == p.dtype and row[index].is_contiguous()
+                assert torch.equal(row[index], expected)
+                assert torch.equal(values.stacks[index][s], expected)
+    assert values.generation == 1  # the second step's two copies fit in the first step's stacks
+
+
+def test_theta_goes_into_every_row_in_a_fixed_number_of_operators():
+    # Putting θ into the copies' rows must not cost one copy per parameter (on a GPU, a launch each:
+    # a few hundred a step for a model's adapters): the parameters are concatenated once and the row
+    # repeated into one buffer per dtype. Counted by the profiler on the CPU (counts, not times).
+    from torch.profiler import ProfilerActivity, profile
+
+    from zotune.optim.batched import CopyValues
+    from zotune.optim.perturbations import DrawKey, Gaussian
+
+    model = inject(tiny_llama(), LorettaAdpConfig(bottleneck=8, tt_rank=2, train_norms=False))
+    params = list(enumerate(p for p in model.parameters() if p.requires_grad))
+    assert len(params) > 20
+    values, points = CopyValues(), [(0.0, DrawKey(1, 0, 0))] * 4  # offset 0: θ alone in every row
+    values.fill(params, Gaussian(), points)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        values.fill(params, Gaussian(), points)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::copy_", 0) + counts.get("aten::_foreach_copy_", 0) <= 2
+
+
 def test_copy_stacks_change_version_only_when_the_copies_outgrow_them():
     model = norms_only(tiny_llama())
     path = Batched(model)
