@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -61,3 +62,9 @@ def timed(fn, device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def median_time(fn, device: str, repeats: int) -> float:
+    """Seconds: the median of ``repeats`` timed calls after one warm-up call."""
+    fn()
+    return statistics.median(timed(fn, device) for _ in range(repeats))

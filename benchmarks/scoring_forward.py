@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -26,12 +25,7 @@ from zotune.models.loading import load_model
 from zotune.tasks import get_task, load_splits
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import timed  # noqa: E402
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    return 1000 * statistics.median(timed(fn, "cpu") for _ in range(repeats))
+from common import median_time  # noqa: E402
 
 
 def main() -> None:
@@ -51,9 +45,9 @@ def main() -> None:
         pad = tokenizer.pad_token_id
         with torch.no_grad():
             if not masked:
-                ms = median_ms(lambda: gold_lm_loss(model, batch[:16], pad), args.repeats)
+                ms = 1000 * median_time(lambda: gold_lm_loss(model, batch[:16], pad), "cpu", args.repeats)
                 print(f"{name}: training loss, 16 examples: {ms:.1f} ms")
-            ms = median_ms(lambda: candidate_scores(model, batch, pad), args.repeats)
+            ms = 1000 * median_time(lambda: candidate_scores(model, batch, pad), "cpu", args.repeats)
             print(f"{name}: candidate scores, 32 examples: {ms:.1f} ms")
 
 

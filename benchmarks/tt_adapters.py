@@ -32,12 +32,11 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from common import build_model, loss_of, make_batch, timed
+from common import build_model, loss_of, make_batch, median_time
 
 import zotune
 from zotune.adapters import LorettaAdpConfig, TTLinear, inject, trainable_numel
@@ -61,11 +60,6 @@ def reconstruct(layer: TTLinear) -> torch.Tensor:
     for core in layer.cores[1:]:
         out = torch.tensordot(out, core, dims=([-1], [0]))
     return out.reshape(layer.in_features, layer.out_features)
-
-
-def median_time(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up
-    return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
 @torch.no_grad()
