@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tt import TTLinear, factorize, per_copy_matmul
+from ..optim.copies import per_copy_linear
+from .tt import TTLinear, factorize
 
 PREFIX = "loretta_"
 
@@ -91,7 +92,7 @@ def _add_product(h: Tensor, x: Tensor, w: Tensor, alpha: float) -> Tensor:
     otherwise computed in float32 and added in h's dtype."""
     width = w.shape[-1]
     if h.dtype != torch.float32:
-        product = per_copy_matmul(x, w) if w.dim() == 3 else x @ w
+        product = per_copy_linear(x, w) if w.dim() == 3 else x @ w
         return h + (alpha * product).to(h.dtype)
     if w.dim() == 3:
         copies = w.shape[0]

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..optim.copies import per_copy_linear
+
 
 def _prime_factors(n: int) -> list[int]:
     factors, p = [], 2
@@ -110,12 +112,6 @@ def _output_side(hidden: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
             and torch.backends.mkldnn.enabled and _onednn_linear_available()):
         return torch.ops.mkldnn._linear_pointwise(hidden, b.T, bias, "none", [], "")
     return F.linear(hidden, b.T, bias)
-
-
-def per_copy_matmul(x: Tensor, w: Tensor) -> Tensor:
-    """x @ w[s] for copy s's rows of ``x``: w (S, K, N), x (..., K) with its rows copy-major -> (..., N)."""
-    rows = x.reshape(w.shape[0], -1, x.shape[-1])  # (S, rows of a copy, K)
-    return torch.bmm(rows, w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def tt_numel(modes: list[int], rank: int) -> int:
@@ -231,19 +227,14 @@ class TTLinear(nn.Module):
         ``self(x) = (x A) B + bias``; with copies, B is (S, r_m, N_out) and each copy's rows went through its A."""
         a, b = self.factors()
         if a.dim() == 3:
-            return per_copy_matmul(x.to(a.dtype), a), b
+            return per_copy_linear(x.to(a.dtype), a), b
         return _input_side(x.to(a.dtype), a), b
 
     def forward(self, x: Tensor) -> Tensor:
         hidden, b = self.split(x)  # (..., N_in) -> (..., r_m)
         if b.dim() == 2:
             return _output_side(hidden, b, self.bias)  # (..., r_m) -> (..., N_out), bias fused
-        out = per_copy_matmul(hidden, b)
-        bias = self.bias
-        if bias is not None:  # (S, N_out) one per copy, or (N_out) shared
-            out = (out.view(b.shape[0], -1, self.out_features) + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
-                   ).view(out.shape)
-        return out
+        return per_copy_linear(hidden, b, self.bias)  # bias (S, N_out) one per copy, or (N_out) shared
 
     def to_dense(self) -> Tensor:
         """W (N_in x N_out), for tests and for folding ΔW into a base weight."""

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .copies import per_copy_linear
 from .execution import CopiesOfTheBatch, owners, replace_forward, restore_forward, swapped
 from .virtual import per_copy_losses
 
@@ -179,12 +180,7 @@ def linear_copies(module: nn.Linear, x: Tensor, weight: Tensor | None = None, bi
     norm-free adapter's projections: one batched product instead of S)."""
     copies = (weight if weight is not None else bias).shape[0]
     weight = weight if weight is not None else module.weight.expand(copies, -1, -1)
-    rows = x.reshape(copies, -1, module.in_features)
-    out = torch.bmm(rows, weight.transpose(1, 2))  # (S, rows, out)
-    bias = bias if bias is not None else module.bias
-    if bias is not None:
-        out = out + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
-    return out.reshape(*x.shape[:-1], module.out_features)
+    return per_copy_linear(x, weight.transpose(1, 2), bias if bias is not None else module.bias)
 
 
 def split_by_copies(module: nn.Module, copies: int, run, args: tuple, kwargs: dict):
