@@ -4,16 +4,20 @@
 #   bash benchmarks/gpu_speed.sh steps      # step times: mezo_step at two shapes, SmolLM2 training steps (3 methods)
 #   bash benchmarks/gpu_speed.sh train-steps  # the SmolLM2 training steps only
 #   bash benchmarks/gpu_speed.sh accuracy   # 1,000-step SmolLM2 SST-2 runs of MeZO and LOZO (both at once)
-#   bash benchmarks/gpu_speed.sh batched    # AdaZeta q = 1 and 10, in place and batched (captured, eager); MeZO-LoRA vs inference
+#   bash benchmarks/gpu_speed.sh batched    # AdaZeta q = 1 and 10, in place and batched (captured, compiled, eager);
+#                                           MeZO-LoRA vs inference (PATHS=... picks the AdaZeta variants)
 #   bash benchmarks/gpu_speed.sh breakdown  # SmolLM2 MeZO and LOZO steps profiled: forwards, perturbation, host (a plot)
 #   bash benchmarks/gpu_speed.sh adazeta-profile  # the batched AdaZeta step profiled at q = 1 and q = 10
 #   bash benchmarks/gpu_speed.sh scale      # 2 GPUs: FSDP2, device_map, offload vs one GPU (7B shape); trajectory resume
 #                                           (VARIANTS=single,offload on one GPU)
 #   bash benchmarks/gpu_speed.sh offload    # one GPU: offload vs in-GPU (7B shape), each with a one-step profile
 # With BEFORE=<dir> holding another version's src/, the SmolLM2 step times are measured for it too, in turn.
+# With COMPILE=true, train-steps, breakdown and adazeta-profile compile the captured forwards (train.compile).
 # Results go to ${OUT:-/tmp/gpu-speed}; the training runs' folders to ${RUNS:-/tmp/gpu-speed-runs}.
 set -uo pipefail
 out=${OUT:-/tmp/gpu-speed}
+compile=${COMPILE:-false}
+tag=$([ "$compile" = true ] && echo "-compiled" || echo "")
 runs=${RUNS:-/tmp/gpu-speed-runs}
 mkdir -p "$out" "$runs"
 train() {  # train <source dir> <run name> <zotune train arguments...>
@@ -46,9 +50,9 @@ train-steps)
     for version in now ${BEFORE:+before}; do
       src=$PWD/src
       [ "$version" = before ] && src=$BEFORE/src
-      train "$src" "$version-$method" --optim.method "$method" --train.steps 300 --train.eval_every 0 \
-        --train.zero_shot false
-      median_step "$version-$method" | tee -a "$out/smollm2-steps.md"
+      train "$src" "$version-$method$tag" --optim.method "$method" --train.steps 300 --train.eval_every 0 \
+        --train.zero_shot false $([ "$version" = now ] && echo "--train.compile $compile")
+      median_step "$version-$method$tag" | tee -a "$out/smollm2-steps.md"
     done
   done
   ;;
@@ -64,10 +68,11 @@ accuracy)
   ;;
 batched)
   for q in 1 10; do  # an epoch is one step (16 examples): from the second step on, Q = min(1000 e^β, q)
-    for path in inplace batched batched-eager; do  # batched-eager: its forwards not from CUDA graphs
+    for path in ${PATHS:-inplace batched batched-compiled batched-eager}; do  # batched-eager: no CUDA graphs
       python3 -m zotune train --model.device cuda --optim.method adazeta --adapter.kind adp --adapter.train_norms false \
         --optim.q_max $q --optim.q_alpha 1000 --data.n_train 16 --optim.batched $([ $path = inplace ] && echo false || echo true) \
         --train.cuda_graphs $([ $path = batched-eager ] && echo false || echo true) \
+        --train.compile $([ $path = batched-compiled ] && echo true || echo false) \
         --train.steps 60 --train.eval_every 0 --train.zero_shot false --data.n_test 64 --train.progress false \
         --train.output_dir "$runs" --train.run_name "adazeta-q$q-$path" > "$out/adazeta-q$q-$path.txt" 2>&1
       median_step "adazeta-q$q-$path" | tee -a "$out/batched.md"
@@ -81,19 +86,20 @@ batched)
   ;;
 breakdown)
   for method in mezo lozo; do
-    python3 benchmarks/profile_training.py --breakdown "$out/breakdown-$method.json" --model.device cuda \
-      --optim.trainable all --optim.method "$method" > "$out/profile-$method.txt" 2>&1
-    tail -n 1 "$out/profile-$method.txt"
+    python3 benchmarks/profile_training.py --breakdown "$out/breakdown-$method$tag.json" --model.device cuda \
+      --optim.trainable all --optim.method "$method" --train.compile $compile > "$out/profile-$method$tag.txt" 2>&1
+    tail -n 1 "$out/profile-$method$tag.txt"
   done
-  python3 benchmarks/plot_step_breakdown.py "$out"/breakdown-mezo.json "$out"/breakdown-lozo.json \
-    --out "$out/smollm2_step_breakdown.png"
+  python3 benchmarks/plot_step_breakdown.py "$out"/breakdown-mezo$tag.json "$out"/breakdown-lozo$tag.json \
+    --out "$out/smollm2_step_breakdown$tag.png"
   ;;
 adazeta-profile)
   for q in 1 10; do  # as in `batched`: from the second step on, the schedule gives Q
-    python3 benchmarks/profile_training.py --breakdown "$out/breakdown-adazeta-q$q.json" --model.device cuda \
+    python3 benchmarks/profile_training.py --breakdown "$out/breakdown-adazeta-q$q$tag.json" --model.device cuda \
       --optim.method adazeta --adapter.kind adp --adapter.train_norms false --optim.q_max $q --optim.q_alpha 1000 \
-      --data.n_train 16 --optim.batched true --train.zero_shot false --data.n_test 64 > "$out/profile-adazeta-q$q.txt" 2>&1
-    tail -n 1 "$out/profile-adazeta-q$q.txt"
+      --data.n_train 16 --optim.batched true --train.zero_shot false --data.n_test 64 --train.compile $compile \
+      > "$out/profile-adazeta-q$q$tag.txt" 2>&1
+    tail -n 1 "$out/profile-adazeta-q$q$tag.txt"
   done
   ;;
 offload)

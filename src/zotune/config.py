@@ -145,8 +145,12 @@ class TrainConfig:
                                   "run folder), wandb (Weights & Biases; WANDB_PROJECT, WANDB_MODE apply); "
                                   "e.g. tensorboard,wandb")
     cuda_graphs: bool = _f(True, "on CUDA, replay the training forwards of the in-place and batched paths from CUDA "
-                                 "graphs (sequence lengths padded to multiples of 32); falls back to eager forwards, "
-                                 "with a warning, where capture fails")
+                                 "graphs (sequence lengths padded to multiples of 8, coarser above 32 tokens: at most "
+                                 "a quarter longer); falls back to eager forwards, with a warning, where capture fails")
+    compile: bool = _f(False, "with cuda_graphs: compile the training forward with torch.compile (inductor) before "
+                              "capturing it, which fuses the network's elementwise kernels; each new shape costs "
+                              "a compilation (tens of seconds) at its first step; falls back, with a warning, to "
+                              "the uncompiled forward where compilation fails")
     threads: typing.Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
     sharding: str = _f("none", "under torchrun: fsdp shards every parameter over the ranks with FSDP2 (each rank "
                                "perturbs and updates its shard, the forward gathers; every ZO method; checkpoints "

@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_llama, tiny_opt
 from zotune.eval.scoring import tail_logprobs
-from zotune.models.captured import CapturedCausalLM, capture_unsupported
+from zotune.models.captured import CapturedCausalLM, capture_unsupported, padded_length
 
 
 def rows(n, seed):
@@ -23,12 +23,54 @@ def rows(n, seed):
 def test_bucketed_masked_forward_scores_like_the_model(implementation, build):
     model = build()
     model.config._attn_implementation = implementation
-    batch = rows(6, 0)  # lengths 3..19, left-padded to the longest, then to the 32-token bucket
+    batch = rows(6, 0)  # lengths 3..19, left-padded to the longest, then to a multiple of 8 (the bucket)
     plain = tail_logprobs(model, batch, pad_id=0)
-    bucketed = tail_logprobs(CapturedCausalLM(model, bucket=32, capture=False), batch, pad_id=0)
+    bucketed = tail_logprobs(CapturedCausalLM(model, capture=False), batch, pad_id=0)
     assert bucketed.shape == plain.shape
     # Extra left padding and an explicit mask change nothing but float rounding of the masked sums.
     assert torch.allclose(bucketed, plain, atol=1e-5), (bucketed - plain).abs().max()
+
+
+def test_padded_lengths_are_few_and_waste_at_most_a_quarter():
+    for bucket in (1, 8, 32):
+        padded = [padded_length(n, bucket) for n in range(1, 4097)]
+        assert all(p >= n and p % bucket == 0 for n, p in zip(range(1, 4097), padded))
+        assert padded == sorted(padded)  # a longer batch never gets a shorter shape
+        # Up to 4·bucket tokens the bucket's multiples; beyond, padding adds less than a quarter.
+        assert all(p - n < bucket for n, p in zip(range(1, 4 * bucket + 1), padded))
+        assert all((p - n) * 4 < n for n, p in zip(range(4 * bucket + 1, 4097), padded))
+        # Four shapes per doubling of the length at most: 4096 tokens need few graphs.
+        assert len(set(padded)) <= 4 * bucket.bit_length() + 4 * (4096 // (4 * bucket)).bit_length()
+    assert [padded_length(n, 8) for n in (5, 8, 9, 33, 65, 129)] == [8, 8, 16, 40, 80, 160]
+
+
+def test_the_compiled_forward_scores_like_the_model():
+    # Through torch.compile's graph capture (dynamo) with its eager backend: the same operations, so the
+    # same numbers; inductor's fused kernels run in the CUDA tests.
+    model = tiny_llama()
+    batch = rows(6, 3)
+    plain = tail_logprobs(CapturedCausalLM(model, capture=False), batch, pad_id=0)
+    compiled = CapturedCausalLM(model, capture=False, compile="eager")
+    torch.testing.assert_close(tail_logprobs(compiled, batch, pad_id=0), plain, rtol=0, atol=0)
+    assert compiled.backend == "eager"
+
+
+def test_a_failed_compilation_warns_once_and_runs_uncompiled():
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no kernels for this graph")
+
+    model = tiny_llama()
+    batch = rows(4, 4)
+    compiled = CapturedCausalLM(model, capture=False, compile=failing_backend)
+    with pytest.warns(RuntimeWarning, match="torch.compile of LlamaForCausalLM's forward failed.*no kernels"):
+        first = tail_logprobs(compiled, batch, pad_id=0)
+    assert compiled.backend is None
+    torch.testing.assert_close(first, tail_logprobs(CapturedCausalLM(model, capture=False), batch, pad_id=0))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: later calls run the model itself
+        tail_logprobs(compiled, batch, pad_id=0)
 
 
 def test_a_failed_capture_warns_once_and_runs_eagerly():
@@ -54,13 +96,14 @@ def test_a_cpu_model_is_not_captured():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_replays_follow_in_place_weight_changes_on_cuda():
+@pytest.mark.parametrize("compile", [None, "inductor"])
+def test_replays_follow_in_place_weight_changes_on_cuda(compile):
     model = tiny_llama().cuda()
     assert capture_unsupported(model) is None
-    captured = CapturedCausalLM(model)
+    captured = CapturedCausalLM(model, compile=compile)
     batch = rows(4, 1)
     first = tail_logprobs(captured, batch, pad_id=0)
-    assert captured.failure is None and len(captured._graphs) == 1
+    assert captured.failure is None and len(captured._graphs) == 1 and captured.backend == compile
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)  # what the in-place path does between the two evaluations of a query

@@ -213,6 +213,19 @@ def test_the_batched_path_runs_through_the_capturable_forward():
         assert b == pytest.approx(a, rel=1e-3, abs=1e-3)
 
 
+def test_the_batched_path_runs_through_a_compiled_forward():
+    # torch.compile traces the forward with the copies' stacks swapped into the TT layers, and traces it
+    # again when the stacks grow (q = 1, then 3): its eager backend runs the traced operations, so the
+    # projected gradients are the uncompiled ones exactly.
+    from zotune.models.captured import CapturedCausalLM
+
+    def through(compile):
+        return lambda model, path: CapturedCausalLM(model, capture=False, storage_version=path.storage_version,
+                                                    compile=compile)
+
+    assert batched_grads_through(through("eager"), "cpu") == batched_grads_through(through(None), "cpu")
+
+
 def test_copy_values_are_theta_plus_each_points_direction_for_every_dtype():
     # The stacks of one device and dtype share a buffer; each row must be exactly what the drift-safe
     # path computes for that point (a copy of θ, then offset·Z added in place), in every dtype, also
@@ -289,4 +302,22 @@ def test_captured_batched_forwards_follow_new_copy_stacks_on_cuda():
     replayed = batched_grads_through(wrap, "cuda")
     assert captured["model"].failure is None
     for a, b in zip(plain, replayed):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_captured_batched_forwards_measure_what_the_model_measures_on_cuda():
+    # inductor's fused kernels round differently from the model's own: tolerance as above.
+    from zotune.models.captured import CapturedCausalLM
+
+    plain = batched_grads_through(lambda model, path: model, "cuda")
+    made = {}
+
+    def wrap(model, path):
+        made["model"] = CapturedCausalLM(model, storage_version=path.storage_version, compile="inductor")
+        return made["model"]
+
+    compiled = batched_grads_through(wrap, "cuda")
+    assert made["model"].failure is None and made["model"].backend == "inductor"
+    for a, b in zip(plain, compiled):
         assert b == pytest.approx(a, rel=1e-3, abs=1e-3)

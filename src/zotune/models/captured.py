@@ -10,8 +10,10 @@ that same storage, so one capture serves every step (no re-capture between the Â
 (``model(input_ids=..., attention_mask=..., position_ids=..., logits_to_keep=...)``, the last
 positions to keep as a count or as their indices):
 
-* shapes must repeat, so the sequence length is left-padded up to a multiple of ``bucket``
-  tokens (left padding keeps the last positions, the ones scored, where they were);
+* shapes must repeat, so the sequence length is left-padded to a few lengths (:func:`padded_length`:
+  multiples of ``bucket`` tokens, coarser for long sequences, at most a quarter more than the batch's
+  own length beyond ``4Â·bucket``); left padding keeps the last positions, the ones scored, where
+  they were;
 * the padding mask becomes the 4-D mask the attention reads (causal and key-is-real, plus the
   diagonal so that a padding query attends to itself and stays finite), built inside the graph:
   transformers' own mask code inspects the mask's values on the host, which capture forbids;
@@ -21,7 +23,11 @@ positions to keep as a count or as their indices):
 * on the batched path (:class:`~zotune.optim.batched.Batched`) the forward runs with the per-copy
   layers installed, reading the copies' values from stacks that persist across steps; when the
   stacks move to new storage (AdaZeta's query count grows) ``storage_version`` changes and every
-  graph is captured again.
+  graph is captured again;
+* with ``compile`` (``train.compile``) the forward is compiled by ``torch.compile`` before it is
+  captured: its compiler fuses the frozen network's elementwise kernels (norms, rotary embedding,
+  activations, residual sums), which a graph replays but does not merge. A compilation that fails
+  warns once and the uncompiled forward is captured instead.
 """
 
 from __future__ import annotations
@@ -57,11 +63,14 @@ def capture_unsupported(model: nn.Module) -> str | None:
 class CapturedCausalLM:
     """Calls a causal LM like the scoring code does, replaying one CUDA graph per input shape."""
 
-    def __init__(self, model: nn.Module, bucket: int = 32, capture: bool = True,
-                 storage_version: Callable[[], int] | None = None) -> None:
+    def __init__(self, model: nn.Module, bucket: int = 8, capture: bool = True,
+                 storage_version: Callable[[], int] | None = None, compile: str | Callable | None = None) -> None:
         self.model, self.bucket, self.capture = model, bucket, capture
         self.storage_version, self._version = storage_version, None
         self.forward = model.forward  # the scoring code reads its signature
+        # What runs the forward: the model, or its torch.compile'd form with this backend (e.g. "inductor")
+        self.backend = compile
+        self._run = torch.compile(model, backend=compile) if compile else model
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, Tensor]] = {}
         self._pool = None
         self.failure: str | None = None  # why capture was abandoned, once it was
@@ -78,14 +87,13 @@ class CapturedCausalLM:
             logits_to_keep = logits_to_keep.numel()
         if logits_to_keep < 1:
             raise ValueError("CapturedCausalLM needs logits_to_keep >= 1 (the scored positions)")
-        length = input_ids.shape[1]
-        padded = math.ceil(length / self.bucket) * self.bucket
+        padded = padded_length(input_ids.shape[1], self.bucket)
         inputs = {"input_ids": _left_pad(input_ids, padded, 0), "attention_mask": _left_pad(attention_mask, padded, 0),
                   "position_ids": _left_pad(position_ids if position_ids is not None else _positions(attention_mask),
                                             padded, 0)}
         key = (input_ids.shape[0], padded, logits_to_keep, str(input_ids.device))
         if not self.capture:  # the same computation, eagerly: what the tests compare on the CPU
-            return SimpleNamespace(logits=self._logits(inputs, logits_to_keep))
+            return SimpleNamespace(logits=self._logits_or_uncompiled(inputs, logits_to_keep))
         if self.storage_version is not None and self.storage_version() != self._version:
             # The graphs read storage that has been replaced. Their memory pool goes with them: the
             # allocator frees a private pool once no graph holds it, so its old handle must not be reused.
@@ -115,22 +123,46 @@ class CapturedCausalLM:
         mask = _attention_mask_4d(inputs["attention_mask"], self.model.config._attn_implementation,
                                   self.model.dtype)
         positions = last_positions(inputs["input_ids"].shape[1], keep, mask.device)
-        return self.model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"],
-                          logits_to_keep=positions, use_cache=False).logits
+        return self._run(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"],
+                         logits_to_keep=positions, use_cache=False).logits
 
     def _record(self, inputs: dict[str, Tensor], keep: int):
         static = {name: value.clone() for name, value in inputs.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(2):  # warm-up outside the graph: lazy initialisation, cuBLAS workspaces
-                self._logits(static, keep)
+            for _ in range(2):  # warm-up outside the graph: lazy initialisation, cuBLAS workspaces, compilation
+                self._logits_or_uncompiled(static, keep)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
             out = self._logits(static, keep)
         self._pool = graph.pool()
         return graph, static, out
+
+    def _logits_or_uncompiled(self, inputs: dict[str, Tensor], keep: int) -> Tensor:
+        """:meth:`_logits`; where the compiled forward fails, the model's own from then on (one warning)."""
+        try:
+            return self._logits(inputs, keep)
+        except Exception as error:  # noqa: BLE001 -- any compiler failure falls back to the uncompiled forward
+            if self._run is self.model:
+                raise
+            error = getattr(error, "inner_exception", error)  # the compiler's own error, not dynamo's wrapper
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            warnings.warn(f"torch.compile of {type(self.model).__name__}'s forward failed ({reason}); the training "
+                          "forwards run uncompiled (train.compile=false skips the attempt)", RuntimeWarning,
+                          stacklevel=3)
+            self._run, self.backend = self.model, None
+            return self._logits(inputs, keep)
+
+
+def padded_length(length: int, bucket: int) -> int:
+    """The length a batch of ``length`` tokens is padded to: a multiple of ``bucket``, or of a quarter of the
+    largest power of two not above ``length`` where that is coarser. Padding costs at most ``bucket - 1``
+    tokens, or a quarter of the length, while a run sees few distinct shapes (four per doubling of the
+    length, each one CUDA graph)."""
+    step = max(bucket, 2 ** (length.bit_length() - 3)) if length > 0 else bucket
+    return math.ceil(length / step) * step
 
 
 def _left_pad(values: Tensor, length: int, fill: int) -> Tensor:

@@ -291,12 +291,16 @@ def training_forward(model: nn.Module, cfg, optimizer, masked: bool, say) -> nn.
     path = getattr(path, "inner", path)  # under torchrun, the path each rank runs
     if not (cfg.train.cuda_graphs and isinstance(path, (InPlace, Batched)) and not masked
             and any(p.is_cuda for p in model.parameters())):
+        if cfg.train.compile:
+            say("note: train.compile applies to forwards captured in CUDA graphs (train.cuda_graphs, a causal LM on "
+                "one GPU, the in-place or batched path); this run's forwards run uncompiled")
         return model
     why = capture_unsupported(model)
     if why is not None:
         say(f"note: training forwards run eagerly, not from CUDA graphs: {why}")
         return model
-    return CapturedCausalLM(model, storage_version=path.storage_version if isinstance(path, Batched) else None)
+    return CapturedCausalLM(model, storage_version=path.storage_version if isinstance(path, Batched) else None,
+                            compile="inductor" if cfg.train.compile else None)
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int, nan_policy: str | None = None, layout=None):
