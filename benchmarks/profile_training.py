@@ -3,8 +3,9 @@
     python benchmarks/profile_training.py --model.device cuda --optim.trainable all --optim.method mezo
     python benchmarks/profile_training.py --breakdown out/mezo.json --model.device cuda ...
 
-Takes ``zotune train``'s flags. Builds the run as the CLI does (a run folder under /tmp), takes 10
-warm-up steps (CUDA graphs are captured there), then profiles 5 and prints the operators by host
+Takes ``zotune train``'s flags. Builds the run as the CLI does (a run folder under /tmp), takes 40
+warm-up steps (CUDA graphs are captured there: one per padded length, and a task's batches come in
+several lengths), then profiles 5 and prints the operators by host
 time and, on CUDA, by device time, then times 20 steps without the profiler (the wall time per
 step). ``--breakdown FILE`` (first) also writes a step's time split three ways, for
 ``plot_step_breakdown.py``: device time in the perturbation kernels (the fused Gaussian and
@@ -30,6 +31,7 @@ from zotune.train.loop import Training
 
 
 PERTURBATION_KERNELS = ("_perturb_kernel", "_lowrank_kernel")
+WARM_UP = 40  # steps before the profile: SST-2's batches of 16 come in six padded lengths, each captured once
 
 
 def breakdown(averages, wall: float, steps: int) -> dict:
@@ -64,19 +66,19 @@ def main() -> None:
                                 "train.zero_shot": "false", "train.eval_every": "0"})
     cuda = cfg.model.device.startswith("cuda")
     with Training(cfg, start(cfg.model.device, 600.0), say=print) as run:
-        for step in range(10):
+        for step in range(WARM_UP):
             run.step(step)
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         began = time.perf_counter()
         with profile(activities=activities) as prof:
-            for step in range(10, 15):
+            for step in range(WARM_UP, WARM_UP + 5):
                 run.step(step)
             sync()
         profiled = (time.perf_counter() - began) / 5
         began = time.perf_counter()
-        for step in range(15, 35):
+        for step in range(WARM_UP + 5, WARM_UP + 25):
             run.step(step)
         sync()
         wall = (time.perf_counter() - began) / 20
