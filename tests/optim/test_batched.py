@@ -223,7 +223,8 @@ def test_the_batched_path_runs_through_a_compiled_forward():
         return lambda model, path: CapturedCausalLM(model, capture=False, storage_version=path.storage_version,
                                                     compile=compile)
 
-    assert batched_grads_through(through("eager"), "cpu", steps=1) == batched_grads_through(through(None), "cpu", steps=1)
+    compiled = batched_grads_through(through("eager"), "cpu", steps=1)
+    assert compiled == batched_grads_through(through(None), "cpu", steps=1)
 
 
 def test_copy_values_are_theta_plus_each_points_direction_for_every_dtype():
