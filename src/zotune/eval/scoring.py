@@ -179,9 +179,10 @@ def gold_lm_loss(model: nn.Module, batch: list[Encoded], pad_id: int, copies: in
     run that many times over in one forward (copy-major) and the per-copy token means are
     returned, shape ``(copies,)``, as the batched and virtual paths require.
     """
+    runs = copies or 1
     rows = [(ex.prompt + ex.candidates[ex.label], len(ex.candidates[ex.label])) for ex in batch]
-    logp = tail_logprobs(model, rows, pad_id, copies or 1)
-    values, mask = _gathered(logp, [(r, list(ex.candidates[ex.label]), 1) for r, ex in enumerate(batch)], copies or 1)
-    sums, counts = -(values * mask).sum(-1), mask.sum(-1)  # (B,)
-    per_copy = sums.view(copies or 1, -1).sum(1) / counts.view(copies or 1, -1).sum(1)
+    logp = tail_logprobs(model, rows, pad_id, runs)
+    values, mask = _gathered(logp, [(r, list(ex.candidates[ex.label]), 1) for r, ex in enumerate(batch)], runs)
+    sums, counts = -(values * mask).sum(-1), mask.sum(-1)  # (runs · B,)
+    per_copy = sums.view(runs, -1).sum(1) / counts.view(runs, -1).sum(1)
     return per_copy[0] if copies is None else per_copy
