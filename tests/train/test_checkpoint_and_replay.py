@@ -227,6 +227,18 @@ def test_replay_refuses_a_log_drawn_on_another_kind_of_device(tiny_model_dir, tm
         replay(str(tiny_model_dir), moved, progress=False, say=lambda _: None)
 
 
+def test_a_cuda_log_of_another_philox_stream_is_refused():
+    from zotune.optim import philox
+
+    here = ["cuda"]
+    trajectory.check_devices({"devices": here, "stream": philox.STREAM}, here)  # this version's: replayed
+    trajectory.check_devices({"devices": ["cpu"]}, ["cpu"])  # CPU logs draw from torch's generator: no stream
+    for older in ({"devices": here}, {"devices": here, "stream": "philox4x32-10/box-muller/block-1024"}):
+        with pytest.raises(ValueError, match="drawn on CUDA from the Philox stream 'philox4x32-10/box-muller/"
+                                             "block-1024'"):
+            trajectory.check_devices(older, here)
+
+
 def test_a_resume_refuses_a_changed_setting_and_records_an_allowed_one(tiny_model_dir, tmp_path):
     subprocess.run(train_args(tiny_model_dir, tmp_path, "run", steps=10), check=True, capture_output=True)
     run_dir = tmp_path / "run"

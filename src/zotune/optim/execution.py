@@ -35,13 +35,15 @@ IndexedParams = Sequence[tuple[int, Tensor]]
 Closure = Callable[..., "Tensor | float"]
 
 
-def _scalar(value: object) -> float:
+def _pending(value: object) -> "Tensor | float":
+    """A closure's loss, checked, and not yet read back: a one-element tensor becomes a float64 copy
+    of itself on its device (a snapshot, in case the closure's next call overwrites its output)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise TypeError(
                 f"the closure must return the batch loss as a scalar; got a tensor of shape {tuple(value.shape)}"
             )
-        return float(value.detach().item())
+        return value.detach().reshape(()).to(torch.float64, copy=True)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     raise TypeError(
@@ -50,9 +52,29 @@ def _scalar(value: object) -> float:
     )
 
 
+def read_back(values: Sequence["Tensor | float"]) -> list[float]:
+    """Python floats of :func:`_pending` losses: one copy to the host per device, so a step whose
+    forwards run on a GPU waits for it once, not once a forward."""
+    floats = list(values)
+    on_device: dict[torch.device, list[int]] = {}
+    for i, value in enumerate(values):
+        if isinstance(value, Tensor):
+            on_device.setdefault(value.device, []).append(i)
+    for positions in on_device.values():
+        for i, number in zip(positions, torch.stack([values[i] for i in positions]).tolist()):
+            floats[i] = number
+    return floats
+
+
+def mean_losses(measured: Sequence[Sequence["Tensor | float"]]) -> list[float]:
+    """The mean micro-batch loss of each point, from each point's :func:`_pending` losses."""
+    numbers = iter(read_back([value for values in measured for value in values]))
+    return [sum(next(numbers) for _ in values) / len(values) for values in measured]
+
+
 def mean_loss(closures: Sequence[Closure]) -> float:
     """Average of the micro-batch losses (gradient accumulation averages projected gradients)."""
-    return sum(_scalar(c()) for c in closures) / len(closures)
+    return mean_losses([[_pending(c()) for c in closures]])[0]
 
 
 def owners(model: nn.Module, params: IndexedParams) -> list[tuple[str, nn.Module, list[tuple[str, int, Tensor]]]]:
@@ -135,7 +157,7 @@ class InPlace(ExecutionPath):
         self._applied: list[Term] = []  # what is currently added to θ
 
     def measure_points(self, points, closures):
-        losses = []
+        measured = []  # each point's losses, read back after the last forward (the GPU waits once a step)
         for offset, key in points:
             # One pass moves from the current point to the next: undo the other keys' offsets and
             # bring this key's offset to its new value (e.g. +ε → −ε is one pass of −2ε).
@@ -144,8 +166,8 @@ class InPlace(ExecutionPath):
             terms.append((offset - already, key))
             self.perturbation.add_each_(self.params, terms, ())
             self._applied = [(offset, key)]
-            losses.append(mean_loss(closures))
-        return losses
+            measured.append([_pending(c()) for c in closures])
+        return mean_losses(measured)
 
     def take_restore_terms(self) -> list[Term]:
         terms = [(-alpha, key) for alpha, key in self._applied]

@@ -30,7 +30,7 @@ MAX_TERMS = 4  # terms fused in one launch (a pass with more runs in several)
 _LAYOUTS_KEPT = 64  # layout tables kept per perturber (distinct sets of one-off tensors)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
 _SCALE, _FLOOR = tl.constexpr(UNIFORM_SCALE), tl.constexpr(MIN_UNIFORM)  # globals a kernel reads are constexpr
-_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -65,58 +65,70 @@ def _direction(seed, counter, index, FAST: tl.constexpr):
 
 
 @triton.jit
-def _add_term(x0, x1, x2, x3, alpha, seed, counter, index, FAST: tl.constexpr):
-    n0, n1, n2, n3 = _direction(seed, counter, index, FAST)
-    return x0 + alpha * n0, x1 + alpha * n1, x2 + alpha * n2, x3 + alpha * n3
+def _add_terms(x0, x1, x2, x3, counter, index, seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3,
+               TERMS: tl.constexpr, FAST: tl.constexpr):
+    for term in tl.static_range(TERMS):  # unrolled: the term's key and step size are scalars
+        seed = seed0 if term == 0 else seed1 if term == 1 else seed2 if term == 2 else seed3
+        alpha = alpha0 if term == 0 else alpha1 if term == 1 else alpha2 if term == 2 else alpha3
+        n0, n1, n2, n3 = _direction(seed, counter, index, FAST)
+        x0, x1, x2, x3 = x0 + alpha * n0, x1 + alpha * n1, x2 + alpha * n2, x3 + alpha * n3
+    return x0, x1, x2, x3
 
 
 @triton.jit(do_not_specialize=["seed0", "seed1", "seed2", "seed3", "alpha0", "alpha1", "alpha2", "alpha3"])
-def _perturb_kernel(addresses, numels, bases, indices, block_tensor, block_start,
+def _perturb_kernel(anchor, offsets, numels, bases, indices, block_tensor, block_start,
                     seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3,
-                    TERMS: tl.constexpr, QUADS: tl.constexpr, DTYPE: tl.constexpr, FAST: tl.constexpr):
+                    TERMS: tl.constexpr, QUADS: tl.constexpr, ALIGN: tl.constexpr, FAST: tl.constexpr):
     program = tl.program_id(0)
     tensor = tl.load(block_tensor + program)
     start = tl.load(block_start + program)  # in the parameter's elements: a multiple of 4·QUADS
     numel = tl.load(numels + tensor)
     base = tl.load(bases + tensor)  # the parameter element held at the tensor's first (a shard's offset)
     index = tl.load(indices + tensor)  # the optimizer's parameter index: part of the Philox counter
-    pointer = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
+    at = tl.load(offsets + tensor) + start - base  # the block's first element, in elements from ``anchor``
     lanes = tl.arange(0, QUADS)
-    # the block's four quarters, each a contiguous run of QUADS elements (coalesced loads and stores),
-    # at positions in the tensor (o - base) that this tensor may hold only in part
-    o0 = start + lanes - base
-    o1, o2, o3 = o0 + QUADS, o0 + 2 * QUADS, o0 + 3 * QUADS
-    m0, m1, m2, m3 = (o0 >= 0) & (o0 < numel), (o1 >= 0) & (o1 < numel), (o2 >= 0) & (o2 < numel), \
-        (o3 >= 0) & (o3 < numel)
-    x0 = tl.load(pointer + o0, mask=m0).to(tl.float32)
-    x1 = tl.load(pointer + o1, mask=m1).to(tl.float32)
-    x2 = tl.load(pointer + o2, mask=m2).to(tl.float32)
-    x3 = tl.load(pointer + o3, mask=m3).to(tl.float32)
     counter = start // 4 + lanes
-    x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha0, seed0, counter, index, FAST)
-    if TERMS > 1:
-        x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha1, seed1, counter, index, FAST)
-    if TERMS > 2:
-        x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha2, seed2, counter, index, FAST)
-    if TERMS > 3:
-        x0, x1, x2, x3 = _add_term(x0, x1, x2, x3, alpha3, seed3, counter, index, FAST)
-    tl.store(pointer + o0, x0.to(DTYPE), mask=m0)
-    tl.store(pointer + o1, x1.to(DTYPE), mask=m1)
-    tl.store(pointer + o2, x2.to(DTYPE), mask=m2)
-    tl.store(pointer + o3, x3.to(DTYPE), mask=m3)
+    # The block's four quarters, each a contiguous run of QUADS elements. A block inside its tensor (all
+    # but a tensor's first and last) loads and stores them unmasked, from an address the compiler knows
+    # to be a multiple of ALIGN elements (16 bytes where the host found it so): 16-byte accesses.
+    if (start >= base) & (start + 4 * QUADS <= base + numel):
+        first = anchor + tl.multiple_of(at, ALIGN) + lanes
+        x0, x1, x2, x3 = _add_terms(
+            tl.load(first).to(tl.float32), tl.load(first + QUADS).to(tl.float32),
+            tl.load(first + 2 * QUADS).to(tl.float32), tl.load(first + 3 * QUADS).to(tl.float32),
+            counter, index, seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, TERMS, FAST)
+        tl.store(first, x0.to(anchor.dtype.element_ty))
+        tl.store(first + QUADS, x1.to(anchor.dtype.element_ty))
+        tl.store(first + 2 * QUADS, x2.to(anchor.dtype.element_ty))
+        tl.store(first + 3 * QUADS, x3.to(anchor.dtype.element_ty))
+    else:  # the elements of the block this tensor holds (a shard may hold a block only in part)
+        o0 = start - base + lanes
+        o1, o2, o3 = o0 + QUADS, o0 + 2 * QUADS, o0 + 3 * QUADS
+        m0, m1, m2, m3 = (o0 >= 0) & (o0 < numel), (o1 >= 0) & (o1 < numel), (o2 >= 0) & (o2 < numel), \
+            (o3 >= 0) & (o3 < numel)
+        first = anchor + at + lanes
+        x0, x1, x2, x3 = _add_terms(
+            tl.load(first, mask=m0).to(tl.float32), tl.load(first + QUADS, mask=m1).to(tl.float32),
+            tl.load(first + 2 * QUADS, mask=m2).to(tl.float32), tl.load(first + 3 * QUADS, mask=m3).to(tl.float32),
+            counter, index, seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, TERMS, FAST)
+        tl.store(first, x0.to(anchor.dtype.element_ty), mask=m0)
+        tl.store(first + QUADS, x1.to(anchor.dtype.element_ty), mask=m1)
+        tl.store(first + 2 * QUADS, x2.to(anchor.dtype.element_ty), mask=m2)
+        tl.store(first + 3 * QUADS, x3.to(anchor.dtype.element_ty), mask=m3)
 
 
 @dataclass
 class _Tables:
     """Where each program works: built once per set of tensors (weights do not move)."""
 
-    addresses: Tensor  # (tensors,) int64 data pointers
+    anchor: Tensor  # the first tensor: the kernel addresses every tensor's elements from its first element
+    offsets: Tensor  # (tensors,) int64: where each tensor starts, in elements from the anchor's start
+    align: int  # every tensor's start is a multiple of this many elements from the anchor's (16 bytes, or 1)
     numels: Tensor  # (tensors,) int64
     bases: Tensor  # (tensors,) int64: the parameter element at each tensor's first (0 but for shards)
     indices: Tensor  # (tensors,) int64 parameter indices
     block_tensor: Tensor  # (blocks,) int64: which tensor a program works on
     block_start: Tensor  # (blocks,) int64: its first element
-    dtype: tl.dtype
 
 
 def _recent(cache: OrderedDict, key: tuple, keep: int, build):
@@ -146,18 +158,28 @@ def _layout(numels: Sequence[int], bases: Sequence[int], device: torch.device) -
     return (*packed[:2 * n].view(2, n), packed[2 * n:2 * n + owner.numel()], packed[2 * n + owner.numel():])
 
 
+def _head(addresses: Sequence[int], indices: Sequence[int], element_size: int, device: torch.device
+          ) -> tuple[Tensor, Tensor]:
+    """(offsets, indices) of ``_Tables`` on ``device``: each tensor's start in elements from the first's
+    (same-dtype allocations start a whole number of elements apart), and the parameter indices."""
+    offsets = [(a - addresses[0]) // element_size for a in addresses]
+    return tuple(to_device(torch.tensor([offsets, list(indices)], dtype=torch.int64), device))
+
+
 class FusedPerturber:
     """Applies Σ α_k Z_k to groups of same-device, same-dtype contiguous tensors (one launch per
     group and up to MAX_TERMS terms)."""
 
-    def __init__(self, num_warps: int = 4) -> None:
+    # 8 warps: 16 elements a thread a block. On an H200 (benchmarks/perturb_pass.py) as fast as 4 on
+    # 16-bit weights and faster on float32 and for two terms.
+    def __init__(self, num_warps: int = 8) -> None:
         self.num_warps = num_warps
         # The tables of the tensor sets seen last: the layout (numels, bases, the programs' tensors and
         # starts) by (device, numels, bases), shared by every set of those sizes (the decoder blocks of a
         # model); the addresses and parameter indices by their values. One-off tensors of a recurring
         # layout (an offloaded block's uploaded weights, a rule's coordinates) then build nothing.
         self._layouts: OrderedDict[tuple, tuple[Tensor, ...]] = OrderedDict()
-        self._heads: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()  # -> (addresses, indices)
+        self._heads: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()  # -> (offsets, indices)
 
     @staticmethod
     def supports(param: Tensor) -> bool:
@@ -173,10 +195,15 @@ class FusedPerturber:
         numel, base, block_tensor, block_start = _recent(self._layouts, (device, numels, bases), _LAYOUTS_KEPT,
                                                          lambda: _layout(numels, bases, device))
         # (the allocator hands recurring one-off tensors the same blocks, so their addresses recur too)
-        head = (tuple(t.data_ptr() for _, t in tensors), tuple(index for index, _ in tensors))
-        addresses, indices = _recent(self._heads, (device, *head), 4 * _LAYOUTS_KEPT,
-                                     lambda: tuple(to_device(torch.tensor(head, dtype=torch.int64), device)))
-        return _Tables(addresses, numel, base, indices, block_tensor, block_start, _DTYPES[dtype])
+        addresses, indices = tuple(t.data_ptr() for _, t in tensors), tuple(index for index, _ in tensors)
+        offsets, indices = _recent(self._heads, (device, addresses, indices), 4 * _LAYOUTS_KEPT,
+                                   lambda: _head(addresses, indices, tensors[0][1].element_size(), device))
+        # 16-byte accesses need every block's first element 16-byte aligned: the tensors' starts (a block
+        # starts a multiple of 4·QUADS elements into its parameter, which a shard's base shifts)
+        vector = 16 // tensors[0][1].element_size()
+        aligned = all(a % 16 == 0 for a in addresses) and all(b % vector == 0 for b in bases)
+        return _Tables(tensors[0][1], offsets, vector if aligned else 1, numel, base, indices, block_tensor,
+                       block_start)
 
     def add_(self, tensors: Sequence[tuple[int, Tensor]] | _Tables, terms: Sequence[tuple[float, int]]) -> None:
         """``t += Σ α_k Z(seed_k, index)`` for every ``(index, t)`` (or the tensors of prebuilt tables);
@@ -190,6 +217,6 @@ class FusedPerturber:
             alphas = [float(alpha) for alpha, _ in padded]
             seeds = [int(seed) for _, seed in padded]
             _perturb_kernel[(tables.block_tensor.numel(),)](
-                tables.addresses, tables.numels, tables.bases, tables.indices, tables.block_tensor, tables.block_start,
-                *seeds, *alphas, TERMS=len(chunk), QUADS=QUADS, DTYPE=tables.dtype, FAST=not _INTERPRETED,
-                num_warps=self.num_warps)
+                tables.anchor, tables.offsets, tables.numels, tables.bases, tables.indices, tables.block_tensor,
+                tables.block_start, *seeds, *alphas, TERMS=len(chunk), QUADS=QUADS, ALIGN=tables.align,
+                FAST=not _INTERPRETED, num_warps=self.num_warps)

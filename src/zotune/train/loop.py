@@ -215,7 +215,7 @@ class Training:
             estimator = self.optimizer.estimator
             self.trajectory = trajectory.TrajectoryWriter(
                 run.path, {"config": to_dict(cfg), "trainable_names": trainable_names(self.model),
-                           "devices": trajectory.direction_devices(self.optimizer)},
+                           **trajectory.direction_header(self.optimizer)},
                 estimator.num_points(self.optimizer.max_num_queries), len(self.optimizer.param_groups),
             )
         if self.spec.virtual and not any(p.dim() >= 2 for p in self.model.parameters() if p.requires_grad):

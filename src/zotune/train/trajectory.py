@@ -20,6 +20,8 @@ import json
 import struct
 from pathlib import Path
 
+from ..optim import philox
+
 HEADER = "trajectory.json"
 RECORDS = "trajectory.bin"
 
@@ -30,9 +32,26 @@ def direction_devices(optimizer) -> list[str]:
     return sorted({p.device.type for group in optimizer.param_groups for p in group["params"]})
 
 
+# The Philox stream of logs written before their header named it: CUDA runs drew from it (blocks of 1,024).
+_UNNAMED_STREAM = "philox4x32-10/box-muller/block-1024"
+
+
+def direction_header(optimizer) -> dict:
+    """What a log's header records of where its directions came from (see :func:`check_devices`)."""
+    return {"devices": direction_devices(optimizer), "stream": philox.STREAM}
+
+
 def check_devices(header: dict, here: list[str]) -> None:
-    """Refuse to replay a log on other kinds of device than it was recorded on (``here``)."""
+    """Refuse to replay a log on other kinds of device than it was recorded on (``here``), or a CUDA log
+    drawn from another layout of the Philox stream than this version's."""
     recorded = header.get("devices")
+    stream = header.get("stream", _UNNAMED_STREAM)
+    if recorded is not None and "cuda" in recorded and stream != philox.STREAM:
+        raise ValueError(
+            f"this trajectory's directions were drawn on CUDA from the Philox stream {stream!r}, and this version "
+            f"of zotune draws {philox.STREAM!r} there, so the weights would not be the run's. Replay it with "
+            "the zotune version that recorded it"
+        )
     if recorded is not None and recorded != here:
         raise ValueError(
             f"this trajectory was recorded with the trainable weights on {'+'.join(recorded)} and they are on "
