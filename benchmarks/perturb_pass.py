@@ -2,6 +2,8 @@
 
     python benchmarks/perturb_pass.py                   # float16 and bfloat16, one 1 GiB tensor and
                                                         # SmolLM2-135M's 272 tensors (float32)
+    python benchmarks/perturb_pass.py --sweep           # the kernel's block size and warps, 1 GiB
+                                                        # float16 and float32
 
 A pass reads and writes every weight once, so its floor is an in-place add of a constant over the
 same tensors: ``torch._foreach_add_``, and for one tensor a Triton kernel doing only that in blocks
@@ -80,10 +82,35 @@ def measure(name: str, tensors: list[torch.Tensor], repeats: int) -> None:
         print(f"| {label} | {ms:.3f} | {moved / ms / 1e6:.0f} | {ms / floor:.2f}x |")
 
 
+def sweep(repeats: int) -> None:
+    """The fused kernel at other block sizes (``QUADS``, patched for the sweep: another block size draws
+    other normals, which a speed test does not mind) and warps, on one 1 GiB tensor."""
+    import zotune.optim.fused as fused
+
+    kept = fused.QUADS
+    for dtype in (torch.float16, torch.float32):
+        tensor = torch.zeros((1 << 30) // dtype.itemsize, device="cuda", dtype=dtype)
+        floor = timed_ms(lambda: add_constant(tensor, 1e-3), repeats)
+        print(f"\none 1 GiB {dtype} tensor: Triton add (floor) {floor:.3f} ms")
+        print("| block (elements) | warps | 1 term (ms) | 2 terms (ms) |\n|---|---|---|---|")
+        for quads in (256, 512, 1024, 2048):
+            fused.QUADS = quads
+            for warps in (2, 4, 8):
+                perturber = fused.FusedPerturber(warps)
+                tables = perturber.tables([(0, tensor)])
+                one, two = (timed_ms(lambda: perturber.add_(tables, [(1e-3, 1), (-1e-3, 2)][:terms]), repeats)
+                            for terms in (1, 2))
+                print(f"| {4 * quads} | {warps} | {one:.3f} | {two:.3f} |")
+        fused.QUADS = kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="the kernel's block size and warps instead")
     args = parser.parse_args()
+    if args.sweep:
+        return sweep(args.repeats)
     for dtype in (torch.float16, torch.bfloat16):
         measure(f"one tensor, {dtype}", [torch.zeros(1 << 29, device="cuda", dtype=dtype)], args.repeats)
     model = build_model("smollm2-135m", "cuda", torch.float32).requires_grad_(False)

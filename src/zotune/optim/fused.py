@@ -189,7 +189,7 @@ class FusedPerturber:
         """The launch tables of same-device, same-dtype contiguous ``(index, tensor)`` pairs (keep them:
         they stay valid while the tensors keep their storage). ``bases[t]``: the parameter element a
         shard's first element is (its direction is the parameter's from there on); 0 by default."""
-        device, dtype = tensors[0][1].device, tensors[0][1].dtype
+        device = tensors[0][1].device
         bases = tuple(bases) if bases is not None else (0,) * len(tensors)
         numels = tuple(t.numel() for _, t in tensors)
         numel, base, block_tensor, block_start = _recent(self._layouts, (device, numels, bases), _LAYOUTS_KEPT,
