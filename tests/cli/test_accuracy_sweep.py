@@ -51,7 +51,7 @@ def test_a_stage_runs_its_cells_once_and_the_report_fills_the_table(tiny_model_d
         (row, float(f"{default * factor:.3g}")) for row in ("lozo", "mezo") for factor in (1, 10))
     assert all(0 <= float(r["test"]) <= 1 and r["best_dev"] for r in rows)
     assert "stage lr: 0 cells to run (4 cells done in all)" in sweep("--stage", "lr")  # a finished grid continues
-    assert "stage seeds: 2 cells to run" in sweep("--stage", "seeds", "--report")  # each row at its best lr
+    assert "stage seeds: 2 cells to run" in sweep("--stage", "seeds", "--report", "--parallel", "2")  # rows' best lrs
     table = (tmp_path / "results.md").read_text()
     assert "| mezo |" in table and "| lozo |" in table and (tmp_path / "results_dev_curves.png").exists()
     # Two stages in one call, in order: the tasks stage's cells on the tuning task are the lr stage's runs
@@ -60,7 +60,7 @@ def test_a_stage_runs_its_cells_once_and_the_report_fills_the_table(tiny_model_d
     for folder in (tmp_path / "runs").iterdir():
         if folder.is_dir():
             shutil.rmtree(folder)
-    out = sweep("--stage", "tasks,long", "--report")
+    out = sweep("--stage", "tasks,long", "--report", "--parallel", "2")
     assert "stage tasks,long: 2 cells to run (6 cells done in all)" in out
     long_rows = [r for r in csv.DictReader(open(tmp_path / "results.csv")) if r["stage"] == "long"]
     best = next(float(r["lr"]) for r in rows if r["row"] == "mezo" and r["stage"] == "lr"

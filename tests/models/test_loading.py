@@ -1,7 +1,6 @@
 """Loading from local folders, hub-style ids and the built-in offline models."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -57,11 +56,26 @@ def test_smollm2_conversion_matches_the_gguf_model(tmp_path, monkeypatch):
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
     again, _ = zotune.load_model("smollm2-135m")  # second load reads the cached folder
     assert torch.equal(again.model.norm.weight, model.model.norm.weight)
-    # Two runs started together both convert; the one that finishes second finds the folder made.
-    from zotune.models.loading import _convert_gguf
 
-    _convert_gguf(Path(package_dir), spec.gguf_file, tmp_path / "models" / "smollm2-135m")
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["smollm2-135m"]  # no temporary left
+
+def test_a_conversion_finishing_second_keeps_the_first_folder(tmp_path):
+    # Two runs started together both convert the built-in model; the one that finishes second finds the
+    # folder made (its rename fails), drops its own and leaves no temporary folder.
+    from zotune.models.loading import publish
+
+    target = tmp_path / "models" / "smollm2-135m"
+    publish(lambda folder: (folder / "config.json").write_text("first"), target)
+    publish(lambda folder: (folder / "config.json").write_text("second"), target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["smollm2-135m"]
+    assert (target / "config.json").read_text() == "first"
+
+    def interrupted(folder):
+        (folder / "model.safetensors").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # an interrupted conversion leaves nothing behind either
+        publish(interrupted, target.parent / "minilm-l6")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["smollm2-135m"]
 
 
 @pytest.mark.slow

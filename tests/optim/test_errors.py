@@ -21,6 +21,27 @@ def test_closure_must_return_a_scalar(bad):
         opt.step(lambda: bad(p))
 
 
+def test_losses_read_back_once_a_step_are_the_values_each_forward_returned():
+    # The in-place path reads a step's losses back after its last forward; a closure that returns
+    # the same buffer each time, overwritten by its next call, still gives each point's own loss, in
+    # the loss's own dtype (float16 here, exact in a Python float), and micro-batches are averaged.
+    p = param()
+    buffer = torch.zeros((), dtype=torch.float16)
+    calls = []
+
+    def closure():
+        calls.append(float((p * p).sum()))
+        buffer.fill_(calls[-1])
+        return buffer
+
+    opt = zotune.mezo([p], lr=0.0, eps=0.1)
+    first = opt.step([closure, closure])
+    record = opt.last_record
+    halves = [float(torch.tensor(c, dtype=torch.float16)) for c in calls]
+    assert record.losses == ((halves[0] + halves[1]) / 2, (halves[2] + halves[3]) / 2)
+    assert record.losses[0] != record.losses[1] and first == record.losses[0]
+
+
 def test_step_needs_a_closure():
     opt = zotune.mezo([param()], lr=0.1)
     with pytest.raises(TypeError, match="closure"):

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -75,18 +76,27 @@ def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
         clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(loaded.state_dict(), assign=True)
     clean.tie_weights()
+
+    def write(folder: Path) -> None:
+        clean.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    publish(write, target)
+
+
+def publish(write: Callable[[Path], None], target: Path) -> None:
+    """Make the model folder ``target`` with ``write(folder)``: into a temporary folder beside it, then
+    renamed, so an interrupted conversion leaves no half folder. Where another process (runs started
+    together) made ``target`` first, its folder is the same model and this one is dropped."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary folder and rename: an interrupted conversion leaves no half folder.
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        clean.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").exists():
             raise
-        # Another process (runs started together) converted it first: its folder is the same model.
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

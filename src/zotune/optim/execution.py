@@ -36,14 +36,14 @@ Closure = Callable[..., "Tensor | float"]
 
 
 def _pending(value: object) -> "Tensor | float":
-    """A closure's loss, checked, and not yet read back: a one-element tensor becomes a float64 copy
-    of itself on its device (a snapshot, in case the closure's next call overwrites its output)."""
+    """A closure's loss, checked, and not yet read back: a one-element tensor becomes a copy of itself
+    on its device (a snapshot, in case the closure's next call overwrites its output)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise TypeError(
                 f"the closure must return the batch loss as a scalar; got a tensor of shape {tuple(value.shape)}"
             )
-        return value.detach().reshape(()).to(torch.float64, copy=True)
+        return value.detach().reshape(()).clone()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     raise TypeError(
@@ -53,14 +53,14 @@ def _pending(value: object) -> "Tensor | float":
 
 
 def read_back(values: Sequence["Tensor | float"]) -> list[float]:
-    """Python floats of :func:`_pending` losses: one copy to the host per device, so a step whose
-    forwards run on a GPU waits for it once, not once a forward."""
+    """Python floats of :func:`_pending` losses: one copy to the host per device (and dtype), so a step
+    whose forwards run on a GPU waits for it once, not once a forward."""
     floats = list(values)
-    on_device: dict[torch.device, list[int]] = {}
+    together: dict[tuple, list[int]] = {}
     for i, value in enumerate(values):
         if isinstance(value, Tensor):
-            on_device.setdefault(value.device, []).append(i)
-    for positions in on_device.values():
+            together.setdefault((value.device, value.dtype), []).append(i)
+    for positions in together.values():
         for i, number in zip(positions, torch.stack([values[i] for i in positions]).tolist()):
             floats[i] = number
     return floats

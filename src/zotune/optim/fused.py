@@ -65,14 +65,23 @@ def _direction(seed, counter, index, FAST: tl.constexpr):
 
 
 @triton.jit
-def _add_terms(x0, x1, x2, x3, counter, index, seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3,
-               TERMS: tl.constexpr, FAST: tl.constexpr):
+def _perturb_block(first, m0, m1, m2, m3, counter, index, seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2,
+                   alpha3, QUADS: tl.constexpr, TERMS: tl.constexpr, FAST: tl.constexpr):
+    """The four quarters at ``first`` (QUADS pointers) += Σ α_k Z_k, each element read once, rounded once
+    from float32 and written once; masks ``m0..m3`` (None: the whole block)."""
+    x0 = tl.load(first, mask=m0).to(tl.float32)
+    x1 = tl.load(first + QUADS, mask=m1).to(tl.float32)
+    x2 = tl.load(first + 2 * QUADS, mask=m2).to(tl.float32)
+    x3 = tl.load(first + 3 * QUADS, mask=m3).to(tl.float32)
     for term in tl.static_range(TERMS):  # unrolled: the term's key and step size are scalars
         seed = seed0 if term == 0 else seed1 if term == 1 else seed2 if term == 2 else seed3
         alpha = alpha0 if term == 0 else alpha1 if term == 1 else alpha2 if term == 2 else alpha3
         n0, n1, n2, n3 = _direction(seed, counter, index, FAST)
         x0, x1, x2, x3 = x0 + alpha * n0, x1 + alpha * n1, x2 + alpha * n2, x3 + alpha * n3
-    return x0, x1, x2, x3
+    tl.store(first, x0.to(first.dtype.element_ty), mask=m0)
+    tl.store(first + QUADS, x1.to(first.dtype.element_ty), mask=m1)
+    tl.store(first + 2 * QUADS, x2.to(first.dtype.element_ty), mask=m2)
+    tl.store(first + 3 * QUADS, x3.to(first.dtype.element_ty), mask=m3)
 
 
 @triton.jit(do_not_specialize=["seed0", "seed1", "seed2", "seed3", "alpha0", "alpha1", "alpha2", "alpha3"])
@@ -89,32 +98,17 @@ def _perturb_kernel(anchor, offsets, numels, bases, indices, block_tensor, block
     lanes = tl.arange(0, QUADS)
     counter = start // 4 + lanes
     # The block's four quarters, each a contiguous run of QUADS elements. A block inside its tensor (all
-    # but a tensor's first and last) loads and stores them unmasked, from an address the compiler knows
-    # to be a multiple of ALIGN elements (16 bytes where the host found it so): 16-byte accesses.
+    # but a tensor's first and last) is read and written unmasked, from an address the compiler knows to
+    # be a multiple of ALIGN elements (16 bytes where the host found it so): 16-byte accesses.
     if (start >= base) & (start + 4 * QUADS <= base + numel):
-        first = anchor + tl.multiple_of(at, ALIGN) + lanes
-        x0, x1, x2, x3 = _add_terms(
-            tl.load(first).to(tl.float32), tl.load(first + QUADS).to(tl.float32),
-            tl.load(first + 2 * QUADS).to(tl.float32), tl.load(first + 3 * QUADS).to(tl.float32),
-            counter, index, seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, TERMS, FAST)
-        tl.store(first, x0.to(anchor.dtype.element_ty))
-        tl.store(first + QUADS, x1.to(anchor.dtype.element_ty))
-        tl.store(first + 2 * QUADS, x2.to(anchor.dtype.element_ty))
-        tl.store(first + 3 * QUADS, x3.to(anchor.dtype.element_ty))
+        _perturb_block(anchor + tl.multiple_of(at, ALIGN) + lanes, None, None, None, None, counter, index,
+                       seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, QUADS, TERMS, FAST)
     else:  # the elements of the block this tensor holds (a shard may hold a block only in part)
         o0 = start - base + lanes
         o1, o2, o3 = o0 + QUADS, o0 + 2 * QUADS, o0 + 3 * QUADS
-        m0, m1, m2, m3 = (o0 >= 0) & (o0 < numel), (o1 >= 0) & (o1 < numel), (o2 >= 0) & (o2 < numel), \
-            (o3 >= 0) & (o3 < numel)
-        first = anchor + at + lanes
-        x0, x1, x2, x3 = _add_terms(
-            tl.load(first, mask=m0).to(tl.float32), tl.load(first + QUADS, mask=m1).to(tl.float32),
-            tl.load(first + 2 * QUADS, mask=m2).to(tl.float32), tl.load(first + 3 * QUADS, mask=m3).to(tl.float32),
-            counter, index, seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, TERMS, FAST)
-        tl.store(first, x0.to(anchor.dtype.element_ty), mask=m0)
-        tl.store(first + QUADS, x1.to(anchor.dtype.element_ty), mask=m1)
-        tl.store(first + 2 * QUADS, x2.to(anchor.dtype.element_ty), mask=m2)
-        tl.store(first + 3 * QUADS, x3.to(anchor.dtype.element_ty), mask=m3)
+        _perturb_block(anchor + at + lanes, (o0 >= 0) & (o0 < numel), (o1 >= 0) & (o1 < numel),
+                       (o2 >= 0) & (o2 < numel), (o3 >= 0) & (o3 < numel), counter, index,
+                       seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, QUADS, TERMS, FAST)
 
 
 @dataclass
