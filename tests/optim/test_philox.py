@@ -70,7 +70,7 @@ KERNEL_CHECK = textwrap.dedent("""
         return x.to(dtype).float()
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        sizes = [(9001,), (70, 130), (5,)]  # blocks cut mid-tensor, a tail of 1, a tensor under one block
+        sizes = [(9001,), (70, 130), (5,)]  # two whole blocks and a partial one each, a tensor under one block
         tensors = [(i * 3 + 2, torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dtype))
                    for i, s in enumerate(sizes)]
         terms = [(0.5, 11), (-1.25, 2**62 + 12345), (1e-3, 7), (2.0, 99), (-0.75, 5)]  # two launches

@@ -17,8 +17,8 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 

@@ -32,8 +32,8 @@ ROUNDS = 10
 # Philox calls per block. 1,024 rather than 256, with the kernel's 16-byte accesses: a pass over 1 GiB of
 # 16-bit weights takes 0.84 ms instead of 0.98 ms (H200, benchmarks/perturb_pass.py; copying: 0.56 ms).
 QUADS = 1024
-STREAM = f"philox4x32-{ROUNDS}/box-muller/block-{4 * QUADS}"  # names the stream in trajectory logs
 BLOCK = 4 * QUADS
+STREAM = f"philox4x32-{ROUNDS}/box-muller/block-{BLOCK}"  # names the stream in trajectory logs
 ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox4x32 multipliers
 KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl increments of the key
 UNIFORM_SCALE = 4.6566127342e-10
