@@ -67,14 +67,10 @@ def read_back(values: Sequence["Tensor | float"]) -> list[float]:
 
 
 def mean_losses(measured: Sequence[Sequence["Tensor | float"]]) -> list[float]:
-    """The mean micro-batch loss of each point, from each point's :func:`_pending` losses."""
+    """The mean micro-batch loss of each point, from each point's :func:`_pending` losses (gradient
+    accumulation averages the micro-batches' projected gradients)."""
     numbers = iter(read_back([value for values in measured for value in values]))
     return [sum(next(numbers) for _ in values) / len(values) for values in measured]
-
-
-def mean_loss(closures: Sequence[Closure]) -> float:
-    """Average of the micro-batch losses (gradient accumulation averages projected gradients)."""
-    return mean_losses([[_pending(c()) for c in closures]])[0]
 
 
 def owners(model: nn.Module, params: IndexedParams) -> list[tuple[str, nn.Module, list[tuple[str, int, Tensor]]]]:
@@ -199,12 +195,13 @@ class DriftSafe(ExecutionPath):
                 f"of the given model; parameters at indices {missing[:5]} do not"
             )
 
-    def measure_points(self, points, closures):
-        return [self._measure(offset, key, closures) for offset, key in points]
+    def measure_points(self, points, closures):  # read back after the last forward, as InPlace does
+        return mean_losses([self._measure(offset, key, closures) for offset, key in points])
 
-    def _measure(self, offset, key, closures) -> float:
+    def _measure(self, offset, key, closures) -> list:
+        """The point's micro-batch losses, not yet read back."""
         if offset == 0.0:
-            return mean_loss(closures)
+            return [_pending(c()) for c in closures]
         handles = []
         perturbation = self.perturbation
 
@@ -224,7 +221,7 @@ class DriftSafe(ExecutionPath):
                 handles.append(
                     module.register_forward_hook(lambda m, a, out, o=owned: swap_out(m, o), always_call=True)
                 )
-            return mean_loss(closures)
+            return [_pending(c()) for c in closures]
         finally:
             for handle in handles:
                 handle.remove()
