@@ -21,20 +21,23 @@ def test_closure_must_return_a_scalar(bad):
         opt.step(lambda: bad(p))
 
 
-def test_losses_read_back_once_a_step_are_the_values_each_forward_returned():
-    # The in-place path reads a step's losses back after its last forward; a closure that returns
-    # the same buffer each time, overwritten by its next call, still gives each point's own loss, in
-    # the loss's own dtype (float16 here, exact in a Python float), and micro-batches are averaged.
-    p = param()
+@pytest.mark.parametrize("path", ["in place", "drift-safe"])
+def test_losses_read_back_once_a_step_are_the_values_each_forward_returned(path):
+    # The in-place and drift-safe paths read a step's losses back after its last forward; a closure that
+    # returns the same buffer each time, overwritten by its next call, still gives each point's own loss,
+    # in the loss's own dtype (float16 here, exact in a Python float), and micro-batches are averaged.
+    model = torch.nn.Linear(4, 3)
+    x = torch.linspace(-1, 1, 8).reshape(2, 4)
     buffer = torch.zeros((), dtype=torch.float16)
     calls = []
 
     def closure():
-        calls.append(float((p * p).sum()))
+        calls.append(float((model(x) ** 2).sum()))
         buffer.fill_(calls[-1])
         return buffer
 
-    opt = zotune.mezo([p], lr=0.0, eps=0.1)
+    execution = zotune.DriftSafe(model) if path == "drift-safe" else zotune.InPlace()
+    opt = zotune.mezo(model.parameters(), lr=0.0, eps=0.1, execution=execution)
     first = opt.step([closure, closure])
     record = opt.last_record
     halves = [float(torch.tensor(c, dtype=torch.float16)) for c in calls]
