@@ -189,12 +189,13 @@ class FusedPerturber:
         numel, base, block_tensor, block_start = _recent(self._layouts, (device, numels, bases), _LAYOUTS_KEPT,
                                                          lambda: _layout(numels, bases, device))
         # (the allocator hands recurring one-off tensors the same blocks, so their addresses recur too)
+        element_size = tensors[0][1].element_size()
         addresses, indices = tuple(t.data_ptr() for _, t in tensors), tuple(index for index, _ in tensors)
         offsets, indices = _recent(self._heads, (device, addresses, indices), 4 * _LAYOUTS_KEPT,
-                                   lambda: _head(addresses, indices, tensors[0][1].element_size(), device))
+                                   lambda: _head(addresses, indices, element_size, device))
         # 16-byte accesses need every block's first element 16-byte aligned: the tensors' starts (a block
         # starts a multiple of 4·QUADS elements into its parameter, which a shard's base shifts)
-        vector = 16 // tensors[0][1].element_size()
+        vector = 16 // element_size
         aligned = all(a % 16 == 0 for a in addresses) and all(b % vector == 0 for b in bases)
         return _Tables(tensors[0][1], offsets, vector if aligned else 1, numel, base, indices, block_tensor,
                        block_start)
