@@ -6,7 +6,9 @@ applied on top of an optional ``--config FILE.yaml`` and the built-in defaults.
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import NoReturn
 
 from .config import ConfigError, RunConfig, apply_overrides, fields_of, load_yaml
 
@@ -149,5 +151,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry(argv: list[str] | None = None) -> NoReturn:
+    """The ``zotune`` console script and ``python -m zotune``: :func:`main`, then exit with its status.
+
+    A rank of a ``torchrun`` job ends without the interpreter's teardown, which can abort a process
+    that used gloo after it finished (:func:`zotune.dist.context.end_rank`).
+    """
+    try:
+        code = main(argv)
+    except BrokenPipeError:  # the reader left early (`zotune methods | head`): no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        code = 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .dist.context import end_rank
+
+        end_rank(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,6 +1,9 @@
 """The CLI on a tiny local model folder: trains, evaluates, writes the run folder."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -86,6 +89,29 @@ def test_methods_and_tasks(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in ("mezo_adam", "tezo", "adamw"))
     assert main(["tasks"]) == 0 and "sst2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,status,text", [(["methods"], 0, "mezo_adam"), (["nonsense"], 2, "unknown command")])
+def test_a_torchrun_rank_ends_with_mains_status_and_all_its_output(argv, status, text):
+    """Under torchrun (WORLD_SIZE > 1) ``python -m zotune`` ends with ``os._exit``, past the interpreter's
+    teardown: the status is still main's, and what went to a pipe (block-buffered) still arrives."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-m", "zotune", *argv], capture_output=True, text=True, timeout=300,
+                          env={**env, "WORLD_SIZE": "2"})
+    assert done.returncode == status, done.stderr
+    assert text in (done.stdout if status == 0 else done.stderr)
+    if status == 0:
+        assert len(done.stdout.splitlines()) == len(METHODS)  # one line a method, none cut
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`zotune methods | head -1`: the pipe's reader is gone (here before the command writes anything, as it
+    imports torch first); the command ends with status 1 and no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "zotune", "methods"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 1 and "Traceback" not in stderr, stderr
 
 
 @pytest.mark.parametrize("argv,message", [

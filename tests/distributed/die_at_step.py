@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from zotune.cli import main
+from zotune.cli import entry
 from zotune.train import loop
 
 die_rank, die_step = int(sys.argv[1]), int(sys.argv[2])
@@ -26,4 +26,4 @@ def step_then_die(self, index: int) -> float:
 
 
 loop.Training.step = step_then_die
-sys.exit(main(sys.argv[3:]))
+entry(sys.argv[3:])

@@ -76,6 +76,8 @@ def run_reference(method: str = "mezo") -> tuple[dict[str, torch.Tensor], list]:
 def main(out: Path, method: str) -> None:
     import torch.distributed as dist
 
+    from zotune.dist import end_rank
+
     dist.init_process_group("gloo")
     train_and_save(out, method)
     # The sharded model (its FSDP state and device mesh hold the process group and gloo's pending work) is
@@ -84,6 +86,7 @@ def main(out: Path, method: str) -> None:
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    end_rank(0)  # not the interpreter's teardown, which can abort a process that used gloo (see end_rank)
 
 
 def train_and_save(out: Path, method: str) -> None:

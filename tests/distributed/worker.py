@@ -77,16 +77,16 @@ def main() -> None:
     import torch.distributed as dist
 
     from zotune.dist import Layout
+    from zotune.dist import end_rank
 
     out, query_shards = Path(sys.argv[1]), int(sys.argv[2])
     dist.init_process_group("gloo")
     layout = Layout(dist.get_world_size(), dist.get_rank(), query_shards)
     for name in sys.argv[3].split(","):
         torch.save(run_case(name, layout, query_shards > 1), out / f"{name}-rank{layout.rank}.pt")
-    # Without this barrier a rank that tore gloo down while its peer was still closing its side
-    # aborted now and then ("terminate called without an active exception", SIGABRT): the flaky failure.
     dist.barrier()
     dist.destroy_process_group()
+    end_rank(0)  # not the interpreter's teardown, which can abort a process that used gloo (see end_rank)
 
 
 if __name__ == "__main__":

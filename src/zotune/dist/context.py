@@ -8,8 +8,10 @@ so that a rank that dies makes the others fail with an error instead of waiting 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -47,8 +49,8 @@ class DistContext:
 
     def close(self, finished: bool = False) -> None:
         """Leave the process group (idempotent). After a run that ``finished`` on every rank, the ranks first
-        wait for each other: gloo torn down on one rank while its peer still closes its side can abort the
-        process (SIGABRT, "terminate called without an active exception"). After a failure no rank waits."""
+        wait for each other, so that no rank leaves while a peer is still in a collective. After a failure
+        no rank waits."""
         if self.enabled and dist.is_initialized():
             if finished:
                 dist.barrier()
@@ -71,3 +73,17 @@ def start(device: str, timeout_s: float) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return DistContext(rank, world_size, local_rank)
+
+
+def end_rank(code: int) -> NoReturn:
+    """End this torchrun rank with exit status ``code`` now, without the interpreter's teardown.
+
+    While Python finalizes, any other thread that takes the GIL is stopped with ``pthread_exit``. A gloo
+    worker thread takes it when it drops its reference to the tensor of a finished collective (the tensor
+    still owns its Python object); stopped inside C++ code that may not unwind, it aborts the whole process
+    ("terminate called without an active exception", SIGABRT), and torchrun reports a finished run as
+    failed. Call this only once the run has closed what it writes; stdout and stderr are flushed here.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
