@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ def worker(args) -> None:
     from common import build_model, loss_of, make_batch, timed
 
     import zotune
-    from zotune.dist import Distributed, Layout
+    from zotune.dist import Distributed, Layout, end_rank
 
     backend = "nccl" if args.device == "cuda" else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,17 +51,14 @@ def worker(args) -> None:
         print("RESULT " + json.dumps({"nproc": world, "step_s": statistics.median(times),
                                       "zo_bytes": optimizer.execution.bytes_last_step, "ddp_bytes": trainable}))
     dist.destroy_process_group()
+    end_rank(0)  # not the interpreter's teardown, which can abort a process that used gloo
 
 
 def launch(args, nproc: int) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     threads = max(1, (os.cpu_count() or 1) // nproc) if args.device == "cpu" else 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), __file__, "--worker", "--device", args.device, "--shape",
-           args.shape, "--dtype", args.dtype, "--batch", str(args.batch), "--tokens", str(args.tokens),
-           "--repeats", str(args.repeats)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), __file__,
+           "--worker", "--device", args.device, "--shape", args.shape, "--dtype", args.dtype, "--batch",
+           str(args.batch), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)

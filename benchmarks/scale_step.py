@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -106,7 +105,10 @@ def worker(args) -> None:
             "peak_gib": [round((torch.cuda.max_memory_allocated(d) / 2**30) if cuda else peak_read(d) / 2**10, 2)
                          for d in devices]}), flush=True)
     if args.variant == "fsdp":
+        from zotune.dist import end_rank
+
         torch.distributed.destroy_process_group()
+        end_rank(0)  # not the interpreter's teardown, which can abort a process that used gloo
 
 
 def launch(args, variant: str) -> dict:
@@ -116,11 +118,7 @@ def launch(args, variant: str) -> dict:
     if args.profile:
         flags += ["--profile", f"{args.profile}.{variant}"]
     if variant == "fsdp":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), __file__] + flags
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__] + flags
     else:
         cmd = [sys.executable, __file__] + flags
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
