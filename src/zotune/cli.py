@@ -155,7 +155,7 @@ def entry(argv: list[str] | None = None) -> NoReturn:
     """The ``zotune`` console script and ``python -m zotune``: :func:`main`, then exit with its status.
 
     A rank of a ``torchrun`` job ends without the interpreter's teardown, which can abort a process
-    that used gloo after it finished (:func:`zotune.dist.context.end_rank`).
+    that used gloo after it finished (:func:`zotune.dist.end_rank`).
     """
     try:
         code = main(argv)
@@ -163,7 +163,7 @@ def entry(argv: list[str] | None = None) -> NoReturn:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         code = 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .dist.context import end_rank
+        from .dist import end_rank
 
         end_rank(code)
     sys.exit(code)

@@ -76,8 +76,7 @@ def run_case(name: str, layout=None, query_parallel: bool = False) -> dict[str, 
 def main() -> None:
     import torch.distributed as dist
 
-    from zotune.dist import Layout
-    from zotune.dist import end_rank
+    from zotune.dist import Layout, end_rank
 
     out, query_shards = Path(sys.argv[1]), int(sys.argv[2])
     dist.init_process_group("gloo")
