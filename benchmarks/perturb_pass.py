@@ -61,16 +61,16 @@ def measure(name: str, tensors: list[torch.Tensor], repeats: int) -> None:
     moved = 2 * sum(t.numel() * t.element_size() for t in tensors)
     key = DrawKey(0, 0, 0)
     torch_generator = Gaussian(generator="torch")
-    four, eight = FusedPerturber(4), FusedPerturber(8)
+    four, eight = FusedPerturber(4), FusedPerturber(8)  # 4: the default
     tables = four.tables(indexed)  # built once, as the Gaussian perturbation keeps them
     variants = {}
     if len(tensors) == 1:
         variants["in-place add, Triton (floor)"] = lambda: add_constant(tensors[0], 1e-3)
     variants.update({
         "in-place add, torch._foreach_add_": lambda: torch._foreach_add_(tensors, 1e-3),
-        "fused, 1 term, 4 warps": lambda: four.add_(tables, [(1e-3, 1)]),
-        "fused, 1 term, 8 warps (the default)": lambda: eight.add_(tables, [(1e-3, 1)]),
-        "fused, 2 terms, 8 warps": lambda: eight.add_(tables, [(1e-3, 1), (-1e-3, 2)]),
+        "fused, 1 term, 4 warps (the default)": lambda: four.add_(tables, [(1e-3, 1)]),
+        "fused, 1 term, 8 warps": lambda: eight.add_(tables, [(1e-3, 1)]),
+        "fused, 2 terms, 4 warps": lambda: four.add_(tables, [(1e-3, 1), (-1e-3, 2)]),
         "torch generator, 1 term": lambda: torch_generator.add_each_(indexed, [(1e-3, key)], ()),
     })
     print(f"\n{name}: {len(tensors)} tensors, {moved / 2 / 2**20:.0f} MiB")
@@ -83,25 +83,25 @@ def measure(name: str, tensors: list[torch.Tensor], repeats: int) -> None:
 
 
 def sweep(repeats: int) -> None:
-    """The fused kernel at other block sizes (``QUADS``, patched for the sweep: another block size draws
+    """The fused kernel at other block sizes (``LANES``, patched for the sweep: another block size draws
     other normals, which a speed test does not mind) and warps, on one 1 GiB tensor."""
     import zotune.optim.fused as fused
 
-    kept = fused.QUADS
-    for dtype in (torch.float16, torch.float32):
+    kept = fused.LANES
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
         tensor = torch.zeros((1 << 30) // dtype.itemsize, device="cuda", dtype=dtype)
         floor = timed_ms(lambda: add_constant(tensor, 1e-3), repeats)
         print(f"\none 1 GiB {dtype} tensor: Triton add (floor) {floor:.3f} ms")
         print("| block (elements) | warps | 1 term (ms) | 2 terms (ms) |\n|---|---|---|---|")
-        for quads in (256, 512, 1024, 2048):
-            fused.QUADS = quads
+        for lanes in (128, 256, 512, 1024):
+            fused.LANES = lanes
             for warps in (2, 4, 8):
                 perturber = fused.FusedPerturber(warps)
                 tables = perturber.tables([(0, tensor)])
                 one, two = (timed_ms(lambda: perturber.add_(tables, [(1e-3, 1), (-1e-3, 2)][:terms]), repeats)
                             for terms in (1, 2))
-                print(f"| {4 * quads} | {warps} | {one:.3f} | {two:.3f} |")
-        fused.QUADS = kept
+                print(f"| {8 * lanes} | {warps} | {one:.3f} | {two:.3f} |")
+        fused.LANES = kept
 
 
 def main() -> None:

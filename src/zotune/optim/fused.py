@@ -1,6 +1,6 @@
 """The fused perturbation kernel: ``p += Σ_k α_k Z_k`` over many tensors in one launch (Triton).
 
-Each program takes one block of 4·QUADS elements of one tensor, loads it once, adds every term's
+Each program takes one block of 8·LANES elements of one tensor, loads it once, adds every term's
 direction, generated in registers from its Philox key (:mod:`zotune.optim.philox` defines the
 stream; nothing of Z is ever stored), and stores it once, rounding once from float32. A pass over
 the trainable weights is then one launch per (device, dtype) that reads and writes each weight
@@ -24,28 +24,29 @@ from torch import Tensor
 from triton.language.extra import libdevice
 
 from ..transfer import to_device
-from .philox import MIN_UNIFORM, QUADS, UNIFORM_SCALE
+from .philox import LANES
 
 MAX_TERMS = 4  # terms fused in one launch (a pass with more runs in several)
 _LAYOUTS_KEPT = 64  # layout tables kept per perturber (distinct sets of one-off tensors)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
-_SCALE, _FLOOR = tl.constexpr(UNIFORM_SCALE), tl.constexpr(MIN_UNIFORM)  # globals a kernel reads are constexpr
+_HALF_OFFSET = tl.constexpr(1.0 - 2.0 ** -17)  # globals a kernel reads are constexpr
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _uniform(word):
-    signed = word.to(tl.int32, bitcast=True)
-    signed = tl.where(signed < 0, ~signed, signed)
-    return signed.to(tl.float32) * _SCALE
+def _half_uniform(bits):
+    """``(h + ½) · 2⁻¹⁶`` for the 16-bit half ``h`` held in bits 7..22 of ``bits`` (uint32), bit for bit the
+    reference's: the float with those mantissa bits is ``1 + h · 2⁻¹⁶``, and subtracting ``1 − 2⁻¹⁷`` from it
+    is exact (Sterbenz). Two integer operations and a subtraction, no integer-to-float conversion."""
+    return (bits | 0x3F800000).to(tl.float32, bitcast=True) - _HALF_OFFSET
 
 
 @triton.jit
-def _box_muller(first, second, FAST: tl.constexpr):
+def _box_muller_pair(word, FAST: tl.constexpr):
     # FAST: the hardware's approximate log, sin and cos (a few ulps off on [-π, π]; the precise ones
     # made a pass over 16-bit weights compute-bound). The interpreter only has the precise ones.
-    uniform = tl.maximum(_uniform(first), _FLOOR)
-    angle = 6.283185307179586 * _uniform(second) - 3.141592653589793
+    uniform = _half_uniform((word >> 16) << 7)
+    angle = 6.283185307179586 * _half_uniform((word << 7) & 0x7FFF80) - 3.141592653589793
     if FAST:
         radius = tl.sqrt(-2.0 * libdevice.fast_logf(uniform))
         return radius * libdevice.fast_cosf(angle), radius * libdevice.fast_sinf(angle)
@@ -54,61 +55,85 @@ def _box_muller(first, second, FAST: tl.constexpr):
 
 
 @triton.jit
-def _direction(seed, counter, index, FAST: tl.constexpr):
-    """The block's four quarters of normals (QUADS each), from one Philox call per counter."""
-    low = counter.to(tl.uint32)
-    zero = low * 0
-    x0, x1, x2, x3 = tl.philox(seed, low, (counter >> 32).to(tl.uint32), zero + index.to(tl.uint32), zero)
-    n0, n1 = _box_muller(x0, x1, FAST)
-    n2, n3 = _box_muller(x2, x3, FAST)
-    return n0, n1, n2, n3
+def _load_run(first, run: tl.constexpr, within, numel, LANES: tl.constexpr, MASKED: tl.constexpr):
+    """Run ``run`` of the block at ``first`` (LANES pointers) in float32; MASKED: only the elements the
+    tensor holds (``within``: run 0's offsets in the tensor)."""
+    if MASKED:
+        at = within + run * LANES
+        return tl.load(first + run * LANES, mask=(at >= 0) & (at < numel)).to(tl.float32)
+    return tl.load(first + run * LANES).to(tl.float32)
 
 
 @triton.jit
-def _perturb_block(first, m0, m1, m2, m3, counter, index, seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2,
-                   alpha3, QUADS: tl.constexpr, TERMS: tl.constexpr, FAST: tl.constexpr):
-    """The four quarters at ``first`` (QUADS pointers) += Σ α_k Z_k, each element read once, rounded once
-    from float32 and written once; masks ``m0..m3`` (None: the whole block)."""
-    x0 = tl.load(first, mask=m0).to(tl.float32)
-    x1 = tl.load(first + QUADS, mask=m1).to(tl.float32)
-    x2 = tl.load(first + 2 * QUADS, mask=m2).to(tl.float32)
-    x3 = tl.load(first + 3 * QUADS, mask=m3).to(tl.float32)
+def _store_run(first, run: tl.constexpr, x, within, numel, LANES: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        at = within + run * LANES
+        tl.store(first + run * LANES, x.to(first.dtype.element_ty), mask=(at >= 0) & (at < numel))
+    else:
+        tl.store(first + run * LANES, x.to(first.dtype.element_ty))
+
+
+@triton.jit
+def _perturb_block(first, within, numel, counter, index, seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2,
+                   alpha3, LANES: tl.constexpr, TERMS: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr):
+    """The eight runs at ``first`` (LANES pointers) += Σ α_k Z_k, each element read once, rounded once
+    from float32 and written once."""
+    x0 = _load_run(first, 0, within, numel, LANES, MASKED)
+    x1 = _load_run(first, 1, within, numel, LANES, MASKED)
+    x2 = _load_run(first, 2, within, numel, LANES, MASKED)
+    x3 = _load_run(first, 3, within, numel, LANES, MASKED)
+    x4 = _load_run(first, 4, within, numel, LANES, MASKED)
+    x5 = _load_run(first, 5, within, numel, LANES, MASKED)
+    x6 = _load_run(first, 6, within, numel, LANES, MASKED)
+    x7 = _load_run(first, 7, within, numel, LANES, MASKED)
+    low = counter.to(tl.uint32)
+    high = (counter >> 32).to(tl.uint32)
+    zero = low * 0
     for term in tl.static_range(TERMS):  # unrolled: the term's key and step size are scalars
         seed = seed0 if term == 0 else seed1 if term == 1 else seed2 if term == 2 else seed3
         alpha = alpha0 if term == 0 else alpha1 if term == 1 else alpha2 if term == 2 else alpha3
-        n0, n1, n2, n3 = _direction(seed, counter, index, FAST)
-        x0, x1, x2, x3 = x0 + alpha * n0, x1 + alpha * n1, x2 + alpha * n2, x3 + alpha * n3
-    tl.store(first, x0.to(first.dtype.element_ty), mask=m0)
-    tl.store(first + QUADS, x1.to(first.dtype.element_ty), mask=m1)
-    tl.store(first + 2 * QUADS, x2.to(first.dtype.element_ty), mask=m2)
-    tl.store(first + 3 * QUADS, x3.to(first.dtype.element_ty), mask=m3)
+        w0, w1, w2, w3 = tl.philox(seed, low, high, zero + index.to(tl.uint32), zero)  # one call: 8 normals
+        c, s = _box_muller_pair(w0, FAST)
+        x0, x1 = x0 + alpha * c, x1 + alpha * s
+        c, s = _box_muller_pair(w1, FAST)
+        x2, x3 = x2 + alpha * c, x3 + alpha * s
+        c, s = _box_muller_pair(w2, FAST)
+        x4, x5 = x4 + alpha * c, x5 + alpha * s
+        c, s = _box_muller_pair(w3, FAST)
+        x6, x7 = x6 + alpha * c, x7 + alpha * s
+    _store_run(first, 0, x0, within, numel, LANES, MASKED)
+    _store_run(first, 1, x1, within, numel, LANES, MASKED)
+    _store_run(first, 2, x2, within, numel, LANES, MASKED)
+    _store_run(first, 3, x3, within, numel, LANES, MASKED)
+    _store_run(first, 4, x4, within, numel, LANES, MASKED)
+    _store_run(first, 5, x5, within, numel, LANES, MASKED)
+    _store_run(first, 6, x6, within, numel, LANES, MASKED)
+    _store_run(first, 7, x7, within, numel, LANES, MASKED)
 
 
 @triton.jit(do_not_specialize=["seed0", "seed1", "seed2", "seed3", "alpha0", "alpha1", "alpha2", "alpha3"])
 def _perturb_kernel(anchor, offsets, numels, bases, indices, block_tensor, block_start,
                     seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3,
-                    TERMS: tl.constexpr, QUADS: tl.constexpr, ALIGN: tl.constexpr, FAST: tl.constexpr):
+                    TERMS: tl.constexpr, LANES: tl.constexpr, ALIGN: tl.constexpr, FAST: tl.constexpr):
     program = tl.program_id(0)
     tensor = tl.load(block_tensor + program)
-    start = tl.load(block_start + program)  # in the parameter's elements: a multiple of 4·QUADS
+    start = tl.load(block_start + program)  # in the parameter's elements: a multiple of 8·LANES
     numel = tl.load(numels + tensor)
     base = tl.load(bases + tensor)  # the parameter element held at the tensor's first (a shard's offset)
     index = tl.load(indices + tensor)  # the optimizer's parameter index: part of the Philox counter
     at = tl.load(offsets + tensor) + start - base  # the block's first element, in elements from ``anchor``
-    lanes = tl.arange(0, QUADS)
-    counter = start // 4 + lanes
-    # The block's four quarters, each a contiguous run of QUADS elements. A block inside its tensor (all
-    # but a tensor's first and last) is read and written unmasked, from an address the compiler knows to
-    # be a multiple of ALIGN elements (16 bytes where the host found it so): 16-byte accesses.
-    if (start >= base) & (start + 4 * QUADS <= base + numel):
-        _perturb_block(anchor + tl.multiple_of(at, ALIGN) + lanes, None, None, None, None, counter, index,
-                       seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, QUADS, TERMS, FAST)
+    lanes = tl.arange(0, LANES)
+    counter = start // 8 + lanes
+    within = start - base + lanes  # run 0's elements, as offsets in the tensor
+    # The block's eight runs, each a contiguous run of LANES elements. A block inside its tensor (all but
+    # a tensor's first and last) is read and written unmasked, from an address the compiler knows to be a
+    # multiple of ALIGN elements (16 bytes where the host found it so): 16-byte accesses.
+    if (start >= base) & (start + 8 * LANES <= base + numel):
+        _perturb_block(anchor + tl.multiple_of(at, ALIGN) + lanes, within, numel, counter, index,
+                       seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, LANES, TERMS, FAST, False)
     else:  # the elements of the block this tensor holds (a shard may hold a block only in part)
-        o0 = start - base + lanes
-        o1, o2, o3 = o0 + QUADS, o0 + 2 * QUADS, o0 + 3 * QUADS
-        _perturb_block(anchor + at + lanes, (o0 >= 0) & (o0 < numel), (o1 >= 0) & (o1 < numel),
-                       (o2 >= 0) & (o2 < numel), (o3 >= 0) & (o3 < numel), counter, index,
-                       seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, QUADS, TERMS, FAST)
+        _perturb_block(anchor + at + lanes, within, numel, counter, index,
+                       seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, LANES, TERMS, FAST, True)
 
 
 @dataclass
@@ -138,8 +163,8 @@ def _recent(cache: OrderedDict, key: tuple, keep: int, build):
 
 def _layout(numels: Sequence[int], bases: Sequence[int], device: torch.device) -> tuple[Tensor, ...]:
     """(numels, bases, block_tensor, block_start) of ``_Tables`` on ``device``, in one transfer: what depends
-    only on the tensors' sizes (the per-program tables, one entry per 4·QUADS elements, are the large ones)."""
-    block = 4 * QUADS
+    only on the tensors' sizes (the per-program tables, one entry per 8·LANES elements, are the large ones)."""
+    block = 8 * LANES  # read here, not imported as BLOCK: benchmarks/perturb_pass.py --sweep patches LANES
     numel = torch.tensor(numels, dtype=torch.int64)
     base = torch.tensor(bases, dtype=torch.int64)
     first_block, end_block = base // block, (base + numel + block - 1) // block  # the stream's blocks it spans
@@ -164,9 +189,9 @@ class FusedPerturber:
     """Applies Σ α_k Z_k to groups of same-device, same-dtype contiguous tensors (one launch per
     group and up to MAX_TERMS terms)."""
 
-    # 8 warps: 16 elements a thread a block. On an H200 (benchmarks/perturb_pass.py) as fast as 4 on
-    # 16-bit weights and faster on float32 and for two terms.
-    def __init__(self, num_warps: int = 8) -> None:
+    # 4 warps: 16 elements a thread a block. On an H200 (benchmarks/perturb_pass.py --sweep, blocks of
+    # 2,048) the fastest on float16 for one term (0.64 ms a GiB; 2 warps 0.71, 8 warps 0.68).
+    def __init__(self, num_warps: int = 4) -> None:
         self.num_warps = num_warps
         # The tables of the tensor sets seen last: the layout (numels, bases, the programs' tensors and
         # starts) by (device, numels, bases), shared by every set of those sizes (the decoder blocks of a
@@ -194,7 +219,7 @@ class FusedPerturber:
         offsets, indices = _recent(self._heads, (device, addresses, indices), 4 * _LAYOUTS_KEPT,
                                    lambda: _head(addresses, indices, element_size, device))
         # 16-byte accesses need every block's first element 16-byte aligned: the tensors' starts (a block
-        # starts a multiple of 4·QUADS elements into its parameter, which a shard's base shifts)
+        # starts a multiple of 8·LANES elements into its parameter, which a shard's base shifts)
         vector = 16 // element_size
         aligned = all(a % 16 == 0 for a in addresses) and all(b % vector == 0 for b in bases)
         return _Tables(tensors[0][1], offsets, vector if aligned else 1, numel, base, indices, block_tensor,
@@ -213,5 +238,5 @@ class FusedPerturber:
             seeds = [int(seed) for _, seed in padded]
             _perturb_kernel[(tables.block_tensor.numel(),)](
                 tables.anchor, tables.offsets, tables.numels, tables.bases, tables.indices, tables.block_tensor,
-                tables.block_start, *seeds, *alphas, TERMS=len(chunk), QUADS=QUADS, ALIGN=tables.align,
+                tables.block_start, *seeds, *alphas, TERMS=len(chunk), LANES=LANES, ALIGN=tables.align,
                 FAST=not _INTERPRETED, num_warps=self.num_warps)

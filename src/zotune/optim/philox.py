@@ -4,23 +4,26 @@ The fused CUDA kernel (:mod:`zotune.optim.fused`) and this pure-torch version co
 direction, so the kernel's logic can be checked anywhere. Element ``e`` of parameter ``index``
 under a draw whose 64-bit key is ``seed``:
 
-* elements come in blocks of ``BLOCK = 4 · QUADS`` (4,096): element ``e`` is in block
-  ``b = e // BLOCK``, quarter ``j = (e % BLOCK) // QUADS``, lane ``l = e % QUADS``;
-* ``(x0, x1, x2, x3) = Philox4x32-10(key = (seed_lo, seed_hi), counter = (c_lo, c_hi, index, 0))``
-  with ``c = QUADS · b + l`` (Salmon et al., SC 2011; the rounds and constants of Random123,
+* elements come in blocks of ``BLOCK = 8 · LANES`` (8,192): element ``e`` is in block
+  ``b = e // BLOCK``, run ``j = (e % BLOCK) // LANES`` (0..7), lane ``l = e % LANES``;
+* ``(w0, w1, w2, w3) = Philox4x32-10(key = (seed_lo, seed_hi), counter = (c_lo, c_hi, index, 0))``
+  with ``c = LANES · b + l`` (Salmon et al., SC 2011; the rounds and constants of Random123,
   which Triton's ``tl.philox`` implements);
-* each word becomes a uniform in [0, 1): its int32 reading, complemented if negative, times
-  4.6566127342e-10 (so 2³¹ − 1 maps just below 1);
-* two Box-Muller pairs, ``(x0, x1) -> (n0, n1)`` and ``(x2, x3) -> (n2, n3)``:
-  ``r = sqrt(-2 log max(u_a, 1e-7))`` (so |z| <= 5.68), ``θ = 2π u_b − π``, ``(r cos θ, r sin θ)``;
-  element ``e`` takes ``n_j``.
+* each word ``w_k`` makes one Box-Muller pair from its two 16-bit halves: the high half ``h`` gives
+  ``u = (h + ½) / 2¹⁶`` and the radius ``r = sqrt(-2 log u)`` (so |z| <= 4.85), the low half ``h'``
+  gives ``θ = 2π (h' + ½) / 2¹⁶ − π``; run ``2k`` takes ``r cos θ``, run ``2k + 1`` takes ``r sin θ``.
 
-One Philox call yields four normals, so a pass over a weight costs a quarter of the rounds of
-drawing each element separately; the quarters are contiguous, so the kernel reads and writes
-each as one coalesced run. The integer words are bit-identical here and in the kernel;
-the normals agree to float32 rounding of log, sqrt, cos and sin, which differ between CPU and
-GPU math libraries (the CUDA kernel uses the hardware's approximate log, sin and cos: a few ulps
-on [-π, π], which is why θ is centred). That is why a run's directions are tied to the kind of device that drew them.
+One Philox call yields eight normals. On 16-bit weights the draw's arithmetic, not memory, bounded
+the kernel while each call made four (a 32-bit uniform per normal): 0.84 ms a pass over 1 GiB of
+float16 on an H200 against 0.56 ms for a plain read and write (``benchmarks/perturb_pass.py``).
+Sixteen bits a uniform make a discrete normal on 2³² points: its mean is exactly 0 (the angles are
+symmetric about 0), its variance 1 − 5e-6 (``E[-2 log u]`` by the midpoint rule), its tails cut
+at 4.85 (a true normal's beyond that: probability 1.2e-6); nothing a ZO estimate, averaging over millions of
+coordinates, can tell apart. The runs are contiguous, so the kernel reads and writes each as one
+coalesced run. The uniforms are bit-identical here and in the kernel; the normals agree to float32
+rounding of log, sqrt, cos and sin, which differ between CPU and GPU math libraries (the CUDA
+kernel uses the hardware's approximate log, sin and cos: a few ulps on [-π, π], which is why θ is
+centred). That is why a run's directions are tied to the kind of device that drew them.
 """
 
 from __future__ import annotations
@@ -29,15 +32,14 @@ import torch
 from torch import Tensor
 
 ROUNDS = 10
-# Philox calls per block. 1,024 rather than 256, with the kernel's 16-byte accesses: a pass over 1 GiB of
-# 16-bit weights takes 0.84 ms instead of 0.98 ms (H200, benchmarks/perturb_pass.py; copying: 0.56 ms).
-QUADS = 1024
-BLOCK = 4 * QUADS
-STREAM = f"philox4x32-{ROUNDS}/box-muller/block-{BLOCK}"  # names the stream in trajectory logs
+# Philox calls per block (each makes 8 normals). Blocks of 8 x 256 elements: on an H200 a pass over 1 GiB of
+# float16 took 0.64 ms, against 0.68-0.85 ms for blocks of 4,096 and 8,192 (benchmarks/perturb_pass.py --sweep).
+LANES = 256
+BLOCK = 8 * LANES
+STREAM = f"philox4x32-{ROUNDS}/box-muller-16/block-{BLOCK}"  # names the stream in trajectory logs
 ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox4x32 multipliers
 KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl increments of the key
-UNIFORM_SCALE = 4.6566127342e-10
-MIN_UNIFORM = 1.0e-7
+HALF_SCALE = 2.0 ** -16  # a 16-bit half h becomes the uniform (h + ½) · 2⁻¹⁶, in (0, 1), exact in float32
 _U32 = 0xFFFFFFFF
 
 
@@ -69,15 +71,14 @@ def philox_rounds(k0: int, k1: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tens
     return c0, c1, c2, c3
 
 
-def _uniform(word: Tensor) -> Tensor:
-    signed = torch.where(word >= 1 << 31, word - (1 << 32), word)  # the int32 reading
-    signed = torch.where(signed < 0, -signed - 1, signed)  # ~x: the complement maps negatives onto [0, 2³¹)
-    return signed.to(torch.float32) * UNIFORM_SCALE
+def _half_uniform(half: Tensor) -> Tensor:
+    return (half.to(torch.float32) + 0.5) * HALF_SCALE
 
 
-def _box_muller(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
-    radius = torch.sqrt(-2.0 * torch.log(torch.clamp(_uniform(first), min=MIN_UNIFORM)))
-    angle = 6.283185307179586 * _uniform(second) - 3.141592653589793
+def box_muller_pair(word: Tensor) -> tuple[Tensor, Tensor]:
+    """The two normals of one Philox word (uint32 held in int64): ``(r cos θ, r sin θ)``."""
+    radius = torch.sqrt(-2.0 * torch.log(_half_uniform(word >> 16)))
+    angle = 6.283185307179586 * _half_uniform(word & 0xFFFF) - 3.141592653589793
     return radius * torch.cos(angle), radius * torch.sin(angle)
 
 
@@ -89,9 +90,7 @@ def normals(seed: int, index: int, start: int, numel: int, device: torch.device 
     if skip:
         return normals(seed, index, start - skip, numel + skip, device)[skip:]
     blocks = -(-numel // BLOCK)
-    counters = torch.arange(start // 4, start // 4 + blocks * QUADS, device=device, dtype=torch.int64)
-    x0, x1, x2, x3 = philox4x32(seed, counters, index)
-    n0, n1 = _box_muller(x0, x1)
-    n2, n3 = _box_muller(x2, x3)
-    quarters = torch.stack([n.view(blocks, QUADS) for n in (n0, n1, n2, n3)], dim=1)  # (blocks, 4, QUADS)
-    return quarters.view(-1)[:numel]
+    first = start // BLOCK * LANES
+    counters = torch.arange(first, first + blocks * LANES, device=device, dtype=torch.int64)
+    runs = [n for word in philox4x32(seed, counters, index) for n in box_muller_pair(word)]  # 8 x (blocks·LANES,)
+    return torch.stack([n.view(blocks, LANES) for n in runs], dim=1).view(-1)[:numel]  # (blocks, 8, LANES)
