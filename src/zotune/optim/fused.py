@@ -127,7 +127,7 @@ def _perturb_kernel(anchor, offsets, numels, bases, indices, block_tensor, block
     within = start - base + lanes  # run 0's elements, as offsets in the tensor
     # The block's eight runs, each a contiguous run of LANES elements. A block inside its tensor (all but
     # a tensor's first and last) is read and written unmasked, from an address the compiler knows to be a
-    # multiple of ALIGN elements (16 bytes where the host found it so): 16-byte accesses.
+    # multiple of ALIGN elements (16 bytes where the host found it so): vectorised accesses.
     if (start >= base) & (start + 8 * LANES <= base + numel):
         _perturb_block(anchor + tl.multiple_of(at, ALIGN) + lanes, within, numel, counter, index,
                        seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, LANES, TERMS, FAST, False)
@@ -218,7 +218,7 @@ class FusedPerturber:
         addresses, indices = tuple(t.data_ptr() for _, t in tensors), tuple(index for index, _ in tensors)
         offsets, indices = _recent(self._heads, (device, addresses, indices), 4 * _LAYOUTS_KEPT,
                                    lambda: _head(addresses, indices, element_size, device))
-        # 16-byte accesses need every block's first element 16-byte aligned: the tensors' starts (a block
+        # vectorised accesses need every block's first element 16-byte aligned: the tensors' starts (a block
         # starts a multiple of 8·LANES elements into its parameter, which a shard's base shifts)
         vector = 16 // element_size
         aligned = all(a % 16 == 0 for a in addresses) and all(b % vector == 0 for b in bases)
