@@ -4,7 +4,7 @@ The fused CUDA kernel (:mod:`zotune.optim.fused`) and this pure-torch version co
 direction, so the kernel's logic can be checked anywhere. Element ``e`` of parameter ``index``
 under a draw whose 64-bit key is ``seed``:
 
-* elements come in blocks of ``BLOCK = 8 · LANES`` (8,192): element ``e`` is in block
+* elements come in blocks of ``BLOCK = 8 · LANES`` (2,048): element ``e`` is in block
   ``b = e // BLOCK``, run ``j = (e % BLOCK) // LANES`` (0..7), lane ``l = e % LANES``;
 * ``(w0, w1, w2, w3) = Philox4x32-10(key = (seed_lo, seed_hi), counter = (c_lo, c_hi, index, 0))``
   with ``c = LANES · b + l`` (Salmon et al., SC 2011; the rounds and constants of Random123,
@@ -14,12 +14,13 @@ under a draw whose 64-bit key is ``seed``:
   gives ``θ = 2π (h' + ½) / 2¹⁶ − π``; run ``2k`` takes ``r cos θ``, run ``2k + 1`` takes ``r sin θ``.
 
 One Philox call yields eight normals. On 16-bit weights the draw's arithmetic, not memory, bounded
-the kernel while each call made four (a 32-bit uniform per normal): 0.84 ms a pass over 1 GiB of
-float16 on an H200 against 0.56 ms for a plain read and write (``benchmarks/perturb_pass.py``).
+the kernel while each call made four (a 32-bit uniform per normal): 0.86 ms a pass over 1 GiB of
+float16 on an H200 against 0.56 ms for a plain read and write, 0.65 ms with eight
+(``benchmarks/perturb_pass.py``, docs/benchmarks.md).
 Sixteen bits a uniform make a discrete normal on 2³² points: its mean is exactly 0 (the angles are
 symmetric about 0), its variance 1 − 5e-6 (``E[-2 log u]`` by the midpoint rule), its tails cut
-at 4.85 (a true normal's beyond that: probability 1.2e-6); nothing a ZO estimate, averaging over millions of
-coordinates, can tell apart. The runs are contiguous, so the kernel reads and writes each as one
+at 4.85 (a true normal's beyond that: probability 1.2e-6); nothing a ZO estimate, averaging over
+millions of coordinates, can tell apart. The runs are contiguous, so the kernel reads and writes each as one
 coalesced run. The uniforms are bit-identical here and in the kernel; the normals agree to float32
 rounding of log, sqrt, cos and sin, which differ between CPU and GPU math libraries (the CUDA
 kernel uses the hardware's approximate log, sin and cos: a few ulps on [-π, π], which is why θ is
@@ -75,7 +76,7 @@ def _half_uniform(half: Tensor) -> Tensor:
     return (half.to(torch.float32) + 0.5) * HALF_SCALE
 
 
-def box_muller_pair(word: Tensor) -> tuple[Tensor, Tensor]:
+def _box_muller_pair(word: Tensor) -> tuple[Tensor, Tensor]:
     """The two normals of one Philox word (uint32 held in int64): ``(r cos θ, r sin θ)``."""
     radius = torch.sqrt(-2.0 * torch.log(_half_uniform(word >> 16)))
     angle = 6.283185307179586 * _half_uniform(word & 0xFFFF) - 3.141592653589793
@@ -92,5 +93,5 @@ def normals(seed: int, index: int, start: int, numel: int, device: torch.device 
     blocks = -(-numel // BLOCK)
     first = start // BLOCK * LANES
     counters = torch.arange(first, first + blocks * LANES, device=device, dtype=torch.int64)
-    runs = [n for word in philox4x32(seed, counters, index) for n in box_muller_pair(word)]  # 8 x (blocks·LANES,)
+    runs = [n for word in philox4x32(seed, counters, index) for n in _box_muller_pair(word)]  # 8 x (blocks·LANES,)
     return torch.stack([n.view(blocks, LANES) for n in runs], dim=1).view(-1)[:numel]  # (blocks, 8, LANES)
