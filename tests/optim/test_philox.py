@@ -198,3 +198,19 @@ def test_an_lr_zero_step_restores_float32_within_the_documented_bound():
 def test_generator_names_are_checked():
     with pytest.raises(ValueError, match="generator must be one of"):
         Gaussian(generator="mt19937")
+
+
+def test_a_parameter_given_new_storage_is_perturbed_there():
+    # A pass's plan keeps flat views of the weights (and on CUDA the kernel's tables keep their addresses);
+    # giving a parameter new storage (as module.to() does) between steps must move the passes there too.
+    def run(swap: bool) -> torch.Tensor:
+        weight = torch.nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+        opt = ZOOptimizer([weight], lr=0.1, perturbation=Gaussian(generator="philox"), estimator=SPSA(eps=1e-3),
+                          seed=2)
+        for step in range(4):
+            if swap and step == 2:
+                weight.data = weight.data.clone()
+            opt.step(lambda: 0.5 * (weight ** 2).sum())
+        return weight.detach()
+
+    assert torch.equal(run(swap=True), run(swap=False))

@@ -122,6 +122,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             for index, p in enumerate(p for group in self.param_groups for p in group["params"])
             if p.requires_grad
         ]
+        self._index_of = {id(p): index for index, p in self._indexed}  # what _groups looks up every step
         if not self._indexed:
             raise ValueError(
                 "no trainable parameters: every tensor given has requires_grad=False "
@@ -179,7 +180,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _groups(self):
         """(lr, weight_decay, [(index, param)]) per group, trainable parameters only."""
-        trainable = dict((id(p), i) for i, p in self._indexed)
+        trainable = self._index_of
         for group in self.param_groups:
             members = [(trainable[id(p)], p) for p in group["params"] if id(p) in trainable]
             yield group["lr"], group["weight_decay"], members
