@@ -88,16 +88,18 @@ class SPSA:
         return queries
 
     # ------------------------------------------------------------ the estimate
-    def projected_gradient(self, losses: Sequence[float], base_loss: float | None) -> float:
-        """g for one query from its losses at :attr:`offsets` (and L(θ) when one-sided)."""
-        if self.two_sided:
-            return (losses[0] - losses[1]) / (2.0 * self.eps)
-        assert base_loss is not None
-        return (losses[0] - base_loss) / self.eps
+    @property
+    def denominator(self) -> float:
+        """g_i = (L(first point) − L(second point)) / denominator: 2ε two-sided, ε one-sided."""
+        return 2.0 * self.eps if self.two_sided else self.eps
+
+    def differences(self, num_points: int) -> list[tuple[int, int]]:
+        """For each query, the positions (a, b) of the two losses whose difference is its g:
+        ``g_i = (L[a] − L[b]) / denominator`` (two-sided: its ±ε points; one-sided: its point and L(θ))."""
+        per, first = len(self.offsets), self.base_points
+        return [(first + i * per, first + i * per + 1) if self.two_sided else (first + i, 0)
+                for i in range(self.queries_for(num_points))]
 
     def projected_gradients(self, losses: Sequence[float]) -> list[float]:
         """g_1..g_q from the losses of every point of a step, in the order of :meth:`points`."""
-        base = losses[0] if self.needs_base_loss else None
-        per, first = len(self.offsets), self.base_points
-        queries = self.queries_for(len(losses))
-        return [self.projected_gradient(losses[first + i * per : first + (i + 1) * per], base) for i in range(queries)]
+        return [(losses[a] - losses[b]) / self.denominator for a, b in self.differences(len(losses))]

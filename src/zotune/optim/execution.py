@@ -55,22 +55,55 @@ def _pending(value: object) -> "Tensor | float":
 def read_back(values: Sequence["Tensor | float"]) -> list[float]:
     """Python floats of :func:`_pending` losses: one copy to the host per device (and dtype), so a step
     whose forwards run on a GPU waits for it once, not once a forward."""
+    return start_read_back(values)()
+
+
+def start_read_back(values: Sequence["Tensor | float"]) -> Callable[[], list[float]]:
+    """Queue :func:`read_back`'s copies now (into pinned memory, from a GPU) and return what waits for them
+    and gives the floats: work queued on the device in between (the enqueued update) does not delay them."""
     floats = list(values)
     together: dict[tuple, list[int]] = {}
     for i, value in enumerate(values):
         if isinstance(value, Tensor):
             together.setdefault((value.device, value.dtype), []).append(i)
+    copies = []  # (positions, host tensor, CUDA event after its copy or None)
     for positions in together.values():
-        for i, number in zip(positions, torch.stack([values[i] for i in positions]).tolist()):
-            floats[i] = number
-    return floats
+        stacked = torch.stack([values[i] for i in positions])
+        if not stacked.is_cuda:
+            copies.append((positions, stacked, None))
+            continue
+        host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+        host.copy_(stacked, non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record(torch.cuda.current_stream(stacked.device))
+        copies.append((positions, host, arrived))
+
+    def wait() -> list[float]:
+        for positions, host, arrived in copies:
+            if arrived is not None:
+                arrived.synchronize()
+            for i, number in zip(positions, host.tolist()):
+                floats[i] = number
+        return floats
+
+    return wait
 
 
 def mean_losses(measured: Sequence[Sequence["Tensor | float"]]) -> list[float]:
     """The mean micro-batch loss of each point, from each point's :func:`_pending` losses (gradient
     accumulation averages the micro-batches' projected gradients)."""
-    numbers = iter(read_back([value for values in measured for value in values]))
-    return [sum(next(numbers) for _ in values) / len(values) for values in measured]
+    return start_mean_losses(measured)()
+
+
+def start_mean_losses(measured: Sequence[Sequence["Tensor | float"]]) -> Callable[[], list[float]]:
+    """:func:`mean_losses`, its copies queued now (:func:`start_read_back`)."""
+    arriving = start_read_back([value for values in measured for value in values])
+
+    def wait() -> list[float]:
+        numbers = iter(arriving())
+        return [sum(next(numbers) for _ in values) / len(values) for values in measured]
+
+    return wait
 
 
 def owners(model: nn.Module, params: IndexedParams) -> list[tuple[str, nn.Module, list[tuple[str, int, Tensor]]]]:
@@ -153,7 +186,12 @@ class InPlace(ExecutionPath):
         self._applied: list[Term] = []  # what is currently added to θ
 
     def measure_points(self, points, closures):
-        measured = []  # each point's losses, read back after the last forward (the GPU waits once a step)
+        return mean_losses(self.measure_pending(points, closures))
+
+    def measure_pending(self, points: Sequence[Point], closures: Sequence[Closure]) -> list[list["Tensor | float"]]:
+        """Each point's micro-batch losses, not yet read back (read them once, after the last forward: the
+        GPU then waits once a step; the optimizer may enqueue the update first, :mod:`zotune.optim.enqueued`)."""
+        measured = []
         for offset, key in points:
             # One pass moves from the current point to the next: undo the other keys' offsets and
             # bring this key's offset to its new value (e.g. +ε → −ε is one pass of −2ε).
@@ -163,7 +201,7 @@ class InPlace(ExecutionPath):
             self.perturbation.add_each_(self.params, terms, ())
             self._applied = [(offset, key)]
             measured.append([_pending(c()) for c in closures])
-        return mean_losses(measured)
+        return measured
 
     def take_restore_terms(self) -> list[Term]:
         terms = [(-alpha, key) for alpha, key in self._applied]

@@ -111,43 +111,74 @@ def _perturb_block(first, within, numel, counter, index, seed0, seed1, seed2, se
     _store_run(first, 7, x7, within, numel, LANES, MASKED)
 
 
-@triton.jit(do_not_specialize=["seed0", "seed1", "seed2", "seed3", "alpha0", "alpha1", "alpha2", "alpha3"])
-def _perturb_kernel(anchor, offsets, numels, bases, indices, block_tensor, block_start,
-                    seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3,
-                    TERMS: tl.constexpr, LANES: tl.constexpr, ALIGN: tl.constexpr, FAST: tl.constexpr):
+@triton.jit
+def _step_sizes(alpha0, alpha1, alpha2, alpha3, alpha_table, TERMS: tl.constexpr, ALPHAS_IN_TABLE: tl.constexpr):
+    """The terms' α: the scalars given, or read from the device ((TERMS,) float32, computed there)."""
+    if ALPHAS_IN_TABLE:
+        alpha0 = tl.load(alpha_table)
+        if TERMS > 1:
+            alpha1 = tl.load(alpha_table + 1)
+        if TERMS > 2:
+            alpha2 = tl.load(alpha_table + 2)
+        if TERMS > 3:
+            alpha3 = tl.load(alpha_table + 3)
+    return alpha0, alpha1, alpha2, alpha3
+
+
+_UNSPECIALIZED = ["seed0", "seed1", "seed2", "seed3", "alpha0", "alpha1", "alpha2", "alpha3"]
+
+
+@triton.jit(do_not_specialize=_UNSPECIALIZED)
+def _perturb_inside(anchor, block_at, block_key, seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3,
+                    alpha_table, TERMS: tl.constexpr, LANES: tl.constexpr, ALIGN: tl.constexpr, FAST: tl.constexpr,
+                    ALPHAS_IN_TABLE: tl.constexpr):
+    """Blocks their tensors hold whole: read and written unmasked, from an address the compiler knows to be a
+    multiple of ALIGN elements (16 bytes where the host found it so): vectorised accesses.
+
+    Two independent loads say where the block is and what it draws (see _Tables), so its data loads wait for
+    one memory latency, not for a chain of lookups: on an H200 a pass over 1 GiB of float16 went from 0.62 to
+    0.57 ms of device time (docs/benchmarks.md). A branch to the masked code in this kernel, or these lines
+    moved into a helper function, made it 0.70 ms."""
+    alpha0, alpha1, alpha2, alpha3 = _step_sizes(alpha0, alpha1, alpha2, alpha3, alpha_table, TERMS, ALPHAS_IN_TABLE)
     program = tl.program_id(0)
-    tensor = tl.load(block_tensor + program)
-    start = tl.load(block_start + program)  # in the parameter's elements: a multiple of 8·LANES
-    numel = tl.load(numels + tensor)
-    base = tl.load(bases + tensor)  # the parameter element held at the tensor's first (a shard's offset)
-    index = tl.load(indices + tensor)  # the optimizer's parameter index: part of the Philox counter
-    at = tl.load(offsets + tensor) + start - base  # the block's first element, in elements from ``anchor``
+    at = tl.load(block_at + program)  # the block's first element, in elements from the anchor's
+    key = tl.load(block_key + program)  # index << 40 | start (its first element in its parameter)
     lanes = tl.arange(0, LANES)
-    counter = start // 8 + lanes
-    within = start - base + lanes  # run 0's elements, as offsets in the tensor
-    # The block's eight runs, each a contiguous run of LANES elements. A block inside its tensor (all but
-    # a tensor's first and last) is read and written unmasked, from an address the compiler knows to be a
-    # multiple of ALIGN elements (16 bytes where the host found it so): vectorised accesses.
-    if (start >= base) & (start + 8 * LANES <= base + numel):
-        _perturb_block(anchor + tl.multiple_of(at, ALIGN) + lanes, within, numel, counter, index,
-                       seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, LANES, TERMS, FAST, False)
-    else:  # the elements of the block this tensor holds (a shard may hold a block only in part)
-        _perturb_block(anchor + at + lanes, within, numel, counter, index,
-                       seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, LANES, TERMS, FAST, True)
+    _perturb_block(anchor + tl.multiple_of(at, ALIGN) + lanes, lanes, 0, (key & 0xFFFFFFFFFF) // 8 + lanes, key >> 40,
+                   seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, LANES, TERMS, FAST, False)
+
+
+@triton.jit(do_not_specialize=_UNSPECIALIZED)
+def _perturb_edges(anchor, block_at, block_key, edge_within, edge_numel, seed0, seed1, seed2, seed3,
+                   alpha0, alpha1, alpha2, alpha3, alpha_table, TERMS: tl.constexpr, LANES: tl.constexpr,
+                   FAST: tl.constexpr, ALPHAS_IN_TABLE: tl.constexpr):
+    """Blocks at a tensor's ends: the elements of each that the tensor holds (a shard may hold one in part)."""
+    alpha0, alpha1, alpha2, alpha3 = _step_sizes(alpha0, alpha1, alpha2, alpha3, alpha_table, TERMS, ALPHAS_IN_TABLE)
+    program = tl.program_id(0)
+    at = tl.load(block_at + program)
+    key = tl.load(block_key + program)
+    lanes = tl.arange(0, LANES)
+    within = tl.load(edge_within + program) + lanes  # run 0's elements, as offsets in the tensor
+    numel = tl.load(edge_numel + program)
+    _perturb_block(anchor + at + lanes, within, numel, (key & 0xFFFFFFFFFF) // 8 + lanes, key >> 40,
+                   seed0, seed1, seed2, seed3, alpha0, alpha1, alpha2, alpha3, LANES, TERMS, FAST, True)
 
 
 @dataclass
 class _Tables:
-    """Where each program works: built once per set of tensors (weights do not move)."""
+    """Where each program works: built once per set of tensors (weights do not move). Programs work on
+    blocks of 8·LANES elements of a tensor: one launch on those the tensors hold whole, one on those at a
+    tensor's ends, which it may hold in part (none where every size is a multiple of 8·LANES)."""
 
     anchor: Tensor  # the first tensor: the kernel addresses every tensor's elements from its first element
-    offsets: Tensor  # (tensors,) int64: where each tensor starts, in elements from the anchor's start
     align: int  # every tensor's start is a multiple of this many elements from the anchor's (16 bytes, or 1)
-    numels: Tensor  # (tensors,) int64
-    bases: Tensor  # (tensors,) int64: the parameter element at each tensor's first (0 but for shards)
-    indices: Tensor  # (tensors,) int64 parameter indices
-    block_tensor: Tensor  # (blocks,) int64: which tensor a program works on
-    block_start: Tensor  # (blocks,) int64: its first element
+    block_at: Tensor  # (whole blocks,) int64: the block's first element, in elements from the anchor's first
+    block_key: Tensor  # (whole blocks,) int64: index << 40 | start: the parameter's index, and the block's
+    #                    first element in the parameter
+    edge_at: Tensor  # (end blocks,) int64: the same of the blocks at the tensors' ends
+    edge_key: Tensor  # (end blocks,) int64
+    edge_within: Tensor  # (end blocks,) int64: the block's first element, in elements from its tensor's
+    edge_numel: Tensor  # (end blocks,) int64: the elements its tensor holds
 
 
 def _recent(cache: OrderedDict, key: tuple, keep: int, build):
@@ -161,9 +192,10 @@ def _recent(cache: OrderedDict, key: tuple, keep: int, build):
     return value
 
 
-def _layout(numels: Sequence[int], bases: Sequence[int], device: torch.device) -> tuple[Tensor, ...]:
-    """(numels, bases, block_tensor, block_start) of ``_Tables`` on ``device``, in one transfer: what depends
-    only on the tensors' sizes (the per-program tables, one entry per 8·LANES elements, are the large ones)."""
+def _layout(numels: Sequence[int], bases: Sequence[int], device: torch.device) -> tuple:
+    """What depends only on the tensors' sizes, on ``device`` in one transfer: (inside, owner, start,
+    edge_within, edge_numel), owner and start (the block's tensor and its first element in the parameter)
+    per program, whole blocks first."""
     block = 8 * LANES  # read here, not imported as BLOCK: benchmarks/perturb_pass.py --sweep patches LANES
     numel = torch.tensor(numels, dtype=torch.int64)
     base = torch.tensor(bases, dtype=torch.int64)
@@ -172,17 +204,26 @@ def _layout(numels: Sequence[int], bases: Sequence[int], device: torch.device) -
     owner = torch.repeat_interleave(torch.arange(len(numels)), blocks)
     first = torch.cumsum(blocks, 0) - blocks  # each tensor's first program
     starts = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first - first_block, blocks)) * block
-    packed = to_device(torch.cat([numel, base, owner, starts]), device)
-    n = len(numels)
-    return (*packed[:2 * n].view(2, n), packed[2 * n:2 * n + owner.numel()], packed[2 * n + owner.numel():])
+    whole = (starts >= base[owner]) & (starts + block <= base[owner] + numel[owner])
+    order = torch.cat([whole.nonzero()[:, 0], (~whole).nonzero()[:, 0]])
+    owner, starts = owner[order], starts[order]
+    inside = int(whole.sum())
+    edges = slice(inside, None)
+    within, held = starts[edges] - base[owner[edges]], numel[owner[edges]]
+    packed = to_device(torch.cat([owner, starts, within, held]), device)
+    n, e = len(owner), len(within)
+    return inside, packed[:n], packed[n:2 * n], packed[2 * n:2 * n + e], packed[2 * n + e:]
 
 
-def _head(addresses: Sequence[int], indices: Sequence[int], element_size: int, device: torch.device
-          ) -> tuple[Tensor, Tensor]:
-    """(offsets, indices) of ``_Tables`` on ``device``: each tensor's start in elements from the first's
-    (same-dtype allocations start a whole number of elements apart), and the parameter indices."""
-    offsets = [(a - addresses[0]) // element_size for a in addresses]
-    return tuple(to_device(torch.tensor([offsets, list(indices)], dtype=torch.int64), device))
+def _head(addresses: Sequence[int], indices: Sequence[int], bases: Sequence[int], element_size: int,
+          owner: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
+    """(block_at, block_key) of ``_Tables``, computed on the layout's device from each tensor's start in
+    elements from the first's (same-dtype allocations start a whole number of elements apart)."""
+    if max(indices) >= 1 << 23:
+        raise ValueError(f"the fused kernel takes parameter indices below 2**23, got {max(indices)}")
+    offsets = [(a - addresses[0]) // element_size - b for a, b in zip(addresses, bases)]
+    offsets, indices = to_device(torch.tensor([offsets, list(indices)], dtype=torch.int64), owner.device)
+    return offsets[owner] + starts, indices[owner] << 40 | starts
 
 
 class FusedPerturber:
@@ -193,12 +234,13 @@ class FusedPerturber:
     # 2,048) the fastest on float16 for one term (0.64 ms a GiB; 2 warps 0.71, 8 warps 0.68).
     def __init__(self, num_warps: int = 4) -> None:
         self.num_warps = num_warps
-        # The tables of the tensor sets seen last: the layout (numels, bases, the programs' tensors and
-        # starts) by (device, numels, bases), shared by every set of those sizes (the decoder blocks of a
-        # model); the addresses and parameter indices by their values. One-off tensors of a recurring
-        # layout (an offloaded block's uploaded weights, a rule's coordinates) then build nothing.
-        self._layouts: OrderedDict[tuple, tuple[Tensor, ...]] = OrderedDict()
-        self._heads: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()  # -> (offsets, indices)
+        # The tables of the tensor sets seen last: the layout (what _layout returns) by (device, numels,
+        # bases), shared by every set of those sizes (the decoder blocks of a model); block_at and block_key
+        # by the addresses and indices too, computed on the device from the layout. One-off tensors of a
+        # recurring layout (an offloaded block's uploaded weights, a rule's coordinates) then copy two short
+        # lists to the device, or nothing.
+        self._layouts: OrderedDict[tuple, tuple] = OrderedDict()
+        self._heads: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()  # -> (block_at, block_key)
 
     @staticmethod
     def supports(param: Tensor) -> bool:
@@ -211,32 +253,45 @@ class FusedPerturber:
         device = tensors[0][1].device
         bases = tuple(bases) if bases is not None else (0,) * len(tensors)
         numels = tuple(t.numel() for _, t in tensors)
-        numel, base, block_tensor, block_start = _recent(self._layouts, (device, numels, bases), _LAYOUTS_KEPT,
-                                                         lambda: _layout(numels, bases, device))
+        inside, owner, starts, edge_within, edge_numel = _recent(
+            self._layouts, (device, numels, bases), _LAYOUTS_KEPT, lambda: _layout(numels, bases, device))
         # (the allocator hands recurring one-off tensors the same blocks, so their addresses recur too)
         element_size = tensors[0][1].element_size()
         addresses, indices = tuple(t.data_ptr() for _, t in tensors), tuple(index for index, _ in tensors)
-        offsets, indices = _recent(self._heads, (device, addresses, indices), 4 * _LAYOUTS_KEPT,
-                                   lambda: _head(addresses, indices, element_size, device))
+        block_at, block_key = _recent(self._heads, (device, addresses, indices, numels, bases), 4 * _LAYOUTS_KEPT,
+                                      lambda: _head(addresses, indices, bases, element_size, owner, starts))
         # vectorised accesses need every block's first element 16-byte aligned: the tensors' starts (a block
         # starts a multiple of 8·LANES elements into its parameter, which a shard's base shifts)
         vector = 16 // element_size
         aligned = all(a % 16 == 0 for a in addresses) and all(b % vector == 0 for b in bases)
-        return _Tables(tensors[0][1], offsets, vector if aligned else 1, numel, base, indices, block_tensor,
-                       block_start)
+        return _Tables(tensors[0][1], vector if aligned else 1, block_at[:inside], block_key[:inside],
+                       block_at[inside:], block_key[inside:], edge_within, edge_numel)
 
-    def add_(self, tensors: Sequence[tuple[int, Tensor]] | _Tables, terms: Sequence[tuple[float, int]]) -> None:
+    def add_(self, tensors: Sequence[tuple[int, Tensor]] | _Tables, terms: Sequence[tuple[float | Tensor, int]]
+             ) -> None:
         """``t += Σ α_k Z(seed_k, index)`` for every ``(index, t)`` (or the tensors of prebuilt tables);
-        terms are (α, 64-bit key)."""
+        terms are (α, 64-bit key), α a float or a scalar tensor on the tensors' device (read there, in
+        float32 as a float would be passed: the host never waits for it)."""
         if not tensors or not terms:
             return
         tables = tensors if isinstance(tensors, _Tables) else self.tables(tensors)
+        in_table = any(isinstance(alpha, Tensor) for alpha, _ in terms)
+        if in_table:
+            device = tables.anchor.device
+            table = torch.stack([torch.full((), alpha, dtype=torch.float64, device=device)
+                                 if not isinstance(alpha, Tensor) else alpha.to(device, torch.float64)
+                                 for alpha, _ in terms]).to(torch.float32)
         for first in range(0, len(terms), MAX_TERMS):
             chunk = list(terms[first:first + MAX_TERMS])
             padded = chunk + [(0.0, 0)] * (MAX_TERMS - len(chunk))
-            alphas = [float(alpha) for alpha, _ in padded]
+            alphas = [0.0 if in_table else float(alpha) for alpha, _ in padded]
             seeds = [int(seed) for _, seed in padded]
-            _perturb_kernel[(tables.block_tensor.numel(),)](
-                tables.anchor, tables.offsets, tables.numels, tables.bases, tables.indices, tables.block_tensor,
-                tables.block_start, *seeds, *alphas, TERMS=len(chunk), LANES=LANES, ALIGN=tables.align,
-                FAST=not _INTERPRETED, num_warps=self.num_warps)
+            terms_args = (*seeds, *alphas, table[first:] if in_table else tables.block_at)  # (block_at: never read)
+            shared = dict(TERMS=len(chunk), LANES=LANES, FAST=not _INTERPRETED, ALPHAS_IN_TABLE=in_table,
+                          num_warps=self.num_warps)
+            if tables.block_key.numel():
+                _perturb_inside[(tables.block_key.numel(),)](tables.anchor, tables.block_at, tables.block_key,
+                                                             *terms_args, ALIGN=tables.align, **shared)
+            if tables.edge_key.numel():
+                _perturb_edges[(tables.edge_key.numel(),)](tables.anchor, tables.edge_at, tables.edge_key,
+                                                           tables.edge_within, tables.edge_numel, *terms_args, **shared)

@@ -18,8 +18,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from . import enqueued
 from .estimators import SPSA
-from .execution import ExecutionPath, InPlace
+from .execution import ExecutionPath, InPlace, start_mean_losses
 from .perturbations import DrawKey, Gaussian, Perturbation
 from .shards import is_sharded
 from .rules import SGD, UpdateRule
@@ -209,11 +210,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         global_state = self.state[_STATE_KEY]
         step = global_state["step"]
         keys = self.draw_keys(step)
-        losses = self.execution.measure_points(self.estimator.points(keys), closures)
+        points = self.estimator.points(keys)
+        update_enqueued = False  # whether the update is already on the GPU's queue (see _enqueue_update)
+        if accept is None and type(self.execution) is InPlace:
+            measured = self.execution.measure_pending(points, closures)
+            arriving = start_mean_losses(measured)  # queued before the update, the copies do not wait for it
+            update_enqueued = self._may_enqueue_update() and self._enqueue_update(keys, measured)
+            losses = arriving()
+        else:
+            losses = self.execution.measure_points(points, closures)
         grads = self.estimator.projected_gradients(losses)
 
         if not all(math.isfinite(v) for v in losses + grads):
-            self._restore()
+            if not update_enqueued:  # (an enqueued update of a non-finite step is a restore only)
+                self._restore()
             self.state[_STATE_KEY] = {**global_state, "step": step + 1, "skipped": global_state["skipped"] + 1}
             self.last_record = StepRecord(step, tuple(grads), tuple(losses), skipped=True)
             if self.nan_policy == "raise":
@@ -230,7 +240,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.state[_STATE_KEY] = {**global_state, "step": step + 1, "skipped": global_state["skipped"] + 1}
             self.last_record = StepRecord(step, tuple(grads), tuple(losses), skipped=True)
             return losses[0]
-        self._update(step, keys, grads)
+        if not update_enqueued:
+            self._update(step, keys, grads)
         self.state[_STATE_KEY] = {**global_state, "step": step + 1}
         self.last_record = record
         return losses[0]
@@ -256,6 +267,24 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self.perturbation.add_each_(members, [], undo)
                 if decay != 1.0 and members:
                     torch._foreach_div_([p for _, p in members], decay)
+
+    def _may_enqueue_update(self) -> bool:
+        """An in-place SGD step without weight decay over weights that the fused kernel alone perturbs: its
+        update can be computed and launched on the GPU before the losses are read back."""
+        return self.rule.linear and type(self.perturbation) is Gaussian \
+            and all(group["weight_decay"] == 0.0 for group in self.param_groups) \
+            and self.perturbation.all_fused(self._indexed)
+
+    def _enqueue_update(self, keys: list[DrawKey], measured: list[list]) -> bool:
+        """Restore and update in one pass whose coefficients the GPU computes from the losses it holds
+        (:mod:`zotune.optim.enqueued`: the numbers ``_update`` would use), launched behind the last forward;
+        False, with nothing done, when a loss is not a CUDA tensor (nothing to gain)."""
+        if not all(isinstance(v, Tensor) and v.is_cuda for values in measured for v in values):
+            return False
+        restore = self.execution.take_restore_terms()
+        for lr, _, members in self._groups():
+            self.perturbation.add_each_(members, restore, enqueued.update_terms(measured, self.estimator, keys, lr))
+        return True
 
     def _restore(self) -> None:
         restore = self.execution.take_restore_terms()

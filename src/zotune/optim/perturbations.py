@@ -39,11 +39,13 @@ def merge_terms(terms: Sequence[Term]) -> list[Term]:
     """Sum the coefficients of equal keys and drop zeros: each direction is drawn once.
 
     (The update pass of a one-query step is restore + update of the same key: one draw, not two.)
+    A coefficient may be a float64 scalar on a GPU (:mod:`zotune.optim.enqueued`): it is summed there
+    and kept even when zero (reading it would wait for the GPU); its term then adds nothing.
     """
-    merged: dict[DrawKey, float] = {}
+    merged: dict[DrawKey, float | Tensor] = {}
     for alpha, key in terms:
         merged[key] = merged.get(key, 0.0) + alpha
-    return [(alpha, key) for key, alpha in merged.items() if alpha != 0.0]
+    return [(alpha, key) for key, alpha in merged.items() if isinstance(alpha, Tensor) or alpha != 0.0]
 
 
 class Perturbation(ABC):
@@ -189,6 +191,12 @@ class Gaussian(Perturbation):
         for p in params:
             pending.setdefault(id(p), [])
 
+    def all_fused(self, params: Sequence[tuple[int, Tensor]]) -> bool:
+        """Whether every pass over ``params`` runs in the fused kernel (none deferred, none drawn by torch):
+        then its coefficients may be scalars on the GPU."""
+        plan = self._plan(params)
+        return self._deferred is None and not plan.torch and not plan.philox_in_torch
+
     # ------------------------------------------------------------ the Perturbation contract
     def add_(self, param: Tensor, index: int, terms: Sequence[Term]) -> None:
         self.add_each_([(index, param)], terms, ())
@@ -204,6 +212,8 @@ class Gaussian(Perturbation):
                     pending[id(p)] = merge_terms([*pending[id(p)], *terms])
             params = [(index, p) for index, p in params if id(p) not in pending]
         plan = self._plan(params)
+        if (plan.torch or plan.philox_in_torch) and any(isinstance(alpha, Tensor) for alpha, _ in terms):
+            raise ValueError("coefficients on the GPU serve the fused kernel's passes only (see all_fused)")
         for index, flat in plan.torch:
             self._torch_add(flat, index, terms)
         keyed = [(alpha, self.philox_key(key)) for alpha, key in terms]
