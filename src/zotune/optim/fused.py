@@ -136,9 +136,9 @@ def _perturb_inside(anchor, block_at, block_key, seed0, seed1, seed2, seed3, alp
     multiple of ALIGN elements (16 bytes where the host found it so): vectorised accesses.
 
     Two independent loads say where the block is and what it draws (see _Tables), so its data loads wait for
-    one memory latency, not for a chain of lookups: on an H200 a pass over 1 GiB of float16 went from 0.62 to
-    0.57 ms of device time (docs/benchmarks.md). A branch to the masked code in this kernel, or these lines
-    moved into a helper function, made it 0.70 ms."""
+    one memory latency, not for a chain of lookups: on an H200 a pass over 1 GiB of float16 went from 0.649 to
+    0.609 ms (benchmarks/perturb_pass.py). A branch to the masked code in this kernel, or these lines moved
+    into a helper function, made it slower than the chain."""
     alpha0, alpha1, alpha2, alpha3 = _step_sizes(alpha0, alpha1, alpha2, alpha3, alpha_table, TERMS, ALPHAS_IN_TABLE)
     program = tl.program_id(0)
     at = tl.load(block_at + program)  # the block's first element, in elements from the anchor's

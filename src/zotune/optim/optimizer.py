@@ -215,7 +215,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if accept is None and type(self.execution) is InPlace:
             measured = self.execution.measure_pending(points, closures)
             arriving = start_mean_losses(measured)  # queued before the update, the copies do not wait for it
-            update_enqueued = self._may_enqueue_update() and self._enqueue_update(keys, measured)
+            update_enqueued = self._enqueue_update(keys, measured)
             losses = arriving()
         else:
             losses = self.execution.measure_points(points, closures)
@@ -278,8 +278,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _enqueue_update(self, keys: list[DrawKey], measured: list[list]) -> bool:
         """Restore and update in one pass whose coefficients the GPU computes from the losses it holds
         (:mod:`zotune.optim.enqueued`: the numbers ``_update`` would use), launched behind the last forward;
-        False, with nothing done, when a loss is not a CUDA tensor (nothing to gain)."""
-        if not all(isinstance(v, Tensor) and v.is_cuda for values in measured for v in values):
+        False, with nothing done, when a loss is not a CUDA tensor (nothing to gain) or the step is not one
+        :meth:`_may_enqueue_update` allows (it then updates after the read-back, in ``_update``)."""
+        if not all(isinstance(v, Tensor) and v.is_cuda for values in measured for v in values) \
+                or not self._may_enqueue_update():
             return False
         restore = self.execution.take_restore_terms()
         for lr, _, members in self._groups():
