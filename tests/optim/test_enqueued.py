@@ -9,7 +9,7 @@ import torch
 
 from conftest import needs_triton, run_interpreted
 import zotune
-from zotune.optim.enqueued import update_terms
+from zotune.optim.enqueued import projected_gradients, update_terms
 from zotune.optim.estimators import SPSA
 from zotune.optim.execution import mean_losses
 from zotune.optim.perturbations import DrawKey, merge_terms
@@ -40,7 +40,7 @@ def test_the_device_coefficients_are_the_hosts_bit_for_bit(device, estimator, qu
         losses = base + 1e-4 * torch.randn(estimator.num_points(queries), micro_batches, generator=generator)
         lr = float(torch.rand((), generator=generator)) * 1e-3
         on_device = [[v.to(device) for v in row] for row in losses]
-        got = merge_terms([*restore, *update_terms(on_device, estimator, keys, lr)])
+        got = merge_terms([*restore, *update_terms(projected_gradients(on_device, estimator), keys, lr)])
         want = host_terms([[float(v) for v in row] for row in losses], estimator, keys, lr, restore)
         assert [key for _, key in got] == [key for _, key in want]
         for (alpha, _), (expected, _) in zip(got, want):
@@ -52,7 +52,7 @@ def test_the_device_coefficients_are_the_hosts_bit_for_bit(device, estimator, qu
 def test_a_non_finite_loss_leaves_the_restore_alone(device):
     keys = [DrawKey(1, 2, 0)]
     measured = [[torch.tensor(1.5, device=device)], [torch.tensor(float("nan"), device=device)]]
-    (alpha, key), = merge_terms([(1e-3, keys[0]), *update_terms(measured, SPSA(), keys, lr=0.1)])
+    (alpha, key), = merge_terms([(1e-3, keys[0]), *update_terms(projected_gradients(measured, SPSA()), keys, lr=0.1)])
     assert key == keys[0] and alpha.item() == 1e-3
 
 

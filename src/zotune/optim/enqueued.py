@@ -41,12 +41,17 @@ def point_losses(measured: Sequence[Sequence[Tensor]]) -> list[Tensor]:
     return means
 
 
-def update_terms(measured: Sequence[Sequence[Tensor]], estimator: SPSA, keys: Sequence[DrawKey],
-                 lr: float) -> list[tuple[Tensor, DrawKey]]:
-    """The update's terms ``(-lr * g_i / q, key_i)`` of a step from its losses on the device, zero when any
-    loss or g is not finite (the step is then skipped)."""
+def projected_gradients(measured: Sequence[Sequence[Tensor]], estimator: SPSA) -> list[Tensor]:
+    """g_1..g_q (float64, on the device) as :meth:`SPSA.projected_gradients` computes them from the losses
+    ``mean_losses`` reads back; each zero when any loss or g is not finite (the step is then skipped)."""
     losses = point_losses(measured)
-    denominator, q = _exact(estimator.denominator, losses[0]), _exact(len(keys), losses[0])
+    denominator = _exact(estimator.denominator, losses[0])
     grads = [(losses[a] - losses[b]) / denominator for a, b in estimator.differences(len(losses))]
     finite = torch.isfinite(torch.stack(losses + grads)).all()
-    return [(torch.where(finite, -lr * g / q, 0.0), key) for g, key in zip(grads, keys)]
+    return [torch.where(finite, g, 0.0) for g in grads]
+
+
+def update_terms(grads: Sequence[Tensor], keys: Sequence[DrawKey], lr: float) -> list[tuple[Tensor, DrawKey]]:
+    """The SGD update's terms ``(-lr * g_i / q, key_i)``, as the optimizer writes them on the host."""
+    q = _exact(len(keys), grads[0])
+    return [(-lr * g / q, key) for g, key in zip(grads, keys)]

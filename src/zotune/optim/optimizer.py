@@ -284,8 +284,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                 or not self._may_enqueue_update():
             return False
         restore = self.execution.take_restore_terms()
+        grads = enqueued.projected_gradients(measured, self.estimator)
         for lr, _, members in self._groups():
-            self.perturbation.add_each_(members, restore, enqueued.update_terms(measured, self.estimator, keys, lr))
+            self.perturbation.add_each_(members, restore, enqueued.update_terms(grads, keys, lr))
         return True
 
     def _restore(self) -> None:
