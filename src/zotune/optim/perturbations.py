@@ -31,8 +31,9 @@ class DrawKey:
     query: int
 
 
-# One term of a linear combination  sum_k alpha_k * Z(key_k).
-Term = tuple[float, DrawKey]
+# One term of a linear combination  sum_k alpha_k * Z(key_k) (alpha a float; in an enqueued update, a
+# float64 scalar on the GPU: see merge_terms).
+Term = tuple["float | Tensor", DrawKey]
 
 
 def merge_terms(terms: Sequence[Term]) -> list[Term]:
