@@ -194,37 +194,45 @@ def _recent(cache: OrderedDict, key: tuple, keep: int, build):
 
 
 def _layout(numels: Sequence[int], bases: Sequence[int], device: torch.device) -> tuple:
-    """What depends only on the tensors' sizes, on ``device`` in one transfer: (inside, owner, start,
-    edge_within, edge_numel), owner and start (the block's tensor and its first element in the parameter)
-    per program, whole blocks first."""
+    """What depends only on the tensors' sizes: (inside, owner, start, edge_within, edge_numel), owner and
+    start (each block's tensor and first element in its parameter, whole blocks first) kept in host memory
+    for :func:`_head`, the end blocks' tables on ``device``. A tensor holding elements b .. b + n - 1 of
+    its parameter (b = 0 but for shards) holds blocks ceil(b / B) .. (b + n) // B - 1 whole; the one
+    before and the one after, where it holds part of them, are end blocks."""
     block = 8 * LANES  # read here, not imported as BLOCK: benchmarks/perturb_pass.py --sweep patches LANES
-    numel = torch.tensor(numels, dtype=torch.int64)
-    base = torch.tensor(bases, dtype=torch.int64)
-    first_block, end_block = base // block, (base + numel + block - 1) // block  # the stream's blocks it spans
-    blocks = end_block - first_block  # (tensors,)
-    owner = torch.repeat_interleave(torch.arange(len(numels)), blocks)
-    first = torch.cumsum(blocks, 0) - blocks  # each tensor's first program
-    starts = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first - first_block, blocks)) * block
-    whole = (starts >= base[owner]) & (starts + block <= base[owner] + numel[owner])
-    order = torch.cat([whole.nonzero()[:, 0], (~whole).nonzero()[:, 0]])
-    owner, starts = owner[order], starts[order]
-    inside = int(whole.sum())
-    edges = slice(inside, None)
-    within, held = starts[edges] - base[owner[edges]], numel[owner[edges]]
-    packed = to_device(torch.cat([owner, starts, within, held]), device)
-    n, e = len(owner), len(within)
-    return inside, packed[:n], packed[n:2 * n], packed[2 * n:2 * n + e], packed[2 * n + e:]
+    counts, firsts, edge_owner, edge_start = [], [], [], []
+    for tensor, (numel, base) in enumerate(zip(numels, bases)):
+        low, high = -(-base // block), (base + numel) // block  # its whole blocks: low .. high - 1
+        if high > low:
+            ends = ([low - 1] if base % block else []) + ([high] if (base + numel) % block else [])
+        else:  # under a block's worth: every block it touches
+            ends = list(range(base // block, -(-(base + numel) // block)))
+        counts.append(max(high - low, 0))
+        firsts.append(low)
+        edge_owner += [tensor] * len(ends)
+        edge_start += [b * block for b in ends]
+    count = torch.tensor(counts, dtype=torch.int64)
+    inside = int(count.sum())
+    first_program = torch.cumsum(count, 0) - count
+    owner = torch.repeat_interleave(torch.arange(len(numels)), count)
+    starts = (torch.arange(inside) + torch.repeat_interleave(torch.tensor(firsts) - first_program, count)) * block
+    edge_owner, edge_start = torch.tensor(edge_owner, dtype=torch.int64), torch.tensor(edge_start, dtype=torch.int64)
+    edge_within = edge_start - torch.tensor(bases, dtype=torch.int64)[edge_owner]
+    edge_numel = torch.tensor(numels, dtype=torch.int64)[edge_owner]
+    edge_within, edge_numel = to_device(torch.stack([edge_within, edge_numel]), device)
+    return inside, torch.cat([owner, edge_owner]), torch.cat([starts, edge_start]), edge_within, edge_numel
 
 
 def _head(addresses: Sequence[int], indices: Sequence[int], bases: Sequence[int], element_size: int,
-          owner: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
-    """(block_at, block_key) of ``_Tables``, computed on the layout's device from each tensor's start in
-    elements from the first's (same-dtype allocations start a whole number of elements apart)."""
+          inside: int, owner: Tensor, starts: Tensor, device: torch.device) -> tuple[Tensor, ...]:
+    """(block_at, block_key, edge_at, edge_key) of ``_Tables`` on ``device``, in one transfer, from each
+    tensor's start in elements from the first's (same-dtype allocations start a whole number of elements
+    apart)."""
     if max(indices) >= 1 << 23:
         raise ValueError(f"the fused kernel takes parameter indices below 2**23, got {max(indices)}")
-    offsets = [(a - addresses[0]) // element_size - b for a, b in zip(addresses, bases)]
-    offsets, indices = to_device(torch.tensor([offsets, list(indices)], dtype=torch.int64), owner.device)
-    return offsets[owner] + starts, indices[owner] << 40 | starts
+    offsets = torch.tensor([(a - addresses[0]) // element_size - b for a, b in zip(addresses, bases)])
+    at, key = to_device(torch.stack([offsets[owner] + starts, torch.tensor(indices)[owner] << 40 | starts]), device)
+    return at[:inside], key[:inside], at[inside:], key[inside:]
 
 
 class FusedPerturber:
@@ -237,11 +245,11 @@ class FusedPerturber:
         self.num_warps = num_warps
         # The tables of the tensor sets seen last: the layout (what _layout returns) by (device, numels,
         # bases), shared by every set of those sizes (the decoder blocks of a model); block_at and block_key
-        # by the addresses and indices too, computed on the device from the layout. One-off tensors of a
-        # recurring layout (an offloaded block's uploaded weights, a rule's coordinates) then copy two short
-        # lists to the device, or nothing.
+        # (16 bytes a block on the device) by the addresses and indices too, computed from the layout in host
+        # memory. One-off tensors of a recurring layout (an offloaded block's uploaded weights, a rule's
+        # coordinates) then cost one transfer of those, or nothing when their addresses recur.
         self._layouts: OrderedDict[tuple, tuple] = OrderedDict()
-        self._heads: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()  # -> (block_at, block_key)
+        self._heads: OrderedDict[tuple, tuple[Tensor, ...]] = OrderedDict()  # -> what _head returns
 
     @staticmethod
     def supports(param: Tensor) -> bool:
@@ -259,14 +267,13 @@ class FusedPerturber:
         # (the allocator hands recurring one-off tensors the same blocks, so their addresses recur too)
         element_size = tensors[0][1].element_size()
         addresses, indices = tuple(t.data_ptr() for _, t in tensors), tuple(index for index, _ in tensors)
-        block_at, block_key = _recent(self._heads, (device, addresses, indices, numels, bases), 4 * _LAYOUTS_KEPT,
-                                      lambda: _head(addresses, indices, bases, element_size, owner, starts))
+        head = _recent(self._heads, (device, addresses, indices, numels, bases), 4 * _LAYOUTS_KEPT,
+                       lambda: _head(addresses, indices, bases, element_size, inside, owner, starts, device))
         # vectorised accesses need every block's first element 16-byte aligned: the tensors' starts (a block
         # starts a multiple of 8·LANES elements into its parameter, which a shard's base shifts)
         vector = 16 // element_size
         aligned = all(a % 16 == 0 for a in addresses) and all(b % vector == 0 for b in bases)
-        return _Tables(tensors[0][1], vector if aligned else 1, block_at[:inside], block_key[:inside],
-                       block_at[inside:], block_key[inside:], edge_within, edge_numel)
+        return _Tables(tensors[0][1], vector if aligned else 1, *head, edge_within, edge_numel)
 
     def add_(self, tensors: Sequence[tuple[int, Tensor]] | _Tables, terms: Sequence[tuple[float | Tensor, int]]
              ) -> None:
