@@ -52,15 +52,11 @@ def _pending(value: object) -> "Tensor | float":
     )
 
 
-def read_back(values: Sequence["Tensor | float"]) -> list[float]:
-    """Python floats of :func:`_pending` losses: one copy to the host per device (and dtype), so a step
-    whose forwards run on a GPU waits for it once, not once a forward."""
-    return start_read_back(values)()
-
-
 def start_read_back(values: Sequence["Tensor | float"]) -> Callable[[], list[float]]:
-    """Queue :func:`read_back`'s copies now (into pinned memory, from a GPU) and return what waits for them
-    and gives the floats: work queued on the device in between (the enqueued update) does not delay them."""
+    """Queue the copies of :func:`_pending` losses to the host now, one per device (and dtype), into pinned
+    memory from a GPU, and return what waits for them and gives the Python floats: a step whose forwards
+    run on a GPU waits once, not once a forward, and work queued on the device in between (the enqueued
+    update) does not delay the copies."""
     floats = list(values)
     together: dict[tuple, list[int]] = {}
     for i, value in enumerate(values):

@@ -3,8 +3,8 @@
 Each program takes one block of 8·LANES elements of one tensor, loads it once, adds every term's
 direction, generated in registers from its Philox key (:mod:`zotune.optim.philox` defines the
 stream; nothing of Z is ever stored), and stores it once, rounding once from float32. A pass over
-the trainable weights is then one launch per (device, dtype), two where some tensor's size is not a
-multiple of a block (its last block, masked, in the second), that reads and writes each weight once:
+the trainable weights is then one launch per (device, dtype), two where some tensor holds part of a
+block (those blocks, masked, in the second), that reads and writes each weight once:
 bound by memory bandwidth, not by the host launching two kernels per tensor and term.
 
 Imported only where it runs: on CUDA, or on the CPU through Triton's interpreter
@@ -236,8 +236,8 @@ def _head(addresses: Sequence[int], indices: Sequence[int], bases: Sequence[int]
 
 
 class FusedPerturber:
-    """Applies Σ α_k Z_k to groups of same-device, same-dtype contiguous tensors (one launch per
-    group and up to MAX_TERMS terms)."""
+    """Applies Σ α_k Z_k to groups of same-device, same-dtype contiguous tensors (one launch per group
+    and up to MAX_TERMS terms, two where some tensor holds part of a block)."""
 
     # 4 warps: 16 elements a thread a block. On an H200 the fastest for one term on float16: 0.609 ms a GiB
     # against 0.684 at 8 warps (benchmarks/perturb_pass.py); the version before also at 2 warps (--sweep: 0.71).

@@ -15,8 +15,8 @@ under a draw whose 64-bit key is ``seed``:
 
 One Philox call yields eight normals. On 16-bit weights the draw's arithmetic, not memory, bounded
 the kernel while each call made four (a 32-bit uniform per normal): 0.86 ms a pass over 1 GiB of
-float16 on an H200 against 0.56 ms for a plain read and write, 0.65 ms with eight
-(``benchmarks/perturb_pass.py``, docs/benchmarks.md).
+float16 on an H200 against 0.56 ms for a plain read and write, 0.65 ms with eight, 0.61 ms with the
+kernel's flat launch tables (``benchmarks/perturb_pass.py``, docs/benchmarks.md).
 Sixteen bits a uniform make a discrete normal on 2³² points: its mean is exactly 0 (the angles are
 symmetric about 0), its variance 1 − 5e-6 (``E[-2 log u]`` by the midpoint rule), its tails cut
 at 4.85 (a true normal's beyond that: probability 1.2e-6); nothing a ZO estimate, averaging over
