@@ -52,6 +52,17 @@ def test_the_kernel_adds_the_low_rank_products_through_the_interpreter():
 
 
 @needs_triton
+def test_tile_tables_list_every_tile_of_every_matrix_once_row_major():
+    from zotune.optim import lowrank_kernel as K
+
+    shapes = [(70, 130), (5, 7), (32, 64), (33, 65), (1, 200)]  # whole tiles and partial ones at both edges
+    owner, row, col = K.tile_tables(shapes, torch.device("cpu"))
+    expected = [(t, i * K.BM, j * K.BN) for t, (m, n) in enumerate(shapes)
+                for i in range(-(-m // K.BM)) for j in range(-(-n // K.BN))]
+    assert list(zip(owner.tolist(), row.tolist(), col.tolist())) == expected
+
+
+@needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_lozo_on_cuda_takes_the_kernel_and_moves_the_weights_as_addmm_does(monkeypatch):
     import zotune.optim.perturbations as perturbations
@@ -61,9 +72,12 @@ def test_lozo_on_cuda_takes_the_kernel_and_moves_the_weights_as_addmm_does(monke
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(300, 200, device="cuda")) for _ in range(3)]
         opt = zotune.lozo(params, lr=1e-3, rank=2, nu=5, seed=1)
-        for _ in range(4):
+        for _ in range(7):
             opt.step(lambda: float(sum((p.double() ** 2).sum() for p in params)))
         groups = next(iter(opt.perturbation._plans.values()))[2][0]  # the plan's kernel groups
+        if kernel:  # 7 steps span windows 0 and 1 (nu = 5): the new window's plan kept the tile tables
+            tiles = list(opt.perturbation._tiles.values())
+            assert len(tiles) == 1 and groups[0][0].tile_row is tiles[0][1]
         return [p.detach().clone() for p in params], bool(groups) and opt.perturbation._kernel_works
 
     with_kernel, used = run(True)
@@ -88,7 +102,7 @@ def test_a_kernel_that_cannot_build_falls_back_to_addmm(monkeypatch):
 
     reference = run()  # on the CPU: addmm_ throughout
     # as if on a GPU whose Triton cannot build the kernel: every group offered to it, every launch failing
-    monkeypatch.setattr(factored, "_kernel_groups", lambda matrices: ([(None, matrices)], []))
+    monkeypatch.setattr(factored, "_kernel_groups", lambda matrices, tiles: ([(None, matrices)], []))
 
     def fails(tables, alpha):
         raise RuntimeError("cannot compile")

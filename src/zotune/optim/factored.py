@@ -52,9 +52,10 @@ def _held(param: Tensor, left: Tensor) -> tuple[Tensor, Tensor]:
     return (local if local.dim() < 3 else local.view(rows, -1)), left[first:first + rows]
 
 
-def _kernel_groups(matrices: list) -> tuple[list, list]:
+def _kernel_groups(matrices: list, tiles: dict) -> tuple[list, list]:
     """([(the low-rank kernel's tables, their (matrix, L, Rᵀ))], one per (device, dtype) group of the CUDA
-    matrices it takes; the other (matrix, L, Rᵀ), left to ``addmm_``)."""
+    matrices it takes; the other (matrix, L, Rᵀ), left to ``addmm_``). ``tiles``: the kernel's tile tables
+    by (device, shapes), kept by the caller across calls and filled here."""
     from .perturbations import _triton_installed
 
     if not any(matrix.is_cuda for matrix, _, _ in matrices) or not _triton_installed():
@@ -68,7 +69,13 @@ def _kernel_groups(matrices: list) -> tuple[list, list]:
             groups.setdefault((triple[0].device, triple[0].dtype), []).append(triple)
         else:
             rest.append(triple)
-    return [(lowrank_kernel.tables(group), group) for group in groups.values()], rest
+    kernel_groups = []
+    for (device, _), group in groups.items():
+        shapes = tuple(tuple(w.shape) for w, _, _ in group)
+        if (device, shapes) not in tiles:
+            tiles[device, shapes] = lowrank_kernel.tile_tables(shapes, device)
+        kernel_groups.append((lowrank_kernel.tables(group, tiles[device, shapes]), group))
+    return kernel_groups, rest
 
 
 class _Factored(FactoredPerturbation):
@@ -94,6 +101,9 @@ class _Factored(FactoredPerturbation):
         self._last_factors: dict[int, tuple] = {}  # S -> (reuse key, params, factors, data pointers) of the last call
         # (params, query) -> (reuse key, groups, one-direction plan, the parameters' storage addresses)
         self._plans: dict[tuple, tuple] = {}
+        # (device, matrix shapes) -> the low-rank kernel's tile tables: they outlive the plans, which a
+        # new V window rebuilds (3.3 million tiles at the 7B shape)
+        self._tiles: dict[tuple, tuple] = {}
         self._kernel_works = True  # False once the low-rank kernel failed to build here (then addmm_)
 
     def _randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, *address: int) -> Tensor:
@@ -131,7 +141,7 @@ class _Factored(FactoredPerturbation):
 
     def _build_layout(self) -> None:
         for cache in (self._layout, self._groups, self._packs, self._packs_of, self._views, self._points,
-                      self._last_factors, self._plans):
+                      self._last_factors, self._plans, self._tiles):
             cache.clear()
         for index, p in self._prepared:
             group = (p.device, p.dtype)
@@ -241,7 +251,7 @@ class _Factored(FactoredPerturbation):
                     matrices.append((matrix, left, right_t))
             groups = {self._layout[index][0] for index, _ in params}
             pointers = [held(p).data_ptr() for _, p in params]
-            kernel_groups, matrices = _kernel_groups(matrices) if self._kernel_works else ([], matrices)
+            kernel_groups, matrices = _kernel_groups(matrices, self._tiles) if self._kernel_works else ([], matrices)
             hit = self._plans[slot] = (reuse, groups, (kernel_groups, matrices, vectors, zs), pointers)
         for group in hit[1]:
             self._pack(key, group)  # this step's numbers into the buffers the plan's views read
