@@ -4,6 +4,8 @@
                                                         # SmolLM2-135M's 272 tensors (float32)
     python benchmarks/perturb_pass.py --sweep           # the kernel's block size and warps, 1 GiB
                                                         # float16 and float32
+    python benchmarks/perturb_pass.py --lowrank         # the low-rank kernel's tile shapes (LOZO's
+                                                        # passes), ms per GiB beside the fused kernel
 
 A pass reads and writes every weight once, so its floor is an in-place add of a constant over the
 same tensors: ``torch._foreach_add_``, and for one tensor a Triton kernel doing only that in blocks
@@ -104,13 +106,51 @@ def sweep(repeats: int) -> None:
         fused.LANES = kept
 
 
+def lowrank_sweep(repeats: int) -> None:
+    """The low-rank kernel (W += α L Rᵀ, rank 2) at tile shapes (``BM``, ``BN``, patched for the sweep)
+    and warps, over the matrices of four Llama-2-7B blocks and of SmolLM2-135M, in ms per GiB of
+    weights, beside the fused Gaussian pass and ``torch._foreach_add_`` over the same tensors."""
+    from zotune.optim import lowrank_kernel
+
+    block_7b = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+    block_smollm2 = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    kept = lowrank_kernel.BM, lowrank_kernel.BN
+    for name, shapes, dtype in (("four Llama-2-7B blocks", block_7b * 4, torch.bfloat16),
+                                ("four Llama-2-7B blocks", block_7b * 4, torch.float32),
+                                ("SmolLM2-135M's matrices", block_smollm2 * 30, torch.float32)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        weights = [torch.randn(shape, device="cuda", dtype=dtype, generator=g) for shape in shapes]
+        triples = [(w, torch.randn(w.shape[0], 2, device="cuda", dtype=dtype, generator=g),
+                    torch.randn(2, w.shape[1], device="cuda", dtype=dtype, generator=g)) for w in weights]
+        gib = sum(w.numel() * w.element_size() for w in weights) / 2**30
+        fused = FusedPerturber()
+        tables = fused.tables(list(enumerate(weights)))
+        print(f"\n{name}, {dtype} ({gib:.2f} GiB): fused Gaussian pass "
+              f"{timed_ms(lambda: fused.add_(tables, [(1e-4, 1)]), repeats) / gib:.3f} ms per GiB, "
+              f"torch._foreach_add_ {timed_ms(lambda: torch._foreach_add_(weights, 1e-4), repeats) / gib:.3f}")
+        print("| tile (rows x columns) | warps | ms per GiB |\n|---|---|---|")
+        for bm, bn in ((32, 64), (32, 256), (16, 512), (8, 512), (4, 1024), (2, 1024), (2, 2048)):
+            lowrank_kernel.BM, lowrank_kernel.BN = bm, bn
+            low_rank = lowrank_kernel.tables(triples)
+            for warps in (4, 8):
+                def launch():
+                    lowrank_kernel._lowrank_kernel[(low_rank.tile_tensor.numel(),)](
+                        low_rank.table, low_rank.tile_tensor, low_rank.tile_row, low_rank.tile_col, 1e-4,
+                        BM=bm, BN=bn, DTYPE=low_rank.dtype, num_warps=warps)
+                print(f"| {bm} x {bn} | {warps} | {timed_ms(launch, repeats) / gib:.3f} |")
+        lowrank_kernel.BM, lowrank_kernel.BN = kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="the kernel's block size and warps instead")
+    parser.add_argument("--lowrank", action="store_true", help="the low-rank kernel's tile shapes instead")
     args = parser.parse_args()
     if args.sweep:
         return sweep(args.repeats)
+    if args.lowrank:
+        return lowrank_sweep(args.repeats)
     for dtype in (torch.float16, torch.bfloat16):
         measure(f"one tensor, {dtype}", [torch.zeros(1 << 29, device="cuda", dtype=dtype)], args.repeats)
     model = build_model("smollm2-135m", "cuda", torch.float32).requires_grad_(False)
