@@ -24,8 +24,8 @@ from torch import Tensor
 from ..transfer import to_device
 
 # A tile: 8 rows of 512 contiguous elements. On an H200 (benchmarks/perturb_pass.py --lowrank) a pass took
-# 0.89 ms per GiB of bfloat16 Llama-2-7B matrices against 2.02 ms in tiles of 32 x 64, and 0.60 against
-# 1.12 ms in float32: longer row segments, and fewer programs each walking the tables before its loads.
+# 0.95 ms per GiB of bfloat16 Llama-2-7B matrices against 2.09 ms in tiles of 32 x 64, and 0.61 against
+# 1.14 ms in float32: longer row segments, and fewer programs each walking the tables before its loads.
 BM, BN = 8, 512
 _FIELDS = 11  # numbers per matrix in the table
 FIELDS = tl.constexpr(_FIELDS)  # (a global the kernel reads must be a constexpr)
