@@ -1,12 +1,13 @@
 """MeZO over FSDP2-sharded parameters, one rank of a torchrun job, or the unsharded reference in process.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed/fsdp_worker.py OUT_DIR [METHOD]
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed/fsdp_worker.py OUT [METHOD,...]
     run_reference(METHOD) from the tests
 
 Each rank holds a shard of every parameter (``zotune.dist.shard``: per decoder layer and the root), perturbs
 and updates only that shard, and measures the loss of its half of a global batch of 8 sequences; the
 losses are all-reduced (``Distributed``). The reference is one process with the whole model, taking the
 mean of the two halves' losses. Rank 0 saves the gathered weights and the projected gradients.
+One job trains every method it is given, each from a fresh model, in turn (one torchrun start-up for all).
 """
 
 from __future__ import annotations
@@ -73,14 +74,15 @@ def run_reference(method: str = "mezo") -> tuple[dict[str, torch.Tensor], list]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}, grads
 
 
-def main(out: Path, method: str) -> None:
+def main(out: Path, methods: list[str]) -> None:
     import torch.distributed as dist
 
     from zotune.dist import end_rank
 
     dist.init_process_group("gloo")
-    train_and_save(out, method)
-    # The sharded model (its FSDP state and device mesh hold the process group and gloo's pending work) is
+    for method in methods:
+        train_and_save(out, method)
+    # The sharded models (their FSDP state and device mesh hold the process group and gloo's pending work) are
     # gone before the group is: left to the interpreter's exit, its teardown raced gloo's threads and
     # aborted a rank now and then (SIGABRT, "terminate called without an active exception").
     gc.collect()
@@ -109,4 +111,4 @@ def train_and_save(out: Path, method: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "mezo")
+    main(Path(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else "mezo").split(","))

@@ -11,13 +11,20 @@ import fsdp_worker
 from test_parallel import torchrun_command
 
 
-@pytest.mark.parametrize("method", fsdp_worker.METHODS)
-def test_fsdp2_sharded_training_equals_one_unsharded_process(tmp_path, method):
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """Every method's sharded run, by one torchrun job (its start-up paid once)."""
+    out = tmp_path_factory.mktemp("fsdp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(torchrun_command(fsdp_worker.__file__, str(tmp_path), method), capture_output=True,
-                          text=True, timeout=600, env=env)
+    done = subprocess.run(torchrun_command(fsdp_worker.__file__, str(out), ",".join(fsdp_worker.METHODS)),
+                          capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    sharded = torch.load(tmp_path / f"fsdp-{method}.pt")
+    return out
+
+
+@pytest.mark.parametrize("method", fsdp_worker.METHODS)
+def test_fsdp2_sharded_training_equals_one_unsharded_process(sharded_runs, method):
+    sharded = torch.load(sharded_runs / f"fsdp-{method}.pt")
     assert sharded["local_numel"] < sharded["numel"]  # rank 0 held (and perturbed) only part of each parameter
     weights, grads = fsdp_worker.run_reference(method)
     # Each element's direction comes from its position in the whole parameter (Philox, addressed by
