@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_speed.sh batched    # AdaZeta q = 1 and 10, in place and batched (captured, compiled, eager);
 #                                           MeZO-LoRA vs inference (PATHS=... picks the AdaZeta variants)
 #   bash benchmarks/gpu_speed.sh breakdown  # SmolLM2 MeZO and LOZO steps profiled: forwards, perturbation, host (a plot)
+#   bash benchmarks/gpu_speed.sh passes     # the passes' floors: passes beside the forwards (two shapes), the low-rank
+#                                           kernel's tiles, LOZO's window starts (7B and SmolLM2 shapes)
 #   bash benchmarks/gpu_speed.sh adazeta-profile  # the batched AdaZeta step profiled at q = 1 and q = 10
 #   bash benchmarks/gpu_speed.sh scale      # 2 GPUs: FSDP2, device_map, offload vs one GPU (7B shape); trajectory resume
 #                                           (VARIANTS=single,offload on one GPU)
@@ -92,6 +94,17 @@ breakdown)
   done
   python3 benchmarks/plot_step_breakdown.py "$out"/breakdown-mezo$tag.json "$out"/breakdown-lozo$tag.json \
     --out "$out/smollm2_step_breakdown$tag.png"
+  ;;
+passes)
+  for shape in "llama-2-7b bfloat16" "opt-1.3b float16"; do
+    set -- $shape
+    python3 benchmarks/pass_overlap.py --shape "$1" --dtype "$2"
+  done | tee "$out/pass-overlap.md"
+  python3 benchmarks/perturb_pass.py --lowrank | tee "$out/lowrank-tiles.md"
+  for shape in "llama-2-7b bfloat16" "smollm2-135m float32"; do
+    set -- $shape
+    python3 benchmarks/lozo_window.py --device cuda --shape "$1" --dtype "$2"
+  done | tee "$out/lozo-window.md"
   ;;
 adazeta-profile)
   for q in 1 10; do  # as in `batched`: from the second step on, the schedule gives Q
