@@ -271,6 +271,7 @@ class _Factored(FactoredPerturbation):
                               "low-rank passes use addmm_ from here on", RuntimeWarning, stacklevel=3)
                 self._kernel_works = False
                 self._plans.clear()
+                self._tiles.clear()  # no kernel will read them: their device memory goes too
         return False
 
     def coordinates(self, param: Tensor, index: int, terms: Sequence[Term]) -> Tensor:
