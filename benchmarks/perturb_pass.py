@@ -107,9 +107,10 @@ def sweep(repeats: int) -> None:
 
 
 def lowrank_sweep(repeats: int) -> None:
-    """The low-rank kernel (W += α L Rᵀ, rank 2) at tile shapes (``BM``, ``BN``, patched for the sweep)
-    and warps, over the matrices of four Llama-2-7B blocks and of SmolLM2-135M, in ms per GiB of
-    weights, beside the fused Gaussian pass and ``torch._foreach_add_`` over the same tensors."""
+    """The low-rank kernel (W += α L Rᵀ, rank 2, the factors laid out as LOZO's: L = Uᵀ.T from U drawn
+    transposed, Rᵀ = V.T of a contiguous V (n, 2)) at tile shapes (``BM``, ``BN``, patched for the sweep) and
+    warps, over the matrices of four Llama-2-7B blocks and of SmolLM2-135M, in ms per GiB of weights,
+    beside the fused Gaussian pass and ``torch._foreach_add_`` over the same tensors."""
     from zotune.optim import lowrank_kernel
 
     block_7b = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
@@ -120,8 +121,8 @@ def lowrank_sweep(repeats: int) -> None:
                                 ("SmolLM2-135M's matrices", block_smollm2 * 30, torch.float32)):
         g = torch.Generator(device="cuda").manual_seed(0)
         weights = [torch.randn(shape, device="cuda", dtype=dtype, generator=g) for shape in shapes]
-        triples = [(w, torch.randn(w.shape[0], 2, device="cuda", dtype=dtype, generator=g),
-                    torch.randn(2, w.shape[1], device="cuda", dtype=dtype, generator=g)) for w in weights]
+        triples = [(w, torch.randn(2, w.shape[0], device="cuda", dtype=dtype, generator=g).T,
+                    torch.randn(w.shape[1], 2, device="cuda", dtype=dtype, generator=g).T) for w in weights]
         gib = sum(w.numel() * w.element_size() for w in weights) / 2**30
         fused = FusedPerturber()
         tables = fused.tables(list(enumerate(weights)))
@@ -133,11 +134,8 @@ def lowrank_sweep(repeats: int) -> None:
             lowrank_kernel.BM, lowrank_kernel.BN = bm, bn
             low_rank = lowrank_kernel.tables(triples)
             for warps in (4, 8):
-                def launch():
-                    lowrank_kernel._lowrank_kernel[(low_rank.tile_tensor.numel(),)](
-                        low_rank.table, low_rank.tile_tensor, low_rank.tile_row, low_rank.tile_col, 1e-4,
-                        BM=bm, BN=bn, DTYPE=low_rank.dtype, num_warps=warps)
-                print(f"| {bm} x {bn} | {warps} | {timed_ms(launch, repeats) / gib:.3f} |")
+                ms = timed_ms(lambda: lowrank_kernel.add_(low_rank, 1e-4, num_warps=warps), repeats)
+                print(f"| {bm} x {bn} | {warps} | {ms / gib:.3f} |")
         lowrank_kernel.BM, lowrank_kernel.BN = kept
 
 

@@ -53,7 +53,7 @@ def _held(param: Tensor, left: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _kernel_groups(matrices: list, tiles: dict) -> tuple[list, list]:
-    """([(the low-rank kernel's tables, their (matrix, L, Rᵀ))], one per (device, dtype) group of the CUDA
+    """([(the low-rank kernel's tables, their (matrix, L, Rᵀ))], one per (device, dtype, rank) group of the CUDA
     matrices it takes; the other (matrix, L, Rᵀ), left to ``addmm_``). ``tiles``: the kernel's tile tables
     by (device, shapes), kept by the caller across calls and filled here."""
     from .perturbations import _triton_installed
@@ -66,11 +66,11 @@ def _kernel_groups(matrices: list, tiles: dict) -> tuple[list, list]:
     rest = []
     for triple in matrices:
         if triple[0].is_cuda and lowrank_kernel.supports(*triple):
-            groups.setdefault((triple[0].device, triple[0].dtype), []).append(triple)
+            groups.setdefault((triple[0].device, triple[0].dtype, triple[1].shape[1]), []).append(triple)
         else:
             rest.append(triple)
     kernel_groups = []
-    for (device, _), group in groups.items():
+    for (device, _, _), group in groups.items():
         shapes = tuple(tuple(w.shape) for w, _, _ in group)
         if (device, shapes) not in tiles:
             tiles[device, shapes] = lowrank_kernel.tile_tables(shapes, device)

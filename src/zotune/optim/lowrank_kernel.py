@@ -23,52 +23,61 @@ from torch import Tensor
 
 from ..transfer import to_device
 
-# A tile: 8 rows of 512 contiguous elements. On an H200 (benchmarks/perturb_pass.py --lowrank) a pass took
-# 0.95 ms per GiB of bfloat16 Llama-2-7B matrices against 2.09 ms in tiles of 32 x 64, and 0.61 against
-# 1.14 ms in float32: longer row segments, and fewer programs each walking the tables before its loads.
+# A tile: 8 rows of 512 contiguous elements. On an H200 (benchmarks/perturb_pass.py --lowrank, rank 2) a pass
+# over bfloat16 Llama-2-7B matrices took 0.62 ms per GiB (the fused Gaussian pass: 0.59), float32 0.55
+# (0.54); tiles of 32 x 64 took 2.09 and 1.14 before the accesses were vectorised (see the kernel), and
+# tiles from 2 x 2048 to 32 x 256 are now within 10% of 8 x 512.
 BM, BN = 8, 512
-_FIELDS = 11  # numbers per matrix in the table
+_FIELDS = 10  # numbers per matrix in the table
 FIELDS = tl.constexpr(_FIELDS)  # (a global the kernel reads must be a constexpr)
-_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit(do_not_specialize=["alpha"])
-def _lowrank_kernel(table, tile_tensor, tile_row, tile_col, alpha,
-                    BM: tl.constexpr, BN: tl.constexpr, DTYPE: tl.constexpr):
+def _lowrank_kernel(anchor, table, tile_tensor, tile_row, tile_col, alpha,
+                    BM: tl.constexpr, BN: tl.constexpr, RANK: tl.constexpr, ALIGN: tl.constexpr):
+    """One BM x BN tile of one matrix += alpha · (its rows of L)(its columns of R)ᵀ.
+
+    Every address is an offset in elements from ``anchor`` (the group's first W; L and R share its dtype).
+    ALIGN: what the host found every W's start, row stride and width to be multiples of (16 bytes' worth
+    of elements, or 1). Told so, the compiler reads and writes W in 16-byte vectors: on an H200 a pass over
+    bfloat16 Llama-2-7B matrices took 0.60-0.62 ms per GiB against 0.95 without (2-byte accesses), float32
+    0.55 against 0.63. RANK is a constant so that every factor load is issued before the first product."""
     program = tl.program_id(0)
     t = tl.load(tile_tensor + program)
     row0 = tl.load(tile_row + program)
-    col0 = tl.load(tile_col + program)
-    entry = table + t * FIELDS  # per matrix: W, L, R addresses; m, n, r; W's row stride; L's, R's two strides
-    w = tl.load(entry + 0).to(tl.pointer_type(DTYPE))
-    left = tl.load(entry + 1).to(tl.pointer_type(DTYPE))
-    right = tl.load(entry + 2).to(tl.pointer_type(DTYPE))
-    m, n, r = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 5)
-    w_row, l_row, l_rank, r_row, r_rank = tl.load(entry + 6), tl.load(entry + 7), tl.load(entry + 8), \
-        tl.load(entry + 9), tl.load(entry + 10)
+    col0 = tl.multiple_of(tl.load(tile_col + program), BN)  # tiles start every BN columns
+    entry = table + t * FIELDS  # per matrix: W's, L's, R's offsets; m, n; W's row stride; L's, R's two strides
+    w_at = tl.multiple_of(tl.load(entry + 0), ALIGN)
+    left, right = anchor + tl.load(entry + 1), anchor + tl.load(entry + 2)
+    m, n = tl.load(entry + 3), tl.multiple_of(tl.load(entry + 4), ALIGN)
+    w_row = tl.multiple_of(tl.load(entry + 5), ALIGN)
+    l_row, l_rank, r_row, r_rank = tl.load(entry + 6), tl.load(entry + 7), tl.load(entry + 8), tl.load(entry + 9)
     rows = row0 + tl.arange(0, BM)
     cols = col0 + tl.arange(0, BN)
     in_rows, in_cols = rows < m, cols < n
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, r):  # (L Rᵀ)_ij = Σ_k L_ik R_jk, the rank a handful (LOZO's r = 2)
+    for k in tl.static_range(RANK):  # (L Rᵀ)_ij = Σ_k L_ik R_jk, the rank a handful (LOZO's r = 2)
         l_col = tl.load(left + rows * l_row + k * l_rank, mask=in_rows, other=0.0).to(tl.float32)
         r_col = tl.load(right + cols * r_row + k * r_rank, mask=in_cols, other=0.0).to(tl.float32)
         acc += l_col[:, None] * r_col[None, :]
-    pointers = w + rows[:, None] * w_row + cols[None, :]
+    pointers = anchor + w_at + rows[:, None] * w_row + cols[None, :]
     mask = in_rows[:, None] & in_cols[None, :]
     x = tl.load(pointers, mask=mask).to(tl.float32)
-    tl.store(pointers, (x + alpha * acc).to(DTYPE), mask=mask)
+    tl.store(pointers, (x + alpha * acc).to(anchor.dtype.element_ty), mask=mask)
 
 
 @dataclass
 class LowRankTables:
     """Where each program works, built once per set of (W, L, R) (valid while they keep their storage)."""
 
+    anchor: Tensor  # the first W: every address in the table is an offset in elements from its first element
     table: Tensor  # (matrices * FIELDS,) int64: see the kernel
     tile_tensor: Tensor  # (tiles,) int64
     tile_row: Tensor  # (tiles,) int64
     tile_col: Tensor  # (tiles,) int64
-    dtype: tl.dtype
+    rank: int  # every L's columns
+    align: int  # see the kernel's ALIGN
 
 
 def supports(matrix: Tensor, left: Tensor, right_t: Tensor) -> bool:
@@ -94,21 +103,30 @@ def tile_tables(shapes: Sequence[tuple[int, int]], device: torch.device) -> tupl
 
 def tables(triples: Sequence[tuple[Tensor, Tensor, Tensor]], tiles: tuple[Tensor, Tensor, Tensor] | None = None
            ) -> LowRankTables:
-    """The launch tables of same-device, same-dtype ``(W (m, n), L (m, r), Rᵀ (r, n))``; ``tiles``: what
-    :func:`tile_tables` gives for their shapes, where the caller kept it (built here otherwise)."""
+    """The launch tables of same-device, same-dtype ``(W (m, n), L (m, r), Rᵀ (r, n))`` of one rank r;
+    ``tiles``: what :func:`tile_tables` gives for their shapes, where the caller kept it (built here otherwise)."""
+    anchor = triples[0][0]
+    size = anchor.element_size()
     rows = []
     for w, left, right_t in triples:
         right = right_t.T  # (n, r)
-        rows.append([w.data_ptr(), left.data_ptr(), right.data_ptr(), *w.shape, left.shape[1], w.stride(0),
-                     left.stride(0), left.stride(1), right.stride(0), right.stride(1)])
-    device = triples[0][0].device
+        # (same-dtype allocations start a whole number of elements apart)
+        rows.append([(t.data_ptr() - anchor.data_ptr()) // size for t in (w, left, right)] +
+                    [*w.shape, w.stride(0), *left.stride(), *right.stride()])
+    ranks = {left.shape[1] for _, left, _ in triples}
+    if len(ranks) != 1:
+        raise ValueError(f"one launch takes factors of one rank, got ranks {sorted(ranks)}")
+    vector = 16 // size
+    aligned = all(w.data_ptr() % 16 == 0 and w.stride(0) % vector == 0 and w.shape[1] % vector == 0
+                  for w, _, _ in triples)
     if tiles is None:
-        tiles = tile_tables([tuple(w.shape) for w, _, _ in triples], device)
-    table = to_device(torch.tensor(rows, dtype=torch.int64).flatten(), device)
-    return LowRankTables(table, *tiles, _DTYPES[triples[0][0].dtype])
+        tiles = tile_tables([tuple(w.shape) for w, _, _ in triples], anchor.device)
+    table = to_device(torch.tensor(rows, dtype=torch.int64).flatten(), anchor.device)
+    return LowRankTables(anchor, table, *tiles, ranks.pop(), vector if aligned else 1)
 
 
-def add_(tables_: LowRankTables, alpha: float) -> None:
+def add_(tables_: LowRankTables, alpha: float, num_warps: int = 4) -> None:
     """``W_t += alpha · L_t R_tᵀ`` for every matrix of the tables, in one launch."""
-    _lowrank_kernel[(tables_.tile_tensor.numel(),)](tables_.table, tables_.tile_tensor, tables_.tile_row,
-                                                   tables_.tile_col, float(alpha), BM=BM, BN=BN, DTYPE=tables_.dtype)
+    _lowrank_kernel[(tables_.tile_tensor.numel(),)](
+        tables_.anchor, tables_.table, tables_.tile_tensor, tables_.tile_row, tables_.tile_col, float(alpha),
+        BM=BM, BN=BN, RANK=tables_.rank, ALIGN=tables_.align, num_warps=num_warps)
