@@ -218,8 +218,8 @@ class Gaussian(Perturbation):
         for index, flat in plan.torch:
             self._torch_add(flat, index, terms)
         keyed = [(alpha, self.philox_key(key)) for alpha, key in terms]
-        for index, flat, base in plan.philox_in_torch:
-            self._philox_torch_add(flat, index, keyed, base)
+        if plan.philox_in_torch:
+            self._philox_torch_add(plan.philox_in_torch, keyed)
         for tables in plan.kernel_groups:
             self._fused.add_(tables, keyed)
 
@@ -278,16 +278,37 @@ class Gaussian(Perturbation):
         return plan
 
     # ------------------------------------------------------------ philox
-    def _philox_torch_add(self, flat: Tensor, index: int, keyed: Sequence[tuple[float, int]], base: int = 0) -> None:
-        # Accumulate in float32 (float64 for float64) and round once, as the kernel does.
-        size = max(self._chunk_numel(flat.device) // philox.BLOCK, 1) * philox.BLOCK
-        for start in range(0, flat.numel(), size):
-            chunk = flat[start : start + size]
-            total = chunk.to(torch.promote_types(chunk.dtype, torch.float32))
+    def _philox_torch_add(self, entries: Sequence[tuple[int, Tensor, int]], keyed: Sequence[tuple[float, int]]
+                          ) -> None:
+        """Σ α_k Z_k into every ``(index, flat, base)`` from the pure-torch Philox stream, in batches of up to
+        a chunk's worth of elements: a large tensor in several, small ones together, so that a pass over a
+        model's many small tensors evaluates the stream once per term, not once per tensor and term.
+        Accumulated in float32 (float64 for float64) and rounded once, as the kernel does."""
+        for batch in self._philox_batches(entries):
+            device = batch[0][1].device
+            totals = [piece.to(torch.promote_types(piece.dtype, torch.float32)) for _, piece, _ in batch]
             for alpha, seed in keyed:
-                total.add_(philox.normals(seed, index, base + start, chunk.numel(), chunk.device).to(total.dtype),
-                           alpha=alpha)
-            chunk.copy_(total)
+                zs = philox.normals_each(seed, [(index, base, piece.numel()) for index, piece, base in batch], device)
+                torch._foreach_add_(totals, [z.to(total.dtype) for z, total in zip(zs, totals)], alpha=alpha)
+            for (_, piece, _), total in zip(batch, totals):
+                if total is not piece:
+                    piece.copy_(total)
+
+    def _philox_batches(self, entries: Sequence[tuple[int, Tensor, int]]):
+        """Lists of ``(index, piece, the parameter element it starts at)``, one device each, each holding up
+        to a chunk's worth of elements (whole blocks of the stream) and no piece longer than that."""
+        batches: dict[torch.device, tuple[list, int]] = {}
+        for index, flat, base in entries:
+            size = max(self._chunk_numel(flat.device) // philox.BLOCK, 1) * philox.BLOCK
+            for start in range(0, flat.numel(), size):
+                piece = flat[start:start + size]
+                batch, filled = batches.get(flat.device, ([], 0))
+                if batch and filled + piece.numel() > size:
+                    yield batch
+                    batch, filled = [], 0
+                batches[flat.device] = (batch + [(index, piece, base + start)], filled + piece.numel())
+        for batch, _ in batches.values():
+            yield batch
 
     # ------------------------------------------------------------ torch.Generator
     def _chunk_numel(self, device: torch.device) -> int:

@@ -29,6 +29,8 @@ centred). That is why a run's directions are tied to the kind of device that dre
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -46,19 +48,18 @@ _U32 = 0xFFFFFFFF
 
 def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     """High and low 32 bits of the 64-bit product of the constant ``a`` and uint32 values ``b``
-    (held in int64). The high word is assembled from 16-bit partial products, which int64 holds
-    without overflow; the low word is the wrapped product's low bits."""
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    low = a_lo * b_lo
-    high = a_hi * b_hi + ((a_hi * b_lo + a_lo * b_hi + (low >> 16)) >> 16)
-    return high & _U32, (a * b) & _U32
+    (held in int64). The high word comes from ``a`` times each 16-bit half of ``b`` (both below 2⁴⁸,
+    which int64 holds): ⌊a·b / 2³²⌋ = ⌊(a·b_hi + ⌊a·b_lo / 2¹⁶⌋) / 2¹⁶⌋; the low word is the wrapped
+    product's low bits."""
+    return (a * (b >> 16) + ((a * (b & 0xFFFF)) >> 16)) >> 16, (a * b) & _U32
 
 
-def philox4x32(seed: int, counter: Tensor, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The four uint32 words (as int64) for each counter value (int64 tensor, < 2⁶³)."""
-    return philox_rounds(seed & _U32, (seed >> 32) & _U32, counter & _U32, (counter >> 32) & _U32,
-                         torch.full_like(counter, index & _U32), torch.zeros_like(counter))
+def philox4x32(seed: int, counter: Tensor, index: int | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four uint32 words (as int64) for each counter value (int64 tensor, < 2⁶³) of parameter ``index``
+    (or of each element's, an int64 tensor like ``counter``)."""
+    index = index & _U32 if isinstance(index, Tensor) else torch.full_like(counter, index & _U32)
+    return philox_rounds(seed & _U32, (seed >> 32) & _U32, counter & _U32, (counter >> 32) & _U32, index,
+                         torch.zeros_like(counter))
 
 
 def philox_rounds(k0: int, k1: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor
@@ -85,13 +86,30 @@ def _box_muller_pair(word: Tensor) -> tuple[Tensor, Tensor]:
 
 def normals(seed: int, index: int, start: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
     """Elements ``start .. start + numel - 1`` of the direction (float32)."""
-    if start < 0 or numel < 0:
-        raise ValueError(f"start and numel must be >= 0, got {start} and {numel}")
-    skip = start % BLOCK  # the stream is drawn by whole blocks: from the block holding ``start``
-    if skip:
-        return normals(seed, index, start - skip, numel + skip, device)[skip:]
-    blocks = -(-numel // BLOCK)
-    first = start // BLOCK * LANES
-    counters = torch.arange(first, first + blocks * LANES, device=device, dtype=torch.int64)
-    runs = [n for word in philox4x32(seed, counters, index) for n in _box_muller_pair(word)]  # 8 x (blocks·LANES,)
-    return torch.stack([n.view(blocks, LANES) for n in runs], dim=1).view(-1)[:numel]  # (blocks, 8, LANES)
+    return normals_each(seed, [(index, start, numel)], device)[0]
+
+
+def normals_each(seed: int, pieces: Sequence[tuple[int, int, int]], device: torch.device | str = "cpu"
+                 ) -> list[Tensor]:
+    """:func:`normals` of every ``(index, start, numel)``, from one evaluation of the stream over all their
+    blocks: a pass over many small tensors costs the ~200 tensor operations of Philox and Box-Muller once,
+    not once per tensor."""
+    counters, spans = [], []
+    for index, start, numel in pieces:
+        if start < 0 or numel < 0:
+            raise ValueError(f"start and numel must be >= 0, got {start} and {numel}")
+        skip = start % BLOCK  # the stream is drawn by whole blocks: from the block holding ``start``
+        blocks = -(-(numel + skip) // BLOCK)
+        first = start // BLOCK * LANES
+        counters.append(torch.arange(first, first + blocks * LANES, device=device, dtype=torch.int64))
+        spans.append((index, blocks, skip, numel))
+    counter = torch.cat(counters)  # (Σ blocks · LANES,)
+    index = torch.repeat_interleave(torch.tensor([i for i, _, _, _ in spans], dtype=torch.int64, device=device),
+                                    torch.tensor([b * LANES for _, b, _, _ in spans], device=device))
+    runs = [n for word in philox4x32(seed, counter, index) for n in _box_muller_pair(word)]  # 8 x (Σ blocks·LANES,)
+    by_block = torch.stack([n.view(-1, LANES) for n in runs], dim=1).view(-1, BLOCK)  # (Σ blocks, 8·LANES)
+    out, at = [], 0
+    for _, blocks, skip, numel in spans:
+        out.append(by_block[at:at + blocks].view(-1)[skip:skip + numel])
+        at += blocks
+    return out
