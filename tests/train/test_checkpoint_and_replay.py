@@ -19,13 +19,30 @@ from zotune.train.replay import replay
 pytestmark = needs_shared_data
 
 
+def cli_args(model_dir, out, name, method="mezo", steps=60, extra=()):
+    return ["train", "--model.name", str(model_dir), "--data.data_dir", str(SHARED_DATA), "--data.n_train", "64",
+            "--data.n_dev", "0", "--data.n_test", "8", "--train.steps", str(steps), "--train.batch_size", "4",
+            "--optim.method", method, "--optim.lr", "1e-3", "--optim.trainable", "all", "--train.zero_shot", "false",
+            "--train.progress", "false", "--train.output_dir", str(out), "--train.run_name", name,
+            "--train.checkpoint_every", "5", *extra]
+
+
 def train_args(model_dir, out, name, method="mezo", steps=60, extra=()):
-    return [sys.executable, "-m", "zotune", "train", "--model.name", str(model_dir), "--data.data_dir",
-            str(SHARED_DATA), "--data.n_train", "64", "--data.n_dev", "0", "--data.n_test", "8",
-            "--train.steps", str(steps), "--train.batch_size", "4", "--optim.method", method, "--optim.lr", "1e-3",
-            "--optim.trainable", "all", "--train.zero_shot", "false", "--train.progress", "false",
-            "--train.output_dir", str(out), "--train.run_name", name, "--train.checkpoint_every", "5",
-            "--train.threads", "1", *extra]
+    """The command of a run in its own process (one a test can kill), one thread."""
+    return [sys.executable, "-m", "zotune", *cli_args(model_dir, out, name, method, steps, ("--train.threads", "1",
+                                                                                            *extra))]
+
+
+def train_here(model_dir, out, name, method="mezo", steps=60, extra=()) -> int:
+    """The same run in this process (a process of its own spends seconds importing transformers), on one
+    thread like the processes whose weights it is compared with; the test process's threads are restored."""
+    from zotune.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        return main(cli_args(model_dir, out, name, method, steps, ("--train.threads", "1", *extra)))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def logged_steps(run_dir):
@@ -48,7 +65,7 @@ def assert_same(a, b):
 @pytest.fixture(scope="module")
 def straight_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    subprocess.run(train_args(tiny_model_dir, out, "straight"), check=True, capture_output=True)
+    assert train_here(tiny_model_dir, out, "straight") == 0
     return out / "straight"
 
 
@@ -65,8 +82,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model_dir, tmp_path, straight
     proc.wait()
     killed_at = logged_steps(run_dir)
     assert kill_after <= killed_at < 60 and not (run_dir / "results.json").exists()
-    subprocess.run(train_args(tiny_model_dir, tmp_path, "killed", extra=("--train.resume", "true")), check=True,
-                   capture_output=True)
+    assert train_here(tiny_model_dir, tmp_path, "killed", extra=("--train.resume", "true")) == 0
     assert_same(weights(run_dir), weights(straight_run))
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 61))  # lines after the checkpoint dropped
@@ -88,14 +104,14 @@ def test_sigterm_checkpoints_and_exits(tiny_model_dir, tmp_path, straight_run):
     assert manifest["extra"]["config"]["optim"]["method"] == "mezo"
     assert manifest["extra"]["data"]["next_step"] == stopped_at
     assert stopped_at == logged_steps(run_dir)  # checkpoint at the step it stopped after, nothing lost
-    subprocess.run(train_args(tiny_model_dir, tmp_path, "stopped", extra=("--train.resume", "true")), check=True,
-                   capture_output=True)
+    assert train_here(tiny_model_dir, tmp_path, "stopped", extra=("--train.resume", "true")) == 0
     assert_same(weights(run_dir), weights(straight_run))
 
 
 def test_a_trajectory_checkpoint_holds_no_weights_and_resumes_bit_identically(tiny_model_dir, tmp_path,
-                                                                              straight_run):
-    args = train_args(tiny_model_dir, tmp_path, "logged", extra=("--train.checkpoint", "trajectory"))
+                                                                              straight_run, capsys):
+    logged = ("--train.checkpoint", "trajectory")
+    args = train_args(tiny_model_dir, tmp_path, "logged", extra=logged)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "logged"
     while logged_steps(run_dir) < 23 and proc.poll() is None:
@@ -108,8 +124,8 @@ def test_a_trajectory_checkpoint_holds_no_weights_and_resumes_bit_identically(ti
     assert manifest["weights"] == "trajectory" and not (checkpoint / "trainable.safetensors").exists()
     with pytest.raises(CheckpointError, match="holds no weights"):
         load_checkpoint(checkpoint, tiny_llama(), None)
-    done = subprocess.run(args + ["--train.resume", "true"], check=True, capture_output=True, text=True)
-    assert f"rebuilt the weights of step {manifest['step']} from the trajectory log" in done.stdout
+    assert train_here(tiny_model_dir, tmp_path, "logged", extra=(*logged, "--train.resume", "true")) == 0
+    assert f"rebuilt the weights of step {manifest['step']} from the trajectory log" in capsys.readouterr().out
     assert_same(weights(run_dir), weights(straight_run))
 
 
@@ -137,8 +153,7 @@ def test_replay_rebuilds_the_weights_bit_identically(tiny_model_dir, tmp_path, m
     # AdaZeta: adapters, and q = 1 in epoch 0, 2 in epoch 1; MeZO-LoRA: A seeded by adapter.seed
     extra = {"adazeta": ADAZETA, "mezo+lora": LORA}.get(method, ())
     method, _, _ = method.partition("+")
-    subprocess.run(train_args(tiny_model_dir, tmp_path, "run", method=method, steps=25, extra=extra), check=True,
-                   capture_output=True)
+    assert train_here(tiny_model_dir, tmp_path, "run", method=method, steps=25, extra=extra) == 0
     run_dir = tmp_path / "run"
     said = []
     output = replay(str(tiny_model_dir), run_dir, tmp_path / "replayed.safetensors", progress=False, say=said.append)
@@ -239,19 +254,16 @@ def test_a_cuda_log_of_another_philox_stream_is_refused():
             trajectory.check_devices(older, here)
 
 
-def test_a_resume_refuses_a_changed_setting_and_records_an_allowed_one(tiny_model_dir, tmp_path):
-    subprocess.run(train_args(tiny_model_dir, tmp_path, "run", steps=10), check=True, capture_output=True)
+def test_a_resume_refuses_a_changed_setting_and_records_an_allowed_one(tiny_model_dir, tmp_path, capsys):
+    assert train_here(tiny_model_dir, tmp_path, "run", steps=10) == 0
     run_dir = tmp_path / "run"
     (run_dir / "results.json").unlink()  # as if it had stopped after its last checkpoint (step 10)
-    refused = subprocess.run(train_args(tiny_model_dir, tmp_path, "run", steps=10,
-                                        extra=("--train.resume", "true", "--optim.lr", "0.1")),
-                             capture_output=True, text=True)
-    assert refused.returncode == 2
-    assert "was started with optim.lr=0.001; this resume gives optim.lr=0.1" in refused.stderr
-    longer = subprocess.run(train_args(tiny_model_dir, tmp_path, "run", steps=15, extra=("--train.resume", "true")),
-                            capture_output=True, text=True)
-    assert longer.returncode == 0, longer.stderr[-2000:]
-    assert "train.steps 10 -> 15 from here on" in longer.stdout
+    capsys.readouterr()
+    assert train_here(tiny_model_dir, tmp_path, "run", steps=10, extra=("--train.resume", "true", "--optim.lr", "0.1")
+                      ) == 2
+    assert "was started with optim.lr=0.001; this resume gives optim.lr=0.1" in capsys.readouterr().err
+    assert train_here(tiny_model_dir, tmp_path, "run", steps=15, extra=("--train.resume", "true")) == 0
+    assert "train.steps 10 -> 15 from here on" in capsys.readouterr().out
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert {"step": 10, "event": "resumed", "changed": {"train.steps": [10, 15]}} in records
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 16))
