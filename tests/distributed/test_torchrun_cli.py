@@ -74,9 +74,10 @@ ADAZETA = ("--adapter.kind", "adp", "--adapter.bottleneck", "8", "--adapter.tt_r
 def test_sharded_fsdp_run_replays_bit_identically_in_one_process(tiny_model_dir, tmp_path, method):
     from zotune.train.replay import replay
 
-    # 20 steps, not 30: the resumes (4 ranks on this machine's 2 cores the slowest) run 10 of them
+    # 20 steps, not 30: the resumes (4 ranks on this machine's 2 cores the slowest) run 10 of them; every
+    # checkpoint kept, so that the run folder can be cut back to step 10 below
     extra = ("--train.steps", "20", "--train.sharding", "fsdp", "--data.n_dev", "8", "--train.eval_every", "10",
-             "--optim.method", method, *(ADAZETA if method == "adazeta" else ()))
+             "--train.keep_checkpoints", "4", "--optim.method", method, *(ADAZETA if method == "adazeta" else ()))
     done = subprocess.run(torchrun_train(tiny_model_dir, tmp_path, "sharded", extra), capture_output=True, text=True,
                           timeout=600, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -89,25 +90,24 @@ def test_sharded_fsdp_run_replays_bit_identically_in_one_process(tiny_model_dir,
     said = []
     replay(str(tiny_model_dir), run, tmp_path / "replayed.safetensors", progress=False, say=said.append)
     assert any("bit-identical to the run's final weights" in line for line in said), said
+    reference = load_file(str(run / "trainable.safetensors"))
 
-    # a rank dies after step 12; the resume rebuilds the shards from the trajectory (step 10) and goes on
-    killed = subprocess.run(torchrun_train(tiny_model_dir, tmp_path, "killed", extra, die_at=(1, 12)),
-                            capture_output=True, text=True, timeout=300, env=ENV)
-    assert killed.returncode != 0
-    if method == "mezo_adam":  # the same checkpoint resumed by 4 ranks: the moments are gathered, then split in 4
-        shutil.copytree(tmp_path / "killed", tmp_path / "as-killed")
-        four = torchrun_train(tiny_model_dir, tmp_path, "killed", (*extra, "--train.resume", "true"))
-        four[four.index("--nproc_per_node") + 1] = "4"
-        done = subprocess.run(four, capture_output=True, text=True, timeout=600, env=ENV)
+    # The run folder as a job killed after step 20 with step 10 its newest checkpoint would leave it (a rank
+    # dying mid-run: test_two_ranks_train_kill_one_and_resume), copied for each resume: the resume rebuilds
+    # the shards from the trajectory (step 10), drops the records after it and trains steps 11-20 again.
+    for later in ("step-000000015", "step-000000020"):
+        shutil.rmtree(run / "checkpoints" / later)
+    for written_at_the_end in ("results.json", "trainable.safetensors"):
+        (run / written_at_the_end).unlink()
+    # mezo_adam: also resumed by 4 ranks, the moments gathered, then split in 4
+    for name, ranks in [("by-two", 2), *([("by-four", 4)] if method == "mezo_adam" else [])]:
+        shutil.copytree(run, tmp_path / name)
+        command = torchrun_train(tiny_model_dir, tmp_path, name, (*extra, "--train.resume", "true"))
+        command[command.index("--nproc_per_node") + 1] = str(ranks)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
         assert done.returncode == 0, done.stderr[-3000:]
-        by_four = load_file(str(tmp_path / "killed" / "trainable.safetensors"))
-        shutil.rmtree(tmp_path / "killed")
-        shutil.copytree(tmp_path / "as-killed", tmp_path / "killed")  # back to the dead run, for 2 ranks
-    done = subprocess.run(torchrun_train(tiny_model_dir, tmp_path, "killed", (*extra, "--train.resume", "true")),
-                          capture_output=True, text=True, timeout=600, env=ENV)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "rebuilt the weights of step 10 from the trajectory log" in done.stdout
-    resumed, reference = (load_file(str(tmp_path / name / "trainable.safetensors")) for name in ("killed", "sharded"))
+        assert "rebuilt the weights of step 10 from the trajectory log" in done.stdout
+    resumed = load_file(str(tmp_path / "by-two" / "trainable.safetensors"))
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
     if method == "mezo_adam":
@@ -116,5 +116,6 @@ def test_sharded_fsdp_run_replays_bit_identically_in_one_process(tiny_model_dir,
         # weights moved (above 1e-3 here): within 1e-4, not bit for bit.
         initial = dict(saved_weights(tiny_model_dir))
         assert max((reference[n] - initial[n]).abs().max() for n in reference) > 1e-3  # the weights moved
+        by_four = load_file(str(tmp_path / "by-four" / "trainable.safetensors"))
         for name in reference:
             torch.testing.assert_close(by_four[name], reference[name], rtol=0, atol=1e-4, msg=name)

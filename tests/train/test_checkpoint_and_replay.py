@@ -255,17 +255,23 @@ def test_a_cuda_log_of_another_philox_stream_is_refused():
 
 
 def test_a_resume_refuses_a_changed_setting_and_records_an_allowed_one(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
     assert train_here(tiny_model_dir, tmp_path, "run", steps=10) == 0
-    run_dir = tmp_path / "run"
-    (run_dir / "results.json").unlink()  # as if it had stopped after its last checkpoint (step 10)
+    (tmp_path / "run" / "results.json").unlink()  # as if it had stopped after its last checkpoint (step 10)
     capsys.readouterr()
     assert train_here(tiny_model_dir, tmp_path, "run", steps=10, extra=("--train.resume", "true", "--optim.lr", "0.1")
                       ) == 2
     assert "was started with optim.lr=0.001; this resume gives optim.lr=0.1" in capsys.readouterr().err
-    assert train_here(tiny_model_dir, tmp_path, "run", steps=15, extra=("--train.resume", "true")) == 0
+    elsewhere = tmp_path / "elsewhere"  # the run folder moved and renamed, then resumed for longer
+    shutil.copytree(tmp_path / "run", elsewhere / "moved")
+    assert train_here(tiny_model_dir, elsewhere, "moved", steps=15, extra=("--train.resume", "true")) == 0
     assert "train.steps 10 -> 15 from here on" in capsys.readouterr().out
+    run_dir = elsewhere / "moved"
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert {"step": 10, "event": "resumed", "changed": {"train.steps": [10, 15]}} in records
+    changed = {"train.steps": [10, 15], "train.output_dir": [str(tmp_path), str(elsewhere)],
+               "train.run_name": ["run", "moved"]}
+    assert {"step": 10, "event": "resumed", "changed": changed} in records
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 16))
     import yaml
 

@@ -15,12 +15,13 @@ import yaml
 from ..config import ConfigError, RunConfig, apply_overrides, flatten, to_dict
 from .reporters import open_reporters
 
-#: Settings a resume may change: how the run is watched, where its data lives, how long it goes on.
+#: Settings a resume may change: how the run is watched, where its data and its folder live (a run folder
+#: may be moved or renamed), how long it goes on.
 CHANGEABLE_ON_RESUME = frozenset({
     "train.progress", "train.threads", "train.dist_timeout", "train.eval_batch_size",
     "train.eval_every", "train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.report_to",
     "train.checkpoint",
-    "data.data_dir",
+    "data.data_dir", "train.output_dir", "train.run_name",
 })
 
 
