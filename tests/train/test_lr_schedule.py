@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import needs_shared_data
-from test_checkpoint_and_replay import assert_same, logged_steps, train_args
+from test_checkpoint_and_replay import assert_same, logged_steps, train_args, train_here
 from zotune.config import ConfigError, RunConfig, apply_overrides
 from zotune.train.replay import replay
 from zotune.train.schedule import lr_multiplier
@@ -40,8 +40,7 @@ def test_bad_schedule_settings_fail_before_loading():
 @needs_shared_data
 def test_a_scheduled_run_stops_resumes_and_replays_bit_identically(tiny_model_dir, tmp_path):
     schedule = ("--train.lr_schedule", "linear", "--train.warmup_steps", "5")
-    subprocess.run(train_args(tiny_model_dir, tmp_path, "straight", steps=30, extra=schedule), check=True,
-                   capture_output=True)
+    assert train_here(tiny_model_dir, tmp_path, "straight", steps=30, extra=schedule) == 0
     straight = tmp_path / "straight"
     lrs = [json.loads(line)["lr"] for line in (straight / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert lrs == pytest.approx([1e-3 * lr_multiplier("linear", s, 30, 5) for s in range(30)])
@@ -53,7 +52,7 @@ def test_a_scheduled_run_stops_resumes_and_replays_bit_identically(tiny_model_di
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
-    subprocess.run(args + ["--train.resume", "true"], check=True, capture_output=True)
+    assert train_here(tiny_model_dir, tmp_path, "stopped", steps=30, extra=(*schedule, "--train.resume", "true")) == 0
     assert_same(load_file(str(tmp_path / "stopped" / "trainable.safetensors")),
                 load_file(str(straight / "trainable.safetensors")))
 
