@@ -44,12 +44,25 @@ def test_detect_kind():
 def test_smollm2_conversion_matches_the_gguf_model(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    # The reference: the model transformers loads from the GGUF file, which the conversion loads anyway (kept
+    # here as it returns: loading it a second time would take another half minute of GGUF parsing).
+    read_gguf, from_gguf = AutoModelForCausalLM.from_pretrained, []
+
+    def keep(*args, **kwargs):
+        model = read_gguf(*args, **kwargs)
+        if kwargs.get("gguf_file"):
+            from_gguf.append(model)
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", keep)
     monkeypatch.setenv("ZOTUNE_CACHE", str(tmp_path))
-    model, tokenizer = zotune.load_model("smollm2-135m")
+    model, tokenizer = zotune.load_model("smollm2-135m")  # converted, saved, then loaded from the saved folder
     assert (tmp_path / "models" / "smollm2-135m" / "model.safetensors").exists()
     spec = BUILTIN_MODELS["smollm2-135m"]
     package_dir = importlib.util.find_spec(spec.package).submodule_search_locations[0]
-    reference = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=spec.gguf_file).eval()
+    (reference,) = from_gguf
+    assert reference.name_or_path == package_dir and reference is not model
+    reference.eval()
     ids = tokenizer("The movie was wonderful. It was", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits)
