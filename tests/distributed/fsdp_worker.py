@@ -82,6 +82,7 @@ def main(out: Path, methods: list[str]) -> None:
     dist.init_process_group("gloo")
     for method in methods:
         train_and_save(out, method)
+    say_what_sharded_parameters_refuse(out)
     # The sharded models (their FSDP state and device mesh hold the process group and gloo's pending work) are
     # gone before the group is: left to the interpreter's exit, its teardown raced gloo's threads and
     # aborted a rank now and then (SIGABRT, "terminate called without an active exception").
@@ -89,6 +90,26 @@ def main(out: Path, methods: list[str]) -> None:
     dist.barrier()
     dist.destroy_process_group()
     end_rank(0)  # not the interpreter's teardown, which can abort a process that used gloo (see end_rank)
+
+
+def say_what_sharded_parameters_refuse(out: Path) -> None:
+    """``refused.txt`` (rank 0): the error of a sharded model given to another execution path than in place
+    (an optimizer is built, nothing trained); every method builds on the in-place path."""
+    import torch.distributed as dist
+
+    from zotune.dist import shard
+
+    model = shard(tiny_llama())
+    try:
+        zotune.mezo(model.parameters(), lr=1e-3, execution=zotune.DriftSafe(model))
+        said = "not refused"
+    except ValueError as err:
+        said = str(err)
+    zotune.mezo_adam(model.parameters(), lr=1e-3)
+    zotune.lozo(model.parameters(), lr=1e-3, rank=2)
+    if dist.get_rank() == 0:
+        (out / "refused.txt").write_text(said)
+    del model
 
 
 def train_and_save(out: Path, method: str) -> None:
