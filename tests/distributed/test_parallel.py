@@ -20,8 +20,10 @@ def torchrun_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
 
 
-def torchrun(out: Path, query_shards: int, cases: list[str]) -> None:
-    cmd = torchrun_command(str(WORKER), str(out), str(query_shards), ",".join(cases))
+def torchrun(*jobs: tuple[Path, int, list[str]]) -> None:
+    """One torchrun job of the worker running each (folder, query shards, cases) in turn."""
+    cmd = torchrun_command(str(WORKER), *(str(arg) for out, shards, cases in jobs for arg in (out, shards,
+                                                                                            ",".join(cases))))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -34,8 +36,7 @@ QUERY_PARALLEL = ["mezo_q4", "tezo_q3", "adazeta", "mezo"]  # mezo: q = 1, so ra
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     data, query = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("query")
-    torchrun(data, 1, DATA_PARALLEL)
-    torchrun(query, 2, QUERY_PARALLEL)
+    torchrun((data, 1, DATA_PARALLEL), (query, 2, QUERY_PARALLEL))
     return {"data": data, "query": query}
 
 

@@ -78,11 +78,12 @@ def main() -> None:
 
     from zotune.dist import Layout, end_rank
 
-    out, query_shards = Path(sys.argv[1]), int(sys.argv[2])
     dist.init_process_group("gloo")
-    layout = Layout(dist.get_world_size(), dist.get_rank(), query_shards)
-    for name in sys.argv[3].split(","):
-        torch.save(run_case(name, layout, query_shards > 1), out / f"{name}-rank{layout.rank}.pt")
+    jobs = sys.argv[1:]  # (folder, query shards, cases) for each layout the job runs, one start-up for all
+    for out, query_shards, cases in zip(jobs[0::3], jobs[1::3], jobs[2::3]):
+        layout = Layout(dist.get_world_size(), dist.get_rank(), int(query_shards))
+        for name in cases.split(","):
+            torch.save(run_case(name, layout, int(query_shards) > 1), Path(out) / f"{name}-rank{layout.rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
     end_rank(0)  # not the interpreter's teardown, which can abort a process that used gloo (see end_rank)
