@@ -215,7 +215,7 @@ def run_stage(grid: dict, stage: str, parallel: int, dry_run: bool, stop_after: 
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)} if gpus > 1 else None
             running.append((cell, subprocess.Popen(command(cell, runs_dir), stdout=log, stderr=subprocess.STDOUT,
                                                    env=env), time.time(), gpu))
-        time.sleep(2)
+        time.sleep(0.25)  # cells of a few seconds (a small model's) are picked up without a lag
         for item in list(running):
             cell, proc, start, _ = item
             if proc.poll() is None:

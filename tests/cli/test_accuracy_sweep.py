@@ -25,10 +25,11 @@ def test_a_stage_runs_its_cells_once_and_the_report_fills_the_table(tiny_model_d
         "results_md": str(tmp_path / "results.md"),
         "rows": {"mezo": {"optim.method": "mezo", "optim.trainable": "all"},
                  "lozo": {"optim.method": "lozo", "optim.trainable": "all"}},
-        # mezo's extra lr is its 10x factor's: one cell, not two runs in one folder
-        "stages": {"lr": {"tasks": ["sst2"], "seeds": [0], "lr_factors": [1, 10],
-                          "extra_lrs": {"mezo": [zotune.METHODS["mezo"].default_lr["all"] * 10]}},
-                   "seeds": {"tasks": ["sst2"], "seeds": [1]},
+        # the lr stage: every row at its default lr, mezo also at 10x (an extra lr), and at the default once
+        # more (an extra lr equal to a factor's: one cell, not two runs in one folder); seeds: mezo's row only
+        "stages": {"lr": {"tasks": ["sst2"], "seeds": [0], "lr_factors": [1],
+                          "extra_lrs": {"mezo": [zotune.METHODS["mezo"].default_lr["all"] * f for f in (10, 1)]}},
+                   "seeds": {"tasks": ["sst2"], "seeds": [1], "rows": ["mezo"]},
                    "tasks": {"tasks": ["sst2"], "seeds": [0]},
                    "long": {"tasks": ["sst2"], "seeds": [0], "rows": ["mezo"], "best_lr_factors": [1, 3],
                             "overrides": {"train.steps": 6}}},
@@ -44,14 +45,14 @@ def test_a_stage_runs_its_cells_once_and_the_report_fills_the_table(tiny_model_d
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout
 
-    assert "stage lr: 4 cells to run" in sweep("--stage", "lr", "--parallel", "2")
+    assert "stage lr: 3 cells to run" in sweep("--stage", "lr", "--parallel", "2")
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    default = zotune.METHODS["mezo"].default_lr["all"]  # lozo's too: the rows' lrs are 1x and 10x it
+    default = zotune.METHODS["mezo"].default_lr["all"]  # lozo's too
     assert sorted((r["row"], float(r["lr"])) for r in rows) == sorted(
-        (row, float(f"{default * factor:.3g}")) for row in ("lozo", "mezo") for factor in (1, 10))
+        [("lozo", float(f"{default:.3g}"))] + [("mezo", float(f"{default * factor:.3g}")) for factor in (1, 10)])
     assert all(0 <= float(r["test"]) <= 1 and r["best_dev"] for r in rows)
-    assert "stage lr: 0 cells to run (4 cells done in all)" in sweep("--stage", "lr")  # a finished grid continues
-    assert "stage seeds: 2 cells to run" in sweep("--stage", "seeds", "--report", "--parallel", "2")  # rows' best lrs
+    assert "stage lr: 0 cells to run (3 cells done in all)" in sweep("--stage", "lr")  # a finished grid continues
+    assert "stage seeds: 1 cells to run" in sweep("--stage", "seeds", "--report", "--parallel", "2")  # the best lr
     table = (tmp_path / "results.md").read_text()
     assert "| mezo |" in table and "| lozo |" in table and (tmp_path / "results_dev_curves.png").exists()
     # Two stages in one call, in order: the tasks stage's cells on the tuning task are the lr stage's runs
@@ -61,7 +62,7 @@ def test_a_stage_runs_its_cells_once_and_the_report_fills_the_table(tiny_model_d
         if folder.is_dir():
             shutil.rmtree(folder)
     out = sweep("--stage", "tasks,long", "--report", "--parallel", "2")
-    assert "stage tasks,long: 2 cells to run (6 cells done in all)" in out
+    assert "stage tasks,long: 2 cells to run (4 cells done in all)" in out
     long_rows = [r for r in csv.DictReader(open(tmp_path / "results.csv")) if r["stage"] == "long"]
     best = next(float(r["lr"]) for r in rows if r["row"] == "mezo" and r["stage"] == "lr"
                 and r["best_dev"] == max(x["best_dev"] for x in rows if x["row"] == "mezo"))
