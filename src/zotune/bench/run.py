@@ -1,8 +1,8 @@
 """``zotune bench``: step time and peak memory of the configured run against inference and backprop.
 
 Three phases on the configured model, trainable set and task (one real training batch of
-``train.batch_size`` examples), each in a fresh process so that one phase's memory cannot hide in
-another's peak:
+``train.batch_size`` examples), each in a fresh process (see :func:`_fresh_processes`) so that one
+phase's memory cannot hide in another's peak:
 
 * inference: one forward of the batch (the memory floor every method is measured against);
 * zo: the configured ZO method's step;
@@ -69,6 +69,17 @@ def _child(config: dict, phase: str, repeats: int, queue) -> None:
         queue.put(("error", f"{type(err).__name__}: {err}"))
 
 
+def _fresh_processes():
+    """A multiprocessing context whose processes hold nothing of this one's memory: forked from a server that
+    has imported torch, transformers and the training code once (each phase then starts without those
+    seconds of imports), or spawned where the platform has no fork server."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["transformers", "zotune.train.recipe", "zotune.train.setup", "zotune.bench.run"])
+    return context
+
+
 def bench(cfg: RunConfig, repeats: int = 3, say: Callable[[str], None] = print) -> dict:
     """Measure the three phases and print a table; returns {phase: {"seconds", "peak_mib"}}."""
     from ..config import ConfigError
@@ -78,7 +89,7 @@ def bench(cfg: RunConfig, repeats: int = 3, say: Callable[[str], None] = print) 
     validate(cfg)
     if not get_method(cfg.optim.method).zeroth_order:
         raise ConfigError("zotune bench compares a ZO method with backprop: set optim.method to a ZO method")
-    context = multiprocessing.get_context("spawn")
+    context = _fresh_processes()
     results = {}
     for phase in PHASES:
         queue = context.Queue()
