@@ -19,12 +19,12 @@ pytestmark = needs_shared_data
 
 
 def torchrun_train(model_dir, out, name, extra=(), die_at=None):
-    """The torchrun command of a 30-step run; ``die_at=(rank, step)`` makes that rank SIGKILL itself after that step."""
+    """The torchrun command of a 20-step run; ``die_at=(rank, step)`` makes that rank SIGKILL itself after that step."""
     program = ["-m", "zotune"] if die_at is None else [str(DIE_AT_STEP), *map(str, die_at)]
     return torchrun_command(
         *program, "train", "--model.name", str(model_dir),
         "--data.data_dir", str(SHARED_DATA), "--data.n_train", "64", "--data.n_dev", "0", "--data.n_test", "8",
-        "--train.steps", "30", "--train.batch_size", "4", "--optim.lr", "1e-3", "--optim.trainable", "all",
+        "--train.steps", "20", "--train.batch_size", "4", "--optim.lr", "1e-3", "--optim.trainable", "all",
         "--train.zero_shot", "false", "--train.progress", "false", "--train.output_dir", str(out),
         "--train.run_name", name, "--train.checkpoint_every", "5", "--train.dist_timeout", "60", *extra)
 
@@ -74,9 +74,9 @@ ADAZETA = ("--adapter.kind", "adp", "--adapter.bottleneck", "8", "--adapter.tt_r
 def test_sharded_fsdp_run_replays_bit_identically_in_one_process(tiny_model_dir, tmp_path, method):
     from zotune.train.replay import replay
 
-    # 20 steps, not 30: the resumes (4 ranks on this machine's 2 cores the slowest) run 10 of them; every
-    # checkpoint kept, so that the run folder can be cut back to step 10 below
-    extra = ("--train.steps", "20", "--train.sharding", "fsdp", "--data.n_dev", "8", "--train.eval_every", "10",
+    # every checkpoint kept, so that the run folder can be cut back to step 10 below (the resumes, 4 ranks on
+    # this machine's 2 cores the slowest, then run 10 steps)
+    extra = ("--train.sharding", "fsdp", "--data.n_dev", "8", "--train.eval_every", "10",
              "--train.keep_checkpoints", "4", "--optim.method", method, *(ADAZETA if method == "adazeta" else ()))
     done = subprocess.run(torchrun_train(tiny_model_dir, tmp_path, "sharded", extra), capture_output=True, text=True,
                           timeout=600, env=ENV)
