@@ -109,10 +109,46 @@ def batch():
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
+# A Python with Triton's interpreter on, for the whole session (started at the first call: each start imports
+# torch and triton for seconds): it runs each code it is sent in fresh globals and answers on one line
+# that starts with a marker (anything else on its stdout, say a library's own print, is passed over).
+_REPLY = "\x00reply "
+_INTERPRETER_LOOP = r"""
+import contextlib, io, json, sys, traceback
+for line in sys.stdin:
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(json.loads(line), "<interpreted>", "exec"), {"__name__": "__interpreted__"})
+        reply = {"stdout": out.getvalue()}
+    except BaseException:
+        reply = {"stdout": out.getvalue(), "error": traceback.format_exc()}
+    print("\x00reply " + json.dumps(reply), flush=True)
+"""
+_interpreter: list[subprocess.Popen] = []
+
+
 def run_interpreted(code: str) -> dict:
-    """Run ``code`` in a fresh Python with Triton's interpreter on (``TRITON_INTERPRET`` is read when triton
-    is imported) and return the JSON object its last printed line holds."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """Run ``code`` with Triton's interpreter on (``TRITON_INTERPRET`` is read when triton is imported, so in
+    another process than this one) and return the JSON object its last printed line holds."""
+    if not _interpreter or _interpreter[0].poll() is not None:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        _interpreter[:] = [subprocess.Popen([sys.executable, "-c", _INTERPRETER_LOOP], env=env, text=True,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)]
+    process = _interpreter[0]
+    process.stdin.write(json.dumps(code) + "\n")
+    process.stdin.flush()
+    line = process.stdout.readline()
+    while line and not line.startswith(_REPLY):
+        line = process.stdout.readline()
+    assert line, f"the interpreter process ended (exit {process.wait()})"
+    reply = json.loads(line[len(_REPLY):])
+    assert "error" not in reply, reply["error"][-2000:]
+    return json.loads(reply["stdout"].strip().splitlines()[-1])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for process in _interpreter:  # its loop ends at the end of its input
+        process.stdin.close()
+        process.wait(timeout=60)
+        process.stdout.close()
