@@ -112,7 +112,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 # A Python with Triton's interpreter on, for the whole session (started at the first call: each start imports
 # torch and triton for seconds): it runs each code it is sent in fresh globals and answers on one line
 # that starts with a marker (anything else on its stdout, say a library's own print, is passed over).
-_REPLY = "\x00reply "
+_REPLY = "@@interpreter-reply@@ "
 _INTERPRETER_LOOP = r"""
 import contextlib, io, json, sys, traceback
 for line in sys.stdin:
@@ -123,7 +123,7 @@ for line in sys.stdin:
         reply = {"stdout": out.getvalue()}
     except BaseException:
         reply = {"stdout": out.getvalue(), "error": traceback.format_exc()}
-    print("\x00reply " + json.dumps(reply), flush=True)
+    print(sys.argv[1] + json.dumps(reply), flush=True)
 """
 _interpreter: list[subprocess.Popen] = []
 
@@ -133,7 +133,7 @@ def run_interpreted(code: str) -> dict:
     another process than this one) and return the JSON object its last printed line holds."""
     if not _interpreter or _interpreter[0].poll() is not None:
         env = {**os.environ, "TRITON_INTERPRET": "1"}
-        _interpreter[:] = [subprocess.Popen([sys.executable, "-c", _INTERPRETER_LOOP], env=env, text=True,
+        _interpreter[:] = [subprocess.Popen([sys.executable, "-c", _INTERPRETER_LOOP, _REPLY], env=env, text=True,
                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)]
     process = _interpreter[0]
     process.stdin.write(json.dumps(code) + "\n")
