@@ -297,18 +297,18 @@ class Gaussian(Perturbation):
     def _philox_batches(self, entries: Sequence[tuple[int, Tensor, int]]):
         """Lists of ``(index, piece, the parameter element it starts at)``, one device each, each holding up
         to a chunk's worth of elements (whole blocks of the stream) and no piece longer than that."""
-        batches: dict[torch.device, tuple[list, int]] = {}
+        batches: dict[torch.device, list] = {}  # device -> the pieces of its open batch
+        filled: dict[torch.device, int] = {}  # device -> the elements they hold
         for index, flat, base in entries:
-            size = max(self._chunk_numel(flat.device) // philox.BLOCK, 1) * philox.BLOCK
+            device = flat.device
+            size = max(self._chunk_numel(device) // philox.BLOCK, 1) * philox.BLOCK
             for start in range(0, flat.numel(), size):
                 piece = flat[start:start + size]
-                batch, filled = batches.get(flat.device, ([], 0))
-                if batch and filled + piece.numel() > size:
-                    yield batch
-                    batch, filled = [], 0
-                batches[flat.device] = (batch + [(index, piece, base + start)], filled + piece.numel())
-        for batch, _ in batches.values():
-            yield batch
+                if batches.get(device) and filled[device] + piece.numel() > size:
+                    yield batches.pop(device)
+                batches.setdefault(device, []).append((index, piece, base + start))
+                filled[device] = (filled[device] if len(batches[device]) > 1 else 0) + piece.numel()
+        yield from (batch for batch in batches.values() if batch)
 
     # ------------------------------------------------------------ torch.Generator
     def _chunk_numel(self, device: torch.device) -> int:
