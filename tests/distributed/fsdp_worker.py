@@ -26,6 +26,7 @@ from conftest import tiny_llama  # noqa: E402
 from zotune.optim import SGD, SPSA, Adam, Gaussian, LowRank, Momentum, SeparableAdam, TemporalCP, ZOOptimizer  # noqa: E402,E501
 
 STEPS, GLOBAL_BATCH, HALVES = 6, 8, 2
+EPS, QUERIES = 1e-3, 2
 
 
 def batch_for(step: int) -> torch.Tensor:
@@ -60,18 +61,31 @@ METHODS = {
 def optimizer(model, method: str, execution=None) -> ZOOptimizer:
     perturbation, rule, lr = METHODS[method]
     return ZOOptimizer(model.parameters(), lr=lr, perturbation=perturbation(), rule=rule(),
-                       estimator=SPSA(eps=1e-3, num_queries=2), seed=7, execution=execution)
+                       estimator=SPSA(eps=EPS, num_queries=QUERIES), seed=7, execution=execution)
 
 
-def run_reference(method: str = "mezo") -> tuple[dict[str, torch.Tensor], list]:
+def run_reference(method: str = "mezo", losses: list | None = None) -> tuple[dict[str, torch.Tensor], list, list]:
+    """(final weights, projected gradients, measured losses) of one unsharded process, step by step. With
+    ``losses`` (a sharded run's), those stand in for the measurements, as ``zotune replay`` does: the
+    process follows the sharded run's trajectory and still measures its own losses along it."""
+    from zotune.train.replay import recorded_closure
+
     model = tiny_llama()
     opt = optimizer(model, method)
-    grads = []
+    grads, measured = [], []
     for step in range(STEPS):
-        # the mean of the halves' losses, in float64 as the all-reduce computes it
-        opt.step(lambda step=step: sum(float(lm_loss(model, half(step, w))) for w in range(HALVES)) / HALVES)
+        ours = []
+        recorded = recorded_closure(losses[step]) if losses is not None else None
+
+        def closure(step=step):
+            # the mean of the halves' losses, in float64 as the all-reduce computes it
+            ours.append(sum(float(lm_loss(model, half(step, w))) for w in range(HALVES)) / HALVES)
+            return recorded() if recorded is not None else ours[-1]
+
+        opt.step(closure)
         grads.append(opt.last_record.projected_grads)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, grads
+        measured.append(tuple(ours))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, grads, measured
 
 
 def main(out: Path, methods: list[str]) -> None:
@@ -120,13 +134,14 @@ def train_and_save(out: Path, method: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = shard(tiny_llama())  # each decoder layer a unit, the rest the root's
     opt = optimizer(model, method, execution=Distributed(zotune.InPlace(), Layout(world, rank)))
-    grads = []
+    grads, losses = [], []
     for step in range(STEPS):
         opt.step(lambda step=step: lm_loss(model, half(step, rank)))
         grads.append(opt.last_record.projected_grads)
+        losses.append(opt.last_record.losses)
     full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}  # a collective: all ranks
     if rank == 0:
-        torch.save({"weights": full, "grads": grads,
+        torch.save({"weights": full, "grads": grads, "losses": losses,
                     "local_numel": sum(p.to_local().numel() for p in model.parameters()),
                     "numel": sum(p.numel() for p in model.parameters())}, out / f"fsdp-{method}.pt")
 
