@@ -16,6 +16,14 @@ import torch
 # point the hub client at a closed port on this machine instead).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Under pytest-xdist the workers share the machine's cores: each worker (and every process a test starts,
+# through the environment) gets its share of threads instead of all of them, so that OpenMP pools do not
+# oversubscribe the cores and wait on each other.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, tie: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
