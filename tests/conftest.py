@@ -117,6 +117,15 @@ def batch():
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
+def _fsdp_supported() -> bool:
+    from zotune.dist.sharding import fsdp_supported
+
+    return fsdp_supported()
+
+
+needs_fsdp = pytest.mark.skipif(not _fsdp_supported(), reason="sharding (FSDP2) needs torch 2.8 or newer")
+
+
 # A Python with Triton's interpreter on, for the whole session (started at the first call: each start imports
 # torch and triton for seconds): it runs each code it is sent in fresh globals and answers on one line
 # that starts with a marker (anything else on its stdout, say a library's own print, is passed over).

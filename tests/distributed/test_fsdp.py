@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import fsdp_worker
+from conftest import needs_fsdp
 from test_parallel import torchrun_command
+
+pytestmark = needs_fsdp
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED_DATA, needs_shared_data
+from conftest import SHARED_DATA, needs_fsdp, needs_shared_data
 from test_parallel import torchrun_command
 
 DIE_AT_STEP = Path(__file__).with_name("die_at_step.py")
@@ -70,6 +70,7 @@ ADAZETA = ("--adapter.kind", "adp", "--adapter.bottleneck", "8", "--adapter.tt_r
            "--optim.q_alpha", "2", "--optim.q_max", "3", "--optim.q_beta", "1")
 
 
+@needs_fsdp
 @pytest.mark.parametrize("method", ["mezo_adam", "adazeta"])
 def test_sharded_fsdp_run_replays_bit_identically_in_one_process(tiny_model_dir, tmp_path, method):
     from zotune.train.replay import replay

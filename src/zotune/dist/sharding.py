@@ -10,9 +10,19 @@ does, whatever the number of ranks. The losses are averaged over the ranks' data
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..optim.offload import repeated_blocks
+
+# The oldest torch whose FSDP2 does what a ZO step needs of it: torch 2.6 cannot gather CPU shards (its
+# all-gather records a CUDA-style stream event), and 2.7 leaves the root's parameters gathered, as plain
+# tensors, after a forward without a backward, so the optimizer would write whole parameters, not shards.
+FSDP_MIN_TORCH = (2, 8)
+
+
+def fsdp_supported() -> bool:
+    return torch.__version__ >= FSDP_MIN_TORCH
 
 
 def shard(model: nn.Module, mesh=None) -> nn.Module:
@@ -26,6 +36,9 @@ def shard(model: nn.Module, mesh=None) -> nn.Module:
     ``torch.distributed.init_process_group`` on every rank, then build the optimizer over
     ``model.parameters()`` with ``execution=Distributed(InPlace(), Layout(world, rank))``.
     """
+    if not fsdp_supported():
+        raise RuntimeError(f"sharding (FSDP2) needs torch {'.'.join(map(str, FSDP_MIN_TORCH))} or newer; "
+                           f"this is torch {torch.__version__}")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     import torch.distributed as dist
