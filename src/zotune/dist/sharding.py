@@ -15,9 +15,9 @@ from torch import nn
 
 from ..optim.offload import repeated_blocks
 
-# The oldest torch whose FSDP2 does what a ZO step needs of it: torch 2.6 cannot gather CPU shards (its
-# all-gather records a CUDA-style stream event), and 2.7 leaves the root's parameters gathered, as plain
-# tensors, after a forward without a backward, so the optimizer would write whole parameters, not shards.
+# The oldest torch whose FSDP2 does what a ZO step needs of it (the sharded tests, gloo on CPUs): torch 2.6
+# cannot gather CPU shards (its all-gather records a stream event a CPU stream lacks), and with 2.7 some
+# parameters were plain tensors, not shards, after the steps' forwards (no backward ever runs).
 FSDP_MIN_TORCH = (2, 8)
 
 
