@@ -116,14 +116,9 @@ def batch():
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
+from zotune.dist.sharding import FSDP_NEEDS, fsdp_supported  # noqa: E402  (after the environment above)
 
-def _fsdp_supported() -> bool:
-    from zotune.dist.sharding import fsdp_supported
-
-    return fsdp_supported()
-
-
-needs_fsdp = pytest.mark.skipif(not _fsdp_supported(), reason="sharding (FSDP2) needs torch 2.8 or newer")
+needs_fsdp = pytest.mark.skipif(not fsdp_supported(), reason=FSDP_NEEDS)
 
 
 # A Python with Triton's interpreter on, for the whole session (started at the first call: each start imports

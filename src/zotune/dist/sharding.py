@@ -19,6 +19,7 @@ from ..optim.offload import repeated_blocks
 # cannot gather CPU shards (its all-gather records a stream event a CPU stream lacks), and with 2.7 some
 # parameters were plain tensors, not shards, after the steps' forwards (no backward ever runs).
 FSDP_MIN_TORCH = (2, 8)
+FSDP_NEEDS = f"sharding (FSDP2) needs torch {'.'.join(map(str, FSDP_MIN_TORCH))} or newer"
 
 
 def fsdp_supported() -> bool:
@@ -37,8 +38,7 @@ def shard(model: nn.Module, mesh=None) -> nn.Module:
     ``model.parameters()`` with ``execution=Distributed(InPlace(), Layout(world, rank))``.
     """
     if not fsdp_supported():
-        raise RuntimeError(f"sharding (FSDP2) needs torch {'.'.join(map(str, FSDP_MIN_TORCH))} or newer; "
-                           f"this is torch {torch.__version__}")
+        raise RuntimeError(f"{FSDP_NEEDS}; this is torch {torch.__version__}")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     import torch.distributed as dist
