@@ -304,11 +304,13 @@ class Gaussian(Perturbation):
             size = max(self._chunk_numel(device) // philox.BLOCK, 1) * philox.BLOCK
             for start in range(0, flat.numel(), size):
                 piece = flat[start:start + size]
-                if batches.get(device) and filled[device] + piece.numel() > size:
+                if device in batches and filled[device] + piece.numel() > size:
                     yield batches.pop(device)
-                batches.setdefault(device, []).append((index, piece, base + start))
-                filled[device] = (filled[device] if len(batches[device]) > 1 else 0) + piece.numel()
-        yield from (batch for batch in batches.values() if batch)
+                if device not in batches:
+                    batches[device], filled[device] = [], 0
+                batches[device].append((index, piece, base + start))
+                filled[device] += piece.numel()
+        yield from batches.values()
 
     # ------------------------------------------------------------ torch.Generator
     def _chunk_numel(self, device: torch.device) -> int:
