@@ -1,7 +1,8 @@
-"""Command line: ``zotune train | eval | bench | replay | export | methods | tasks``.
+"""Command line: ``zotune train | eval | bench | replay | export | methods | tasks | configs``.
 
 Configuration flags are dotted field names (``--optim.lr 1e-6`` or ``--optim.lr=1e-6``),
-applied on top of an optional ``--config FILE.yaml`` and the built-in defaults.
+applied on top of an optional ``--config FILE.yaml`` (or a shipped paper config's name) and the built-in
+defaults.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import NoReturn
 from .config import ConfigError, RunConfig, apply_overrides, fields_of, load_yaml
 
 
-USAGE = """usage: zotune COMMAND [--config FILE.yaml] [--section.field VALUE ...]
+USAGE = """usage: zotune COMMAND [--config FILE.yaml | --config NAME] [--section.field VALUE ...]
 
 commands:
   train     fine-tune a model with a ZO method (default: smollm2-135m on SST-2)
@@ -24,6 +25,7 @@ commands:
             folder that transformers loads (LoRA and LoRETTA_rep merged)
   methods   list the registered ZO methods
   tasks     list the tasks
+  configs   list the shipped paper configs (--config takes their names, e.g. mezo/opt-13b/rte)
 
 `zotune train --help` lists every configuration field.
 """
@@ -44,6 +46,12 @@ def _help_fields(config: RunConfig) -> str:
         for name, (_, text, default) in options.items():
             lines.append(f"    --optim.{name:<17} {text} [default: {default}]")
     return "\n".join(lines)
+
+
+def _first_comment(path) -> str:
+    """A shipped config's first line (``# MeZO, full-parameter, OPT-13B, rte.``), without the ``#``."""
+    with open(path, encoding="utf-8") as file:
+        return file.readline().removeprefix("#").strip()
 
 
 def parse_config(argv: list[str]) -> RunConfig:
@@ -93,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
                 source = f"local {local / task.local_dir}" if local else "hub " + "/".join(filter(None, task.hub))
                 print(f"{name:<10} {source}, trained as {task.train_as}")
             return 0
+        if command == "configs":
+            from .config import shipped_configs
+
+            for name, path in shipped_configs().items():
+                print(f"{name:<28} {_first_comment(path)}")
+            return 0
         if command == "replay":
             from .train.replay import replay
 
@@ -121,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command not in ("train", "eval", "bench"):
             raise ConfigError(f"unknown command {command!r}; valid: train, eval, bench, replay, export, methods, "
-                              "tasks")
+                              "tasks, configs")
         config = parse_config(rest)
         if command == "train":
             from .train import loop

@@ -319,10 +319,34 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # <method>/<model>/<task>.yaml: the papers' settings
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The paper configs installed with the package, by name (``mezo/opt-13b/rte``)."""
+    return {path.relative_to(SHIPPED_CONFIGS).with_suffix("").as_posix(): path
+            for path in sorted(SHIPPED_CONFIGS.glob("*/*/*.yaml"))}
+
+
+def config_file(name: str | Path) -> Path:
+    """The YAML file ``--config`` names: a file, or else a shipped config's name (``mezo/opt-13b/rte``; a
+    ``.yaml`` suffix and a leading ``configs/``, as the repository's paths read, are allowed)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    key = path.as_posix().removeprefix("configs/").removesuffix(".yaml")
+    shipped = shipped_configs()
+    if key in shipped:
+        return shipped[key]
+    close = difflib.get_close_matches(key, shipped, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `zotune configs` lists the shipped ones"
+    raise FileNotFoundError(f"config file not found: {name} (no such file, nor a shipped config of that name{hint})")
+
+
 def load_yaml(path: str | Path, config: RunConfig | None = None) -> RunConfig:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
+    """``config`` (the defaults if None) overridden by the YAML file ``path`` (a file, or a shipped config's
+    name: :func:`config_file`)."""
+    path = config_file(path)
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:  # the parser's own reason, at the file's line and column
