@@ -15,6 +15,7 @@ from .config import ConfigError, RunConfig, apply_overrides, fields_of, load_yam
 
 
 USAGE = """usage: zotune COMMAND [--config FILE.yaml | --config NAME] [--section.field VALUE ...]
+       zotune --version
 
 commands:
   train     fine-tune a model with a ZO method (default: smollm2-135m on SST-2)
@@ -48,6 +49,21 @@ def _help_fields(config: RunConfig) -> str:
     return "\n".join(lines)
 
 
+def _versions() -> str:
+    """``zotune 0.1.0 (torch ..., transformers ...)``: what a bug report needs, read without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"zotune {__version__} (torch {installed('torch')}, transformers {installed('transformers')})"
+
+
 def _first_comment(path) -> str:
     """A shipped config's first line (``# MeZO, full-parameter, OPT-13B, rte.``), without the ``#``."""
     with open(path, encoding="utf-8") as file:
@@ -79,6 +95,9 @@ def parse_config(argv: list[str]) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--version"], ["-V"]):
+        print(_versions())
+        return 0
     command, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("train", argv)
     if "-h" in rest or "--help" in rest or command in ("-h", "--help", "help"):
         print(USAGE + "\n" + _help_fields(RunConfig()))

@@ -91,6 +91,18 @@ def test_methods_and_tasks(capsys):
     assert main(["tasks"]) == 0 and "sst2" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_names_zotune_torch_and_transformers(flag, capsys):
+    import torch
+    import transformers
+
+    import zotune
+
+    assert main([flag]) == 0
+    assert capsys.readouterr().out == (f"zotune {zotune.__version__} (torch {torch.__version__}, "
+                                       f"transformers {transformers.__version__})\n")
+
+
 @pytest.mark.parametrize("argv,status,text", [(["methods"], 0, "mezo_adam"), (["nonsense"], 2, "unknown command")])
 def test_a_torchrun_rank_ends_with_mains_status_and_all_its_output(argv, status, text):
     """Under torchrun (WORLD_SIZE > 1) ``python -m zotune`` ends with ``os._exit``, past the interpreter's

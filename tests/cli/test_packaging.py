@@ -1,5 +1,5 @@
-"""The wheel that ``pip install`` builds holds the whole package: every module and every paper config
-(package data, which setuptools leaves out unless pyproject names it)."""
+"""The wheel that ``pip install`` builds holds the whole package, every module and every paper config
+(package data, which setuptools leaves out unless pyproject names it), under zotune's own version."""
 
 import shutil
 import subprocess
@@ -8,6 +8,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+import zotune
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,3 +32,4 @@ def test_the_wheel_holds_every_module_and_every_paper_config(tmp_path):
                 if path.suffix in (".py", ".yaml")}
     assert any(name.startswith("zotune/configs/") for name in expected)
     assert expected - held == set()
+    assert wheel.name.startswith(f"zotune-{zotune.__version__}-")  # the version pyproject reads from the package
