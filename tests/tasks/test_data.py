@@ -1,5 +1,7 @@
 """Sampling protocol and clear errors on malformed data files."""
 
+import sys
+
 import pytest
 
 from conftest import SHARED_DATA, needs_shared_data
@@ -85,7 +87,7 @@ def test_unknown_task_and_missing_folder(tmp_path):
 
 
 def test_no_local_files_and_no_hub_is_one_clear_error(tmp_path, monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets")  # (its absence: the test below)
 
     from zotune.tasks import get_task, load_splits
 
@@ -98,3 +100,13 @@ def test_no_local_files_and_no_hub_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError,
                        match=r"task 'sst2': no local folder 'sst2'.*--data.data_dir.*Couldn't reach"):
         load_splits(get_task("sst2"))
+
+
+def test_no_local_files_and_no_datasets_package_is_one_clear_error(tmp_path, monkeypatch):
+    from zotune.tasks import get_task, load_splits
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ZOTUNE_DATA", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ModuleNotFoundError
+    with pytest.raises(FileNotFoundError, match=r"task 'rte': no local folder 'rte'.*ModuleNotFoundError"):
+        load_splits(get_task("rte"))

@@ -197,12 +197,12 @@ def _local_split(task: Task, root: Path, split: str) -> tuple[list[dict], str] |
 
 
 def _hub_split(task: Task, split: str) -> tuple[list[dict], str]:
-    import datasets
-
     path, name = task.hub
     try:
+        import datasets  # (a requirement, but an environment built for local files may lack it)
+
         dataset = datasets.load_dataset(path, name, split=split)
-    except Exception as err:  # offline, unknown split, ...: say where we looked and what failed
+    except Exception as err:  # offline, unknown split, no datasets...: say where we looked and what failed
         where = ", ".join(_DEFAULT_DIRS if not os.environ.get("ZOTUNE_DATA") else [os.environ["ZOTUNE_DATA"]])
         raise FileNotFoundError(
             f"task {task.name!r}: no local folder {task.local_dir!r} (looked in {where}; set --data.data_dir or "
