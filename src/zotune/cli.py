@@ -50,18 +50,19 @@ def _help_fields(config: RunConfig) -> str:
 
 
 def _versions() -> str:
-    """``zotune 0.1.0 (torch ..., transformers ...)``: what a bug report needs, read without importing them."""
+    """``zotune 0.1.0 (torch 2.11.0+cu130, transformers 5.17.0)``: what a bug report needs. torch's own
+    version string (its package metadata lacks the build's CUDA tag); transformers' metadata (no import)."""
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     from . import __version__
 
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return f"zotune {__version__} (torch {installed('torch')}, transformers {installed('transformers')})"
+    try:
+        transformers = version("transformers")
+    except PackageNotFoundError:
+        transformers = "not installed"
+    return f"zotune {__version__} (torch {torch.__version__}, transformers {transformers})"
 
 
 def _first_comment(path) -> str:
