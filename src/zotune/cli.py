@@ -94,6 +94,98 @@ def parse_config(argv: list[str]) -> RunConfig:
     return apply_overrides(config, overrides)
 
 
+def _list_methods(rest: list[str]) -> int:
+    from .optim import METHODS
+
+    for name, spec in METHODS.items():
+        paths = "in place, drift-safe" + (", virtual" if spec.virtual else "") if spec.zeroth_order else "backprop"
+        print(f"{name:<14} {spec.summary} [{paths}]")
+    return 0
+
+
+def _list_tasks(rest: list[str]) -> int:
+    from .tasks import TASKS
+    from .tasks.data import find_data_dir
+
+    for name, task in sorted(TASKS.items()):
+        local = find_data_dir(task)  # what a run from this folder reads (--data.data_dir aside)
+        source = f"local {local / task.local_dir}" if local else "hub " + "/".join(filter(None, task.hub))
+        print(f"{name:<10} {source}, trained as {task.train_as}")
+    return 0
+
+
+def _list_configs(rest: list[str]) -> int:
+    from .config import shipped_configs
+
+    for name, path in shipped_configs().items():
+        print(f"{name:<28} {_first_comment(path)}")
+    return 0
+
+
+def _replay(rest: list[str]) -> int:
+    from .train.replay import replay
+
+    if len(rest) not in (2, 3):
+        raise ConfigError("usage: zotune replay BASE_MODEL RUN_DIR [OUTPUT.safetensors]")
+    replay(*rest)
+    return 0
+
+
+def _export(rest: list[str]) -> int:
+    from .train.export import export
+
+    options = {"--base-model": None, "--trajectory": False}
+    paths = []
+    args = iter(rest)
+    for arg in args:
+        if arg == "--trajectory":
+            options[arg] = True
+        elif arg == "--base-model":
+            options[arg] = next(args, None)
+            if options[arg] is None:
+                raise ConfigError("--base-model needs a model name")
+        else:
+            paths.append(arg)
+    if len(paths) != 2:
+        raise ConfigError("usage: zotune export RUN_DIR OUT_DIR [--base-model NAME] [--trajectory]")
+    export(*paths, base_model=options["--base-model"], from_trajectory=options["--trajectory"])
+    return 0
+
+
+def _train(rest: list[str]) -> int:
+    from .train import loop
+
+    config = parse_config(rest)
+    try:
+        loop.fit(config)
+    except loop.Interrupted as stop:
+        print(f"zotune: {stop}; continue with the same command and --train.resume true", file=sys.stderr)
+        return 130
+    except loop.DistributedRunError as err:
+        print(f"zotune: error: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _eval(rest: list[str]) -> int:
+    from .train.evaluate_only import evaluate_only
+
+    evaluate_only(parse_config(rest))
+    return 0
+
+
+def _bench(rest: list[str]) -> int:
+    from .bench.run import bench
+
+    bench(parse_config(rest))
+    return 0
+
+
+# command -> what runs it, given the arguments after the command; returns the exit status
+COMMANDS = {"train": _train, "eval": _eval, "bench": _bench, "replay": _replay, "export": _export,
+            "methods": _list_methods, "tasks": _list_tasks, "configs": _list_configs}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["--version"], ["-V"]):
@@ -104,79 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE + "\n" + _help_fields(RunConfig()))
         return 0
     try:
-        if command == "methods":
-            from .optim import METHODS
-
-            for name, spec in METHODS.items():
-                paths = "in place, drift-safe" + (", virtual" if spec.virtual else "") if spec.zeroth_order \
-                    else "backprop"
-                print(f"{name:<14} {spec.summary} [{paths}]")
-            return 0
-        if command == "tasks":
-            from .tasks import TASKS
-            from .tasks.data import find_data_dir
-
-            for name, task in sorted(TASKS.items()):
-                local = find_data_dir(task)  # what a run from this folder reads (--data.data_dir aside)
-                source = f"local {local / task.local_dir}" if local else "hub " + "/".join(filter(None, task.hub))
-                print(f"{name:<10} {source}, trained as {task.train_as}")
-            return 0
-        if command == "configs":
-            from .config import shipped_configs
-
-            for name, path in shipped_configs().items():
-                print(f"{name:<28} {_first_comment(path)}")
-            return 0
-        if command == "replay":
-            from .train.replay import replay
-
-            if len(rest) not in (2, 3):
-                raise ConfigError("usage: zotune replay BASE_MODEL RUN_DIR [OUTPUT.safetensors]")
-            replay(*rest)
-            return 0
-        if command == "export":
-            from .train.export import export
-
-            options = {"--base-model": None, "--trajectory": False}
-            paths = []
-            args = iter(rest)
-            for arg in args:
-                if arg == "--trajectory":
-                    options[arg] = True
-                elif arg == "--base-model":
-                    options[arg] = next(args, None)
-                    if options[arg] is None:
-                        raise ConfigError("--base-model needs a model name")
-                else:
-                    paths.append(arg)
-            if len(paths) != 2:
-                raise ConfigError("usage: zotune export RUN_DIR OUT_DIR [--base-model NAME] [--trajectory]")
-            export(*paths, base_model=options["--base-model"], from_trajectory=options["--trajectory"])
-            return 0
-        if command not in ("train", "eval", "bench"):
-            raise ConfigError(f"unknown command {command!r}; valid: train, eval, bench, replay, export, methods, "
-                              "tasks, configs")
-        config = parse_config(rest)
-        if command == "train":
-            from .train import loop
-
-            try:
-                loop.fit(config)
-            except loop.Interrupted as stop:
-                print(f"zotune: {stop}; continue with the same command and --train.resume true", file=sys.stderr)
-                return 130
-            except loop.DistributedRunError as err:
-                print(f"zotune: error: {err}", file=sys.stderr)
-                return 3
-        elif command == "bench":
-            from .bench.run import bench
-
-            bench(config)
-        else:
-            from .train.evaluate_only import evaluate_only
-
-            evaluate_only(config)
-        return 0
+        if command not in COMMANDS:
+            raise ConfigError(f"unknown command {command!r}; valid: {', '.join(COMMANDS)}")
+        return COMMANDS[command](rest)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"zotune: error: {err}", file=sys.stderr)
         return 2
