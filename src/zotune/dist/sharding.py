@@ -23,6 +23,7 @@ FSDP_NEEDS = f"sharding (FSDP2) needs torch {'.'.join(map(str, FSDP_MIN_TORCH))}
 
 
 def fsdp_supported() -> bool:
+    """Whether this torch is FSDP_MIN_TORCH or newer."""
     return torch.__version__ >= FSDP_MIN_TORCH
 
 
