@@ -140,8 +140,6 @@ def per_copy_causal_lm_loss(model: nn.Module, inputs: dict, copies: int) -> torc
     """The causal-LM loss of each of ``copies`` copies of the batch (copy-major), as the virtual path needs."""
     repeated = {k: v.repeat(copies, *([1] * (v.dim() - 1))) if torch.is_tensor(v) else v for k, v in inputs.items()}
     labels = repeated.pop("labels")
-    if "position_ids" not in repeated and "attention_mask" in repeated:  # per row: the hooks see the copies
-        repeated["position_ids"] = (repeated["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
     logits = model(**repeated).logits[:, :-1]
     targets = labels[:, 1:]
     tokens = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none",

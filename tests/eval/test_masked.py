@@ -77,7 +77,11 @@ def test_trec_prompt_and_causal_refusal():
 
 
 @needs_shared_data
-def test_masked_lm_trains_through_the_cli(tmp_path, capsys):
+@pytest.mark.parametrize("path", [(), ("--optim.method", "lozo", "--optim.virtual", "true"),
+                                  ("--optim.batched", "true")], ids=["in-place", "virtual", "batched"])
+def test_masked_lm_trains_through_the_cli(tmp_path, capsys, path):
+    # every parameter trained, BERT's position embeddings too: on the virtual and batched paths their ids,
+    # which the model shares across the batch, reach them per row
     import json
 
     from zotune.cli import main
@@ -90,7 +94,8 @@ def test_masked_lm_trains_through_the_cli(tmp_path, capsys):
     assert main(["train", "--model.name", str(tmp_path / "bert"), "--data.data_dir", str(SHARED_DATA),
                  "--data.task", "trec", "--data.k_shot", "4", "--data.seed", "13", "--data.n_test", "20",
                  "--train.steps", "3", "--train.batch_size", "8", "--optim.trainable", "all", "--optim.lr", "1e-3",
-                 "--train.output_dir", str(tmp_path), "--train.run_name", "run", "--train.progress", "false"]) == 0
+                 "--train.output_dir", str(tmp_path), "--train.run_name", "run", "--train.progress", "false",
+                 *path]) == 0
     out = capsys.readouterr().out
     assert "4-shot, data seed 13: 24 train / 24 dev" in out and "fine-tuned accuracy" in out
     results = json.loads((tmp_path / "run" / "results.json").read_text())

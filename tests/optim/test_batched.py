@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import zotune
-from conftest import SHARED_DATA, needs_shared_data, tiny_llama, tiny_opt
+from conftest import SHARED_DATA, needs_shared_data, tiny_bert, tiny_llama, tiny_opt
 from test_virtual import per_copy_lm_closure
 from zotune.adapters import LorettaAdpConfig, inject
 from zotune.optim.batched import Batched
@@ -55,6 +55,9 @@ CASES = {
     # MeZO over PEFT LoRA (its A and B nn.Linear layers take every copy in one batched product)
     "mezo-lora": (lambda: lora(tiny_llama()),
                   lambda params, path: zotune.mezo(params, lr=1e-2, num_queries=2, seed=2, execution=path)),
+    # every parameter of a BERT, whose position embeddings get ids shared by the batch, (1, T)
+    "mezo-bert-all": (tiny_bert,
+                      lambda params, path: zotune.mezo(params, lr=1e-3, num_queries=2, seed=6, execution=path)),
     # low-rank directions on OPT's norms and adapters with a one-sided base point
     "lozo-one-sided-opt": (lambda: inject(tiny_opt(), LorettaAdpConfig(bottleneck=8, tt_rank=2, train_norms=True)),
                            lambda params, path: zotune.lozo(params, lr=1e-3, rank=2, num_queries=2, two_sided=False,

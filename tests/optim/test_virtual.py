@@ -53,8 +53,8 @@ def opt_grads_both_paths(make_optimizer, batch, steps, before_step=lambda step, 
 @pytest.mark.parametrize("make,skip", [
     (tiny_llama, ("norm",)),  # LLaMA's RMSNorm is not a torch LayerNorm: frozen
     (tiny_opt, ("embed_positions",)),  # OPT's learned positions take a mask, not ids: frozen
-    (tiny_gpt2, ("wpe",)),  # position ids of shape (1, T) are shared by the batch: frozen
-    (tiny_bert, ("position_embeddings",)),  # shared (1, T) position ids: frozen
+    (tiny_gpt2, ()),  # all trained: position ids of shape (1, T), shared by the batch, are expanded per row
+    (tiny_bert, ()),  # the same for BERT's position embeddings
 ])
 @pytest.mark.parametrize("method", ["lozo", "tezo"])
 @pytest.mark.parametrize("two_sided", [True, False])
@@ -101,11 +101,45 @@ def test_closure_must_return_per_copy_losses(batch):
         opt.step(lambda copies=None: torch.tensor(1.0))
 
 
-def test_shared_position_ids_are_reported(batch):
-    model = tiny_gpt2()
-    opt = zotune.lozo(model.parameters(), lr=1e-3, execution=zotune.Virtual(model))
+class SharedRowModel(torch.nn.Module):
+    """Tokens plus a Linear of a learned (1, T, d) tensor that the whole batch shares."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(64, 8)
+        self.shared = torch.nn.Parameter(torch.randn(1, 16, 8), requires_grad=False)
+        self.mix = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 64)
+
+    def forward(self, input_ids):
+        return self.head(self.embed(input_ids) + self.mix(self.shared[:, : input_ids.shape[1]]))
+
+
+def test_a_module_given_rows_the_batch_shares_is_reported(batch):
+    # Ids of one row reaching a perturbed embedding are expanded per row (the parametrised test above: GPT-2,
+    # BERT); any other module given a single row for the whole batch cannot be perturbed per copy.
+    model = SharedRowModel()
+    opt = zotune.lozo([model.mix.weight], lr=1e-3, execution=zotune.Virtual(model))
+
+    def closure(copies=None):
+        logits = model(batch.repeat(copies or 1, 1))[:, :-1]
+        targets = batch.repeat(copies or 1, 1)[:, 1:]
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+        return losses.mean() if copies is None else losses.view(copies, -1).mean(1)
+
     with pytest.raises(ValueError, match="without the repeated batch dimension"):
-        opt.step(per_copy_lm_closure(model, batch))
+        opt.step(closure)
+
+
+def test_shared_position_ids_reach_the_embedding_per_row_only_while_measuring(batch):
+    model = tiny_gpt2()
+    seen = []
+    model.transformer.wpe.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape[:2])))
+    opt = zotune.lozo(model.parameters(), lr=1e-3, num_queries=2, execution=zotune.Virtual(model))
+    opt.step(per_copy_lm_closure(model, batch))
+    model(input_ids=batch)  # outside a step: the model's own (1, T) ids, the hooks removed
+    assert seen == [(4 * len(batch), batch.shape[1]), (1, batch.shape[1])]
 
 
 def test_linear_bias_rides_in_the_low_rank_product(batch, monkeypatch):

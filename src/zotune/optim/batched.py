@@ -54,7 +54,9 @@ class Batched(CopiesOfTheBatch):
         losses = []
         for start in range(0, len(points), per):
             group = points[start : start + per]
-            losses += measure_on_copies(self._units, self.params, self.perturbation, group, closures, self._values)
+            with self.shared_ids_expanded():
+                losses += measure_on_copies(self._units, self.params, self.perturbation, group, closures,
+                                            self._values)
         return losses
 
 

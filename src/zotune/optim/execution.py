@@ -171,6 +171,40 @@ class CopiesOfTheBatch(ExecutionPath):
         self.model = model
         self.copies_per_forward = None if copies_per_forward is None else int(copies_per_forward)
 
+    def bind(self, params, perturbation, estimator) -> None:
+        super().bind(params, perturbation, estimator)
+        # A model may index a perturbed embedding with ids its whole batch shares (BERT's and GPT-2's default
+        # position ids, (1, T)) and broadcast the (1, T, d) output over the rows: no rows to give each copy.
+        self._embeddings = [m for _, m, _ in owners(self.model, params) if isinstance(m, nn.Embedding)]
+
+    @contextmanager
+    def shared_ids_expanded(self):
+        """While open, ids of one row that reach a perturbed ``nn.Embedding`` while the model runs on R > 1
+        rows are expanded to R rows (a view): the values the broadcast would give, in rows that the paths
+        can split by copies. The model's call gives R (its ``input_ids``, ``inputs_embeds`` or first tensor)."""
+        if not self._embeddings:
+            yield
+            return
+        rows = [0]
+
+        def note_rows(module, args, kwargs) -> None:
+            batch = next((t for t in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args)
+                          if isinstance(t, Tensor)), None)
+            rows[0] = batch.shape[0] if batch is not None and batch.dim() > 1 else 0
+
+        def expand(module, args):
+            if args and isinstance(args[0], Tensor) and args[0].dim() == 2 and args[0].shape[0] == 1 < rows[0]:
+                return (args[0].expand(rows[0], -1), *args[1:])
+            return None
+
+        handles = [self.model.register_forward_pre_hook(note_rows, with_kwargs=True)]
+        handles += [module.register_forward_pre_hook(expand) for module in self._embeddings]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
 
 class InPlace(ExecutionPath):
     """Perturb the weights in place (MeZO's seed trick, with the restore fused into the update)."""

@@ -115,7 +115,8 @@ class Virtual(CopiesOfTheBatch):
             try:
                 for module, hook in hooks:
                     installed.append((module, _install(module, hook)))
-                losses += per_copy_losses(closures, size)
+                with self.shared_ids_expanded():
+                    losses += per_copy_losses(closures, size)
             finally:
                 for module, previous in installed:
                     _uninstall(module, previous)

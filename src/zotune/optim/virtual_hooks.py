@@ -23,8 +23,8 @@ def _by_copy(output: Tensor, copies: int, x: Tensor) -> Tensor:
     if output.shape[0] % copies:
         raise ValueError(
             f"a perturbed module received inputs without the repeated batch dimension (shape {tuple(x.shape)} "
-            f"for {copies} copies), e.g. position ids shared across the batch; pass them per row "
-            "(position_ids of shape (batch, length)) or freeze this module's parameters"
+            f"for {copies} copies), e.g. a tensor the model shares across its batch; give it one row per example "
+            "or freeze this module's parameters"
         )
     return output.view(copies, -1, output.shape[-1])
 
