@@ -30,10 +30,12 @@ def test_bad_names(tmp_path):
 
 
 def test_detect_kind():
-    from transformers import BertConfig, LlamaConfig
+    from transformers import BertConfig, GPT2Config, LlamaConfig
 
     assert detect_kind(LlamaConfig(architectures=["LlamaForCausalLM"])) == "causal"
+    assert detect_kind(GPT2Config(architectures=["GPT2LMHeadModel"])) == "causal"  # the hub's gpt2 names this head
     assert detect_kind(BertConfig(architectures=["BertForMaskedLM"])) == "masked"
+    assert detect_kind(BertConfig(architectures=["BertLMHeadModel"])) == "causal"  # BERT as a decoder
     assert detect_kind(BertConfig(architectures=["BertModel"])) == "encoder"
     with pytest.raises(ValueError, match="kind"):
         detect_kind(BertConfig())

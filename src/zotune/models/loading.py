@@ -179,10 +179,18 @@ def hub_config(source: str, trust_remote_code: bool = False):
 
 
 def detect_kind(config) -> str:
+    """``causal``, ``masked`` or ``encoder`` from the architectures a config names: ``*ForCausalLM`` and
+    ``*ForMaskedLM``, or the class the Auto factories load for the model type (GPT-2's ``GPT2LMHeadModel``)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
     archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForCausalLM") for a in archs):
+    model_type = getattr(config, "model_type", None)
+    if any(a.endswith("ForCausalLM") or a == MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) for a in archs):
         return "causal"
-    if any(a.endswith("ForMaskedLM") for a in archs):
+    if any(a.endswith("ForMaskedLM") or a == MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(model_type) for a in archs):
         return "masked"
     if archs:
         return "encoder"

@@ -94,7 +94,7 @@ class Virtual(CopiesOfTheBatch):
                 "the virtual path cannot perturb these trainable parameters without writing them: "
                 f"{', '.join(unsupported[:6])}{' ...' if len(unsupported) > 6 else ''}. It supports "
                 f"{', '.join(kind.supports for kind in HOOKS)}; freeze the others (e.g. optim.trainable) or use "
-                "the in-place path"
+                "the in-place path, or for a small trainable set such as adapters the batched one (optim.batched)"
             )
         missing = [i for i, p in params if id(p) not in found]
         if missing:
