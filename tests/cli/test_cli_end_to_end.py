@@ -166,6 +166,14 @@ def test_eval_in_context_baseline(tiny_model_dir, capsys):
     assert "in-context baseline" in capsys.readouterr().err
 
 
+def test_eval_in_context_refuses_a_masked_lm(tmp_path, capsys):
+    from transformers import BertConfig
+
+    BertConfig(architectures=["BertForMaskedLM"]).save_pretrained(tmp_path)  # the kind is read from the config
+    assert main(["eval", "--model.name", str(tmp_path), "--data.icl_demos", "2"]) == 2
+    assert "is a masked LM, whose prompt holds one mask" in capsys.readouterr().err
+
+
 @needs_shared_data
 def test_report_to_tensorboard_and_wandb(tiny_model_dir, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -62,6 +62,10 @@ def test_loop_trains_adapters_or_full_model(tiny_model_dir, tmp_path, method, ki
         assert names and all("loretta_" in n or "norm" in n for n in names) and any("norm" in n for n in names)
     assert json.loads((run / "results.json").read_text())["steps"] == 4
     assert (run / "trajectory.bin").exists() == (method != "adamw")  # only ZO runs can be replayed
+    if method == "adamw":  # and replay says so
+        capsys.readouterr()
+        assert main(["replay", str(tiny_model_dir), str(run)]) == 2
+        assert "adamw, a first-order method, which keeps no trajectory" in capsys.readouterr().err
 
 
 def test_adapter_config_errors(capsys):

@@ -6,6 +6,7 @@ from typing import Callable
 
 from ..config import ConfigError, RunConfig
 from ..eval.evaluate import evaluate_task
+from ..models.loading import model_kind
 from ..tasks.templates import with_demonstrations
 from .recipe import setup
 
@@ -14,6 +15,9 @@ def evaluate_only(cfg: RunConfig, say: Callable[[str], None] = print) -> float:
     k = cfg.data.icl_demos
     if k < 0:
         raise ConfigError(f"data.icl_demos must be >= 0, got {k}")
+    if k and model_kind(cfg.model.name, cfg.model.trust_remote_code) == "masked":
+        raise ConfigError(f"data.icl_demos: in-context demonstrations are prepended to causal-LM prompts; "
+                          f"{cfg.model.name} is a masked LM, whose prompt holds one mask (evaluate it zero-shot)")
     pieces = setup(cfg, sizes=(k, 0, None), trainable=False, say=say)
     task, splits = pieces.task, pieces.splits
     test_examples = splits.test

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..config import from_dict
-from ..optim import NonFiniteLossError
+from ..config import from_dict, load_yaml
+from ..optim import NonFiniteLossError, get_method
 from . import trajectory
 from .checkpoint import trainable_names, trainable_state
 from .recipe import setup
@@ -58,6 +58,11 @@ def replay(base_model: str, run_dir: str | Path, output: str | Path | None = Non
     bit-identical to the weights the run ended with.
     """
     run_dir = Path(run_dir)
+    if not (run_dir / trajectory.HEADER).exists() and (run_dir / "config.yaml").exists():
+        method = load_yaml(run_dir / "config.yaml").optim.method
+        if not get_method(method).zeroth_order:
+            raise ValueError(f"{run_dir} trained with {method}, a first-order method, which keeps no trajectory "
+                             "to replay; its weights are trainable.safetensors")
     header, records = trajectory.read(run_dir)
     planned = header["config"]["train"]["steps"]
     finished = (run_dir / "results.json").exists()
