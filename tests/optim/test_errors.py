@@ -66,7 +66,8 @@ def test_eps_must_be_positive(eps):
 @pytest.mark.parametrize("kwargs,match", [
     ({"lr": -1.0}, "lr"), ({"lr": 0.1, "weight_decay": -0.1}, "weight_decay"),
     ({"lr": 0.1, "num_queries": 0}, "num_queries"), ({"lr": 0.1, "nan_policy": "ignore"}, "nan_policy"),
-    ({"lr": 0.1, "seed": -3}, "seed"),
+    ({"lr": 0.1, "seed": -3}, "seed"), ({"lr": 0.1, "seed": "3"}, "seed"), ({"lr": 0.1, "seed": 2.5}, "seed"),
+    ({"lr": 0.1, "seed": True}, "seed"),
 ])
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -146,3 +147,15 @@ def test_load_state_dict_rejects_foreign_state():
     sgd = torch.optim.SGD([p], lr=0.1)
     with pytest.raises(ValueError, match="not a ZOOptimizer state"):
         opt.load_state_dict(sgd.state_dict())
+
+
+def test_load_state_dict_rejects_another_methods_state():
+    # a resume with the wrong optimizer would otherwise run on: LOZO ignoring ZO-Adam's moments
+    p = param()
+    adam = zotune.mezo_adam([p], lr=0.1)
+    adam.step(lambda: (p ** 2).sum())
+    with pytest.raises(ValueError, match="Gaussian directions and the Adam rule; this one has LowRank and SGD"):
+        zotune.lozo([p], lr=0.1).load_state_dict(adam.state_dict())
+    with pytest.raises(ValueError, match="not a ZOOptimizer state"):
+        zotune.mezo([p], lr=0.1).load_state_dict({"x": 1})
+    zotune.mezo_adam([p], lr=0.1).load_state_dict(adam.state_dict())  # the same composition loads

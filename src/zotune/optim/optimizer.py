@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -107,8 +108,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
-        if int(seed) != seed or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Real) or int(seed) != seed or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.perturbation: Perturbation = perturbation if perturbation is not None else Gaussian()
         self.estimator = estimator if estimator is not None else SPSA()
@@ -369,9 +370,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         parameter's dtype as ``torch.optim.Optimizer`` would: casting them to half precision
         would break a bit-identical resume.
         """
-        saved = state_dict["state"]
-        if _STATE_KEY not in saved:
+        saved = state_dict.get("state") if isinstance(state_dict, dict) else None
+        if not isinstance(saved, dict) or _STATE_KEY not in saved:
             raise ValueError("not a ZOOptimizer state dict (no 'zotune' entry in its state)")
+        kind = saved[_STATE_KEY].get("kind")
+        if kind is not None and kind != self._kind():  # (states saved before the kind was recorded: not checked)
+            raise ValueError(f"the state was saved by an optimizer with {kind['perturbation']} directions and the "
+                             f"{kind['rule']} rule; this one has {self._kind()['perturbation']} and "
+                             f"{self._kind()['rule']}: build the optimizer of the saved run")
         stripped = {"state": {}, "param_groups": copy.deepcopy(state_dict["param_groups"])}
         super().load_state_dict(stripped)
         params = [p for group in self.param_groups for p in group["params"]]
@@ -386,5 +392,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                 }
 
     def state_dict(self) -> dict:
-        self.state[_STATE_KEY] = {**self.state[_STATE_KEY], "perturbation": self.perturbation.state_dict()}
+        self.state[_STATE_KEY] = {**self.state[_STATE_KEY], "perturbation": self.perturbation.state_dict(),
+                                  "kind": self._kind()}
         return super().state_dict()
+
+    def _kind(self) -> dict[str, str]:
+        """What a saved state fits: the directions' and the rule's types (a method's composition)."""
+        return {"perturbation": type(self.perturbation).__name__, "rule": type(self.rule).__name__}
