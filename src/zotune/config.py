@@ -354,8 +354,13 @@ def load_yaml(path: str | Path, config: RunConfig | None = None) -> RunConfig:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         reason = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{where}: not valid YAML: {reason}") from None
+    sections = [field.name for field in dataclasses.fields(RunConfig)]
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model, data, optim, adapter, train)")
+        raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(sections)})")
+    for name, section in tree.items():
+        if name in sections and not isinstance(section, dict):
+            raise ConfigError(f"{path}: section {name} must be a mapping of its fields (`{name}:` then indented "
+                              f"`field: value` lines), got {section!r}")
     try:
         return apply_overrides(config or RunConfig(), flatten(tree))
     except ConfigError as err:

@@ -72,3 +72,10 @@ def test_malformed_yaml_names_the_file_line_and_reason(tmp_path):
     path.write_text("optim:\n  lr: 1e-3\n  method: [mezo\ntrain:\n  steps: 3\n")
     with pytest.raises(ConfigError, match=r"broken.yaml:4:6: not valid YAML: expected ',' or ']'"):
         load_yaml(path)
+
+
+def test_a_section_that_is_not_a_mapping_is_named(tmp_path):
+    path = tmp_path / "flat.yaml"
+    path.write_text("optim: 3\n")
+    with pytest.raises(ConfigError, match=r"flat.yaml: section optim must be a mapping of its fields"):
+        load_yaml(path)
