@@ -373,11 +373,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         saved = state_dict.get("state") if isinstance(state_dict, dict) else None
         if not isinstance(saved, dict) or _STATE_KEY not in saved:
             raise ValueError("not a ZOOptimizer state dict (no 'zotune' entry in its state)")
-        kind = saved[_STATE_KEY].get("kind")
-        if kind is not None and kind != self._kind():  # (states saved before the kind was recorded: not checked)
+        kind, mine = saved[_STATE_KEY].get("kind"), self._kind()
+        if kind is not None and kind != mine:  # (states saved before the kind was recorded: not checked)
             raise ValueError(f"the state was saved by an optimizer with {kind['perturbation']} directions and the "
-                             f"{kind['rule']} rule; this one has {self._kind()['perturbation']} and "
-                             f"{self._kind()['rule']}: build the optimizer of the saved run")
+                             f"{kind['rule']} rule; this one has {mine['perturbation']} and {mine['rule']}: build "
+                             "the optimizer of the saved run")
         stripped = {"state": {}, "param_groups": copy.deepcopy(state_dict["param_groups"])}
         super().load_state_dict(stripped)
         params = [p for group in self.param_groups for p in group["params"]]
