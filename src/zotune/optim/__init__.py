@@ -7,7 +7,8 @@ from .execution import DriftSafe, ExecutionPath, InPlace
 from .low_rank import LowRank
 from .first_order import FirstOrder, adamw
 from .groups import param_groups
-from .optimizer import NonFiniteLossError, StepRecord, ZOOptimizer
+from .optimizer import ZOOptimizer
+from .records import NonFiniteLossError, StepRecord
 from .perturbations import DrawKey, FactoredPerturbation, Gaussian
 from .registry import METHODS, MethodSpec, get_method
 from .rules import SGD, Adam, Momentum, SeparableAdam

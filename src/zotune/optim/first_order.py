@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .aliases import option
-from .optimizer import StepRecord
+from .records import StepRecord
 
 
 @dataclass(frozen=True)

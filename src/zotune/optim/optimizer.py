@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import math
 import numbers
-from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -23,6 +22,7 @@ from . import enqueued
 from .estimators import SPSA
 from .execution import ExecutionPath, InPlace, start_mean_losses
 from .perturbations import DrawKey, Gaussian, Perturbation
+from .records import NonFiniteLossError, StepRecord
 from .shards import is_sharded
 from .rules import SGD, UpdateRule
 from .schedules import QuerySchedule
@@ -45,20 +45,6 @@ def _chunks(members: list, budget: int) -> Iterable[list]:
         numel += member[1].numel()
     if chunk:
         yield chunk
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A ZO step measured a NaN/inf loss or projected gradient (weights were restored first)."""
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """What one step measured: enough to replay its update from the initial weights."""
-
-    step: int
-    projected_grads: tuple[float, ...]  # g_1..g_q
-    losses: tuple[float, ...]  # every loss measured, in order
-    skipped: bool
 
 
 class ZOOptimizer(torch.optim.Optimizer):
