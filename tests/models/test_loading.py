@@ -37,8 +37,29 @@ def test_detect_kind():
     assert detect_kind(BertConfig(architectures=["BertForMaskedLM"])) == "masked"
     assert detect_kind(BertConfig(architectures=["BertLMHeadModel"])) == "causal"  # BERT as a decoder
     assert detect_kind(BertConfig(architectures=["BertModel"])) == "encoder"
-    with pytest.raises(ValueError, match="kind"):
+    # no architectures (a config built in code): the model type, where one head alone fits it
+    assert detect_kind(LlamaConfig()) == "causal"
+    with pytest.raises(ValueError, match="'bert' fits causal and masked LM heads"):
         detect_kind(BertConfig())
+
+
+def test_a_folder_without_tokenizer_or_weights_is_named(tiny_model_dir, tmp_path):
+    # A model saved alone (model.save_pretrained without its tokenizer) fails before its weights load, and a
+    # folder with a config and a tokenizer but no weights says so, as errors the command line prints in one line.
+    import shutil
+
+    no_tokenizer, no_weights = tmp_path / "no-tokenizer", tmp_path / "no-weights"
+    no_tokenizer.mkdir()
+    no_weights.mkdir()
+    for path in tiny_model_dir.iterdir():
+        if path.name in ("config.json", "model.safetensors"):
+            shutil.copy(path, no_tokenizer)
+        if path.name != "model.safetensors":
+            shutil.copy(path, no_weights)
+    with pytest.raises(ValueError, match=r"cannot load a tokenizer .*tokenizer\.save_pretrained"):
+        zotune.load_model(str(no_tokenizer))
+    with pytest.raises(FileNotFoundError, match="cannot load the weights .*no file named model.safetensors"):
+        zotune.load_model(str(no_weights))
 
 
 @pytest.mark.slow

@@ -159,3 +159,37 @@ def test_load_state_dict_rejects_another_methods_state():
     with pytest.raises(ValueError, match="not a ZOOptimizer state"):
         zotune.mezo([p], lr=0.1).load_state_dict({"x": 1})
     zotune.mezo_adam([p], lr=0.1).load_state_dict(adam.state_dict())  # the same composition loads
+
+
+def test_a_parameter_given_twice_is_refused():
+    # torch only warns when a group repeats a tensor; the step would perturb and update it twice
+    p = param()
+    with pytest.raises(ValueError, match="given twice"):
+        zotune.mezo([p, p], lr=0.1)
+
+
+def test_add_param_group_after_construction_is_refused():
+    # The trainable set is laid out when the optimizer is built: a group added later would never move.
+    p, q = param(), param()
+    opt = zotune.mezo([p], lr=0.1)
+    with pytest.raises(ValueError, match="build a new optimizer"):
+        opt.add_param_group({"params": [q]})
+    zotune.mezo([{"params": [p]}, {"params": [q], "lr": 0.5}], lr=0.1)  # groups given at once are fine
+
+
+@pytest.mark.parametrize("change, said", [("freeze", "frozen"), ("unfreeze", "unfrozen")])
+def test_changing_requires_grad_after_construction_stops_the_step(change, said):
+    # A parameter frozen after construction would still be perturbed and updated, one unfrozen would not:
+    # the step refuses before touching any weight, and names the parameter by its order in the groups.
+    p, q = param(), param()
+    q.requires_grad_(change == "freeze")
+    opt = zotune.mezo([p, q], lr=0.1, eps=0.1)
+    before = (p.detach().clone(), q.detach().clone())
+    q.requires_grad_(change != "freeze")
+    with pytest.raises(ValueError, match=rf"\({said} since: parameters \[1\],"):
+        opt.step(lambda: (p * q).sum())
+    assert torch.equal(p, before[0]) and torch.equal(q, before[1])
+    assert opt.num_steps == 0
+    q.requires_grad_(change == "freeze")  # set back: the step runs
+    opt.step(lambda: (p * q).sum())
+    assert opt.num_steps == 1

@@ -194,7 +194,15 @@ def detect_kind(config) -> str:
         return "masked"
     if archs:
         return "encoder"
-    raise ValueError(f"cannot tell the model kind from its config (no architectures); pass kind= one of {KINDS}")
+    # No architectures (a config built in code): the model type alone, where only one head fits it
+    heads = [kind for kind, mapping in (("causal", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+                                        ("masked", MODEL_FOR_MASKED_LM_MAPPING_NAMES)) if model_type in mapping]
+    if len(heads) == 1:
+        return heads[0]
+    raise ValueError(f"cannot tell the model kind from its config: it names no architectures, and model type "
+                     f"{model_type!r} fits {' and '.join(heads) or 'neither a causal nor a masked'} LM heads; add "
+                     f"\"architectures\" (e.g. [\"LlamaForCausalLM\"]) to its config.json, or in Python pass kind= "
+                     f"one of {KINDS}")
 
 
 def load_model(
@@ -237,10 +245,18 @@ def load_model(
     options = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if device_map is not None:
         options["device_map"] = device_map
-    model = auto_class.from_pretrained(source, **options)
+    try:  # the tokenizer first: it loads in a moment, and a folder saved without one fails before the weights load
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())  # transformers' message spans lines
+        raise ValueError(f"cannot load a tokenizer from {name_or_path!r} ({reason}): a model folder needs its "
+                         f"tokenizer's files beside the weights (tokenizer.save_pretrained(folder))") from err
+    try:
+        model = auto_class.from_pretrained(source, **options)
+    except OSError as err:  # e.g. a folder with a config and no weights
+        raise FileNotFoundError(f"cannot load the weights of {name_or_path!r}: {err}") from err
     if device_map is None:
         model = model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return model.eval(), tokenizer

@@ -105,11 +105,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.last_record: StepRecord | None = None
 
         # Stable global index of every trainable parameter: part of its directions' address.
-        self._indexed = [
-            (index, p)
-            for index, p in enumerate(p for group in self.param_groups for p in group["params"])
-            if p.requires_grad
-        ]
+        given = [p for group in self.param_groups for p in group["params"]]
+        if len({id(p) for p in given}) < len(given):  # (torch only warns within a group)
+            raise ValueError("a parameter is given twice: it would be perturbed and updated twice a step")
+        self._indexed = [(index, p) for index, p in enumerate(given) if p.requires_grad]
+        # The trainable set is fixed here (the execution path and perturbation lay out their work over it);
+        # step() checks that no requires_grad flag changed since.
+        self._given = given
+        self._trainable_flags = [p.requires_grad for p in given]
         self._index_of = {id(p): index for index, p in self._indexed}  # what _groups looks up every step
         if not self._indexed:
             raise ValueError(
@@ -130,6 +133,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.state[_STATE_KEY] = {"step": 0, "seed": int(seed), "skipped": 0}
 
     def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "_indexed"):  # torch's __init__ adds the first groups; a later call would be ignored
+            raise ValueError("a ZO optimizer's parameters are fixed when it is built (each direction is addressed "
+                             "by its parameter's index, and the execution path lays out its work over them): "
+                             "build a new optimizer with every group instead of add_param_group")
         for key in ("lr", "weight_decay"):
             value = param_group.get(key, self.defaults.get(key, 0.0))
             if not (value >= 0.0):
@@ -194,6 +201,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not closures or not all(callable(c) for c in closures):
             raise TypeError("step() needs a closure (or a non-empty list of closures) returning the batch loss")
 
+        self._check_trainable_set()
         global_state = self.state[_STATE_KEY]
         step = global_state["step"]
         keys = self.draw_keys(step)
@@ -232,6 +240,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.state[_STATE_KEY] = {**global_state, "step": step + 1}
         self.last_record = record
         return losses[0]
+
+    def _check_trainable_set(self) -> None:
+        """Refuse to step once a parameter was frozen or unfrozen after the optimizer was built: a frozen
+        one would still move, an unfrozen one would not."""
+        flags = self._trainable_flags
+        if all(p.requires_grad is flag for p, flag in zip(self._given, flags)):
+            return
+        changed = {"frozen": [i for i, p in enumerate(self._given) if flags[i] and not p.requires_grad],
+                   "unfrozen": [i for i, p in enumerate(self._given) if p.requires_grad and not flags[i]]}
+        since = "; ".join(f"{how} since: parameters {ids[:5]}{' ...' if len(ids) > 5 else ''}"
+                          for how, ids in changed.items() if ids)
+        raise ValueError(f"requires_grad changed after the optimizer was built ({since}, by their order in the "
+                         f"param groups): a ZO optimizer trains the set that was trainable when it was built; "
+                         f"build a new one after freezing or unfreezing")
 
     @torch.no_grad()
     def rollback(self, steps: Sequence[tuple[StepRecord, Sequence[float]]]) -> None:
