@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import math
 import numbers
-from operator import attrgetter
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -25,11 +24,11 @@ from .execution import ExecutionPath, InPlace, start_mean_losses
 from .perturbations import DrawKey, Gaussian, Perturbation
 from .records import NonFiniteLossError, StepRecord
 from .shards import is_sharded
+from .trainable import TrainableSet
 from .rules import SGD, UpdateRule
 from .schedules import QuerySchedule
 
 Closure = Callable[..., "Tensor | float"]
-_requires_grad = attrgetter("requires_grad")
 _STATE_KEY = "zotune"  # global (non-parameter) entry of ``self.state``
 # Elements per chunk of a stateful rule's multi-tensor update: 2^22 float32 coordinates are 16 MiB (a tensor
 # larger than that is a chunk of its own, as it was its own update before).
@@ -107,20 +106,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.last_record: StepRecord | None = None
 
         # Stable global index of every trainable parameter: part of its directions' address.
-        given = [p for group in self.param_groups for p in group["params"]]
-        if len({id(p) for p in given}) < len(given):  # (torch only warns within a group)
-            raise ValueError("a parameter is given twice: it would be perturbed and updated twice a step")
-        self._indexed = [(index, p) for index, p in enumerate(given) if p.requires_grad]
-        # The trainable set is fixed here (the execution path and perturbation lay out their work over it);
-        # step() checks that no requires_grad flag changed since.
-        self._given = given
-        self._trainable_flags = [p.requires_grad for p in given]
-        self._index_of = {id(p): index for index, p in self._indexed}  # what _groups looks up every step
-        if not self._indexed:
-            raise ValueError(
-                "no trainable parameters: every tensor given has requires_grad=False "
-                "(unfreeze the parameters to tune, or pass the ones that require grad)"
-            )
+        self.trainable = TrainableSet([p for group in self.param_groups for p in group["params"]])
+        self._indexed = self.trainable.indexed
         if execution is not None and not isinstance(execution, ExecutionPath):
             raise TypeError(f"execution must be an execution path (InPlace(), DriftSafe(model), Virtual(model), ...), "
                             f"got {type(execution).__name__}")
@@ -135,7 +122,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.state[_STATE_KEY] = {"step": 0, "seed": int(seed), "skipped": 0}
 
     def add_param_group(self, param_group: dict) -> None:
-        if hasattr(self, "_indexed"):  # torch's __init__ adds the first groups; a later call would be ignored
+        if hasattr(self, "trainable"):  # torch's __init__ adds the first groups; a later call would be ignored
             raise ValueError("a ZO optimizer's parameters are fixed when it is built (each direction is addressed "
                              "by its parameter's index, and the execution path lays out its work over them): "
                              "build a new optimizer with every group instead of add_param_group")
@@ -177,7 +164,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _groups(self):
         """(lr, weight_decay, [(index, param)]) per group, trainable parameters only."""
-        trainable = self._index_of
+        trainable = self.trainable.index_of
         for group in self.param_groups:
             members = [(trainable[id(p)], p) for p in group["params"] if id(p) in trainable]
             yield group["lr"], group["weight_decay"], members
@@ -203,7 +190,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not closures or not all(callable(c) for c in closures):
             raise TypeError("step() needs a closure (or a non-empty list of closures) returning the batch loss")
 
-        self._check_trainable_set()
+        self.trainable.check_unchanged()
         global_state = self.state[_STATE_KEY]
         step = global_state["step"]
         keys = self.draw_keys(step)
@@ -242,20 +229,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.state[_STATE_KEY] = {**global_state, "step": step + 1}
         self.last_record = record
         return losses[0]
-
-    def _check_trainable_set(self) -> None:
-        """Refuse to step once a parameter was frozen or unfrozen after the optimizer was built: a frozen
-        one would still move, an unfrozen one would not."""
-        flags = self._trainable_flags
-        if list(map(_requires_grad, self._given)) == flags:  # ~30 µs for 272 tensors, on the host
-            return
-        changed = {"frozen": [i for i, p in enumerate(self._given) if flags[i] and not p.requires_grad],
-                   "unfrozen": [i for i, p in enumerate(self._given) if p.requires_grad and not flags[i]]}
-        since = "; ".join(f"{how} since: parameters {ids[:5]}{' ...' if len(ids) > 5 else ''}"
-                          for how, ids in changed.items() if ids)
-        raise ValueError(f"requires_grad changed after the optimizer was built ({since}, by their order in the "
-                         f"param groups): a ZO optimizer trains the set that was trainable when it was built; "
-                         f"build a new one after freezing or unfreezing")
 
     @torch.no_grad()
     def rollback(self, steps: Sequence[tuple[StepRecord, Sequence[float]]]) -> None:
