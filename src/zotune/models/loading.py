@@ -249,8 +249,11 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         reason = " ".join(str(err).split())  # transformers' message spans lines
-        raise ValueError(f"cannot load a tokenizer from {name_or_path!r} ({reason}): a model folder needs its "
-                         f"tokenizer's files beside the weights (tokenizer.save_pretrained(folder))") from err
+        folder = Path(source)
+        if folder.is_dir() and not any(folder.glob("tokenizer*")) and not any(folder.glob("vocab*")):
+            reason = (f"the folder holds no tokenizer files: save the tokenizer beside the weights "
+                      f"(tokenizer.save_pretrained(folder)); transformers said: {reason}")
+        raise ValueError(f"cannot load a tokenizer from {name_or_path!r}: {reason}") from err
     try:
         model = auto_class.from_pretrained(source, **options)
     except OSError as err:  # e.g. a folder with a config and no weights

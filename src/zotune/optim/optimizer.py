@@ -24,9 +24,9 @@ from .execution import ExecutionPath, InPlace, start_mean_losses
 from .perturbations import DrawKey, Gaussian, Perturbation
 from .records import NonFiniteLossError, StepRecord
 from .shards import is_sharded
-from .trainable import TrainableSet
 from .rules import SGD, UpdateRule
 from .schedules import QuerySchedule
+from .trainable import TrainableSet
 
 Closure = Callable[..., "Tensor | float"]
 _STATE_KEY = "zotune"  # global (non-parameter) entry of ``self.state``
