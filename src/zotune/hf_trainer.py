@@ -11,7 +11,8 @@ Swap ``Trainer`` for ``ZOTrainer`` and name the method::
 step, measured with the same directions), ``weight_decay`` (coupled, none on norms and biases),
 ``seed`` (the run seed of the directions), logging, evaluation, ``save_steps`` and
 ``resume_from_checkpoint`` (the optimizer's state dict is the ZO state: a resumed run continues
-bit-identically), ``report_to``. Dropout is off while the losses are measured (the model is put in
+bit-identically), ``report_to`` (the logs carry ``projected_grad``, the mean |g| since the previous log,
+in place of ``grad_norm``). Dropout is off while the losses are measured (the model is put in
 eval mode, as MeZO's trainer does). Works on PEFT models and on models with zotune's adapters
 (only parameters that require grad are perturbed).
 
@@ -99,6 +100,7 @@ class ZOTrainer(Trainer):
         self.zo_execution = execution
         self.zo_optimizer = None
         self._pending: list[dict] = []  # the inputs of this step's micro-batches
+        self._projected = [0.0, 0]  # sum of |g| over the steps since the last log, and their count
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None):
@@ -124,7 +126,23 @@ class ZOTrainer(Trainer):
         closures = [self._closure(model, batch) for batch in self._pending]
         self._pending = []
         loss = self.zo_optimizer.step(closures if len(closures) > 1 else closures[0])
+        record = self.zo_optimizer.last_record
+        if not record.skipped:
+            self._projected[0] += sum(abs(g) for g in record.projected_grads) / len(record.projected_grads)
+            self._projected[1] += 1
         return torch.tensor(loss, device=self.args.device)  # the step's loss, once (the others gave 0)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, with the ZO step's measure in place of ``grad_norm`` (which the Trainer takes
+        over gradients a ZO step never makes, so it would always be 0): ``projected_grad``, the mean |g| of
+        the steps since the last log."""
+        if "loss" in logs:  # a training log
+            logs.pop("grad_norm", None)
+            total, count = self._projected
+            if count:
+                logs["projected_grad"] = total / count
+            self._projected = [0.0, 0]
+        super().log(logs, *args, **kwargs)
 
     def _closure(self, model: nn.Module, inputs: dict):
         def closure(copies: int | None = None):

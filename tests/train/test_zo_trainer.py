@@ -44,6 +44,26 @@ def test_the_loss_falls_and_a_resume_equals_the_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_the_logs_show_the_projected_gradient_not_a_gradient_norm(tmp_path):
+    # No gradient exists, so the Trainer's grad_norm would read 0 at every log; the log holds the mean |g| of
+    # the steps since the previous log instead (logging_steps=10: steps 1-10, then 11-20).
+    trainer = trainer_for(tiny_llama(), tmp_path, steps=20, method="mezo")
+    seen = []
+    step = zotune.ZOTrainer.training_step
+
+    def recording_step(self, *args, **kwargs):
+        loss = step(self, *args, **kwargs)
+        seen.append(abs(self.zo_optimizer.last_record.projected_grads[0]))
+        return loss
+
+    trainer.training_step = recording_step.__get__(trainer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and not any("grad_norm" in entry for entry in logs)
+    assert [entry["projected_grad"] for entry in logs] == pytest.approx([sum(seen[:10]) / 10, sum(seen[10:]) / 10])
+    assert all(entry["projected_grad"] > 0 for entry in logs)
+
+
 def test_micro_batches_make_one_step_with_the_same_directions(tmp_path):
     # Two micro-batches of 8 are one ZO step measured with the same directions: the mean of their losses
     # (equal token counts) is the loss of the 16 examples in one batch, so the projected gradient agrees
