@@ -97,8 +97,17 @@ def test_unsupported_parameters_are_named():
 def test_closure_must_return_per_copy_losses(batch):
     model = tiny_gpt2()
     opt = zotune.lozo(model.parameters(), lr=1e-3, execution=zotune.Virtual(model))
-    with pytest.raises(TypeError, match=r"closure\(copies=2\)"):
+    with pytest.raises(TypeError, match=r"closure\(copies=2\).*got shape \(\)"):
         opt.step(lambda copies=None: torch.tensor(1.0))
+    # a closure written for the in-place path is told what the path needs, not "unexpected keyword argument"
+    with pytest.raises(TypeError, match=r"closure\(copies=2\).*takes no 'copies' argument"):
+        opt.step(lambda: torch.tensor(1.0))
+
+    def failing(copies=None):  # a TypeError inside a closure that takes copies is its own
+        raise TypeError("inside the closure")
+
+    with pytest.raises(TypeError, match="^inside the closure$"):
+        opt.step(failing)
 
 
 class SharedRowModel(torch.nn.Module):

@@ -27,6 +27,7 @@ rows is no faster than S forwards over B.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 from torch import Tensor, nn
@@ -37,18 +38,33 @@ from .virtual_hooks import HOOKS, LINEAR, HookKind, SharedInput, hook_kind, line
 
 
 def per_copy_losses(closures: Sequence[Closure], copies: int) -> list[float]:
+    """The mean over ``closures`` of each copy's loss (the virtual and batched paths' measurement)."""
     total = None
+    contract = (f"the virtual and batched paths call the closure as closure(copies={copies}), and it must return a "
+                f"tensor of shape ({copies},): the loss of each copy of the batch repeated {copies} times")
     for closure in closures:
-        out = closure(copies=copies)
+        try:
+            out = closure(copies=copies)
+        except TypeError:
+            if not _takes_copies(closure):  # (a TypeError from inside a closure that does take it is its own)
+                raise TypeError(f"{contract}; this closure takes no 'copies' argument") from None
+            raise
         if not isinstance(out, Tensor) or out.shape != (copies,):
-            raise TypeError(
-                f"with the virtual path the closure is called as closure(copies={copies}) and must return a tensor "
-                f"of shape ({copies},): the loss of each copy of the batch repeated {copies} times"
-                + (f"; got shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"; got {type(out).__name__}")
-            )
+            raise TypeError(contract + (f"; got shape {tuple(out.shape)}" if isinstance(out, Tensor)
+                                        else f"; got {type(out).__name__}"))
         out = out.detach().double()
         total = out if total is None else total + out
     return (total / len(closures)).tolist()
+
+
+def _takes_copies(closure: Callable) -> bool:
+    try:
+        inspect.signature(closure).bind(copies=1)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): the call's own error stands
+        return True
+    return True
 
 
 class Virtual(CopiesOfTheBatch):
