@@ -40,21 +40,24 @@ from .virtual_hooks import HOOKS, LINEAR, HookKind, SharedInput, hook_kind, line
 def per_copy_losses(closures: Sequence[Closure], copies: int) -> list[float]:
     """The mean over ``closures`` of each copy's loss (the virtual and batched paths' measurement)."""
     total = None
-    contract = (f"the virtual and batched paths call the closure as closure(copies={copies}), and it must return a "
-                f"tensor of shape ({copies},): the loss of each copy of the batch repeated {copies} times")
     for closure in closures:
         try:
             out = closure(copies=copies)
         except TypeError:
             if not _takes_copies(closure):  # (a TypeError from inside a closure that does take it is its own)
-                raise TypeError(f"{contract}; this closure takes no 'copies' argument") from None
+                raise TypeError(_contract(copies, "this closure takes no 'copies' argument")) from None
             raise
         if not isinstance(out, Tensor) or out.shape != (copies,):
-            raise TypeError(contract + (f"; got shape {tuple(out.shape)}" if isinstance(out, Tensor)
-                                        else f"; got {type(out).__name__}"))
+            raise TypeError(_contract(copies, f"got shape {tuple(out.shape)}" if isinstance(out, Tensor)
+                                      else f"got {type(out).__name__}"))
         out = out.detach().double()
         total = out if total is None else total + out
     return (total / len(closures)).tolist()
+
+
+def _contract(copies: int, found: str) -> str:
+    return (f"the virtual and batched paths call the closure as closure(copies={copies}), and it must return a "
+            f"tensor of shape ({copies},): the loss of each copy of the batch repeated {copies} times; {found}")
 
 
 def _takes_copies(closure: Callable) -> bool:
