@@ -38,8 +38,12 @@ class TrainableSet:
             return
         changed = {"frozen": [i for i, p in enumerate(self.given) if flags[i] and not p.requires_grad],
                    "unfrozen": [i for i, p in enumerate(self.given) if p.requires_grad and not flags[i]]}
-        since = "; ".join(f"{how} since: parameters {ids[:5]}{' ...' if len(ids) > 5 else ''}"
-                          for how, ids in changed.items() if ids)
-        raise ValueError(f"requires_grad changed after the optimizer was built ({since}, by their order in the "
+        since = "; ".join(f"{how} since: parameters {', '.join(self._named(i) for i in ids[:5])}"
+                          f"{' ...' if len(ids) > 5 else ''}" for how, ids in changed.items() if ids)
+        raise ValueError(f"requires_grad changed after the optimizer was built ({since}; by their order in the "
                          f"param groups): a ZO optimizer trains the set that was trainable when it was built; "
                          f"build a new one after freezing or unfreezing")
+
+    def _named(self, index: int) -> str:
+        """``3 (shape 4x32)``: what identifies a parameter given without names."""
+        return f"{index} (shape {'x'.join(map(str, self.given[index].shape))})"
