@@ -23,7 +23,10 @@ def test_local_folder_round_trip(tiny_model_dir):
 def test_bad_names(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model folder"):
         zotune.load_model("./missing/model")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="no config.json in it\\)$"):
+        zotune.load_model(str(tmp_path))
+    (tmp_path / "trajectory.json").write_text("{}")  # a run folder: the error says how to make a model of it
+    with pytest.raises(FileNotFoundError, match="a zotune run folder: `zotune export"):
         zotune.load_model(str(tmp_path))
     with pytest.raises(ValueError, match="unknown model kind"):
         zotune.load_model(str(tmp_path), kind="seq2seq")

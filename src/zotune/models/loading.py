@@ -116,7 +116,11 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} is not a model folder (no config.json in it)")
+            hint = ""
+            if (path / "trajectory.json").exists() or (path / "trainable.safetensors").exists():
+                hint = (f"; it is a zotune run folder: `zotune export {path} OUT_DIR` writes the fine-tuned model "
+                        f"as a folder that loads")
+            raise FileNotFoundError(f"{path} is not a model folder (no config.json in it){hint}")
         return str(path), None
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FileNotFoundError(
