@@ -116,8 +116,11 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
+            from ..train.checkpoint import FILES
+            from ..train.trajectory import HEADER
+
             hint = ""
-            if (path / "trajectory.json").exists() or (path / "trainable.safetensors").exists():
+            if (path / HEADER).exists() or (path / FILES[0]).exists():  # a run's trajectory log or final weights
                 hint = (f"; it is a zotune run folder: `zotune export {path} OUT_DIR` writes the fine-tuned model "
                         f"as a folder that loads")
             raise FileNotFoundError(f"{path} is not a model folder (no config.json in it){hint}")

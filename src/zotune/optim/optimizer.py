@@ -107,18 +107,17 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         # Stable global index of every trainable parameter: part of its directions' address.
         self.trainable = TrainableSet([p for group in self.param_groups for p in group["params"]])
-        self._indexed = self.trainable.indexed
         if execution is not None and not isinstance(execution, ExecutionPath):
             raise TypeError(f"execution must be an execution path (InPlace(), DriftSafe(model), Virtual(model), ...), "
                             f"got {type(execution).__name__}")
         self.rule.check(self.perturbation)  # a rule that cannot follow these directions fails here, not at step 1
-        if any(is_sharded(p) for _, p in self._indexed):  # FSDP2's DTensor shards
+        if any(is_sharded(p) for _, p in self.trainable.indexed):  # FSDP2's DTensor shards
             if execution is not None and not isinstance(getattr(execution, "inner", execution), InPlace):
                 raise ValueError("sharded (FSDP2) parameters are trained on the in-place path (zotune.dist.shard: "
                                  "execution=Distributed(InPlace(), layout))")
         self.execution: ExecutionPath = execution if execution is not None else InPlace()
-        self.execution.bind(self._indexed, self.perturbation, self.estimator)
-        self.perturbation.prepare(self._indexed)
+        self.execution.bind(self.trainable.indexed, self.perturbation, self.estimator)
+        self.perturbation.prepare(self.trainable.indexed)
         self.state[_STATE_KEY] = {"step": 0, "seed": int(seed), "skipped": 0}
 
     def add_param_group(self, param_group: dict) -> None:
@@ -257,7 +256,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         update can be computed and launched on the GPU before the losses are read back."""
         return self.rule.linear and type(self.perturbation) is Gaussian \
             and all(group["weight_decay"] == 0.0 for group in self.param_groups) \
-            and self.perturbation.all_fused(self._indexed)
+            and self.perturbation.all_fused(self.trainable.indexed)
 
     def _enqueue_update(self, keys: list[DrawKey], measured: list[list]) -> bool:
         """Restore and update in one pass whose coefficients the GPU computes from the losses it holds
@@ -276,7 +275,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _restore(self) -> None:
         restore = self.execution.take_restore_terms()
         if restore:
-            self.perturbation.add_each_(self._indexed, restore, ())
+            self.perturbation.add_each_(self.trainable.indexed, restore, ())
 
     def _update(self, step: int, keys: list[DrawKey], grads: list[float]) -> None:
         """Restore the weights (in-place path) and apply θ ← θ − η(direction(ĝ) + λθ), one pass per tensor."""
@@ -363,7 +362,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                              "the optimizer of the saved run")
         stripped = {"state": {}, "param_groups": copy.deepcopy(state_dict["param_groups"])}
         super().load_state_dict(stripped)
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = self.trainable.given  # (the same tensors, in the same order, as the loaded groups')
         for key, value in saved.items():
             if key == _STATE_KEY:
                 self.state[_STATE_KEY] = dict(value)
